@@ -1,0 +1,85 @@
+"""Gated delta rule: one entry point that picks the Pallas kernels on GPU and the pure-JAX references elsewhere.
+
+T == 1 takes the recurrent decode kernel (state read once, updated in place), longer inputs the chunked one.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.gated_delta_rule.chunk import chunk_prefill
+from pallas_kernels.gated_delta_rule.recurrent import recurrent_decode
+from pallas_kernels.gated_delta_rule.reference import (
+    chunk_gated_delta_rule_ref,
+    recurrent_gated_delta_rule_ref,
+)
+
+__all__ = [
+    "chunk_gated_delta_rule_ref",
+    "gated_delta_rule",
+    "kernel_supports",
+    "recurrent_gated_delta_rule_ref",
+]
+
+Impl = Literal["auto", "reference", "pallas", "interpret"]
+
+
+def kernel_supports(head_k: int, head_v: int) -> bool:
+    """Triton tiles need power-of-two sizes of at least 16 (its smallest matrix-product tile)."""
+    return all(d >= 16 and d & (d - 1) == 0 for d in (head_k, head_v))
+
+
+def gated_delta_rule(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    g: jax.Array,
+    beta: jax.Array,
+    *,
+    initial_state: jax.Array | None = None,
+    lengths: jax.Array | None = None,
+    scale: float | None = None,
+    use_qk_l2norm: bool = True,
+    impl: Impl = "auto",
+) -> tuple[jax.Array, jax.Array]:
+    """q, k [B, T, Hk, Dk]; v [B, T, Hv, Dv] (Hv a multiple of Hk); g (log-decay), beta [B, T, Hv];
+    initial_state [B, Hv, Dk, Dv] fp32 or None; lengths [B] int32 or None (tokens t >= lengths[b] are padding).
+    Returns (o [B, T, Hv, Dv] in v.dtype, final_state [B, Hv, Dk, Dv] fp32).
+
+    impl: "auto" = kernels when the default backend is GPU and the head sizes suit them, references
+    otherwise; "reference", "pallas" (compiled kernels), "interpret" (kernels in the Pallas interpreter).
+    """
+    batch, seq_len, num_k_heads, head_k = q.shape
+    num_v_heads, head_v = v.shape[2:]
+    if num_v_heads % num_k_heads:
+        raise ValueError(f"value heads ({num_v_heads}) must be a multiple of key heads ({num_k_heads})")
+    if impl == "auto":
+        on_gpu = jax.default_backend() == "gpu"
+        impl = "pallas" if on_gpu and kernel_supports(head_k, head_v) else "reference"
+    if impl == "reference":
+        ref = recurrent_gated_delta_rule_ref if seq_len == 1 else chunk_gated_delta_rule_ref
+        return ref(
+            q, k, v, g, beta,
+            initial_state=initial_state, lengths=lengths, scale=scale, use_qk_l2norm=use_qk_l2norm,
+        )
+    if impl not in ("pallas", "interpret"):
+        raise ValueError(f"impl must be auto, reference, pallas or interpret, got {impl!r}")
+    if not kernel_supports(head_k, head_v):
+        raise ValueError(f"the Pallas kernels need power-of-two head sizes >= 16, got Dk={head_k}, Dv={head_v}")
+
+    scale = head_k**-0.5 if scale is None else float(scale)
+    if initial_state is None:
+        state = jnp.zeros((batch, num_v_heads, head_k, head_v), jnp.float32)
+    else:
+        state = initial_state.astype(jnp.float32)
+    lengths_b = jnp.full((batch,), seq_len, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
+    common = dict(scale=scale, use_qk_l2norm=use_qk_l2norm, interpret=impl == "interpret")
+    if seq_len == 1:
+        o_bhv, state = recurrent_decode(
+            q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state, lengths_b, **common
+        )
+        return o_bhv[:, None], state
+    return chunk_prefill(q, k, v, g, beta, state, lengths_b, **common)

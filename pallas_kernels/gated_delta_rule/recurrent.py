@@ -1,0 +1,93 @@
+"""Pallas T=1 decode kernel for the gated delta rule: the state is read once and written back in place.
+
+Grid (B, Hv, Dv / block_v): each program owns a [Dk, block_v] fp32 tile of one head's state, which is all
+the arithmetic needs (the update and the read-out are column-wise in Dv), so no program waits on another.
+Many narrow tiles fill the SMs at small batch; the decode step is a pure state stream at large batch.
+The q/k L2-norm, the scale and the gates are fused in. Lowered through Triton on GPU (Pallas' default GPU
+backend), or run by the Pallas interpreter on CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.gated_delta_rule.reference import L2NORM_EPS
+
+
+def _normalise(x_k, use_qk_l2norm):
+    x_k = x_k.astype(jnp.float32)
+    if use_qk_l2norm:
+        x_k = x_k * lax.rsqrt(jnp.sum(x_k * x_k) + L2NORM_EPS)
+    return x_k
+
+
+def _decode_kernel(
+    lengths_ref, g_ref, beta_ref, q_ref, k_ref, v_ref, state_in_ref, o_ref, state_ref, *, scale, use_qk_l2norm
+):
+    b, h = pl.program_id(0), pl.program_id(1)
+    valid = lengths_ref[b] > 0
+    q_k = _normalise(q_ref[...], use_qk_l2norm) * scale
+    k_k = _normalise(k_ref[...], use_qk_l2norm)
+    # A padded row must leave the state bit-identical, so gate with `where`: NaN/inf in pad slots stays out.
+    decay = jnp.where(valid, jnp.exp(g_ref[b, h].astype(jnp.float32)), 1.0)
+    beta = beta_ref[b, h].astype(jnp.float32)
+
+    s_kv = state_in_ref[...] * decay  # same buffer as state_ref on GPU (aliased)
+    predicted_v = jnp.sum(s_kv * k_k[:, None], axis=0)
+    delta_v = jnp.where(valid, (v_ref[...].astype(jnp.float32) - predicted_v) * beta, 0.0)
+    s_kv = s_kv + k_k[:, None] * delta_v[None, :]
+    state_ref[...] = s_kv
+    o_ref[...] = jnp.where(valid, jnp.sum(s_kv * q_k[:, None], axis=0), 0.0).astype(o_ref.dtype)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("scale", "use_qk_l2norm", "block_v", "num_warps", "interpret")
+)
+def recurrent_decode(
+    q_bhk: jax.Array,
+    k_bhk: jax.Array,
+    v_bhv: jax.Array,
+    g_bh: jax.Array,
+    beta_bh: jax.Array,
+    state_bhkv: jax.Array,
+    lengths_b: jax.Array,
+    *,
+    scale: float,
+    use_qk_l2norm: bool = True,
+    block_v: int = 32,
+    num_warps: int = 4,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """One decode step. q/k [B, Hk, Dk], v [B, Hv, Dv], g/beta [B, Hv], state [B, Hv, Dk, Dv] fp32 (aliased
+    to the returned state: donate it at the jit boundary for a true in-place update), lengths [B] (0 = pad).
+    """
+    batch, num_v_heads, head_v = v_bhv.shape
+    num_k_heads, head_k = q_bhk.shape[1:]
+    group = num_v_heads // num_k_heads
+    block_v = min(block_v, head_v)
+    kernel = functools.partial(_decode_kernel, scale=scale, use_qk_l2norm=use_qk_l2norm)
+    whole = pl.BlockSpec(memory_space=None)
+    qk_spec = pl.BlockSpec((None, None, head_k), lambda b, h, j: (b, h // group, 0))
+    v_spec = pl.BlockSpec((None, None, block_v), lambda b, h, j: (b, h, j))
+    state_spec = pl.BlockSpec((None, None, head_k, block_v), lambda b, h, j: (b, h, 0, j))
+    o_bhv, state_bhkv = pl.pallas_call(
+        kernel,
+        grid=(batch, num_v_heads, head_v // block_v),
+        in_specs=[whole, whole, whole, qk_spec, qk_spec, v_spec, state_spec],
+        out_specs=[v_spec, state_spec],
+        out_shape=[
+            jax.ShapeDtypeStruct(v_bhv.shape, v_bhv.dtype),
+            jax.ShapeDtypeStruct(state_bhkv.shape, jnp.float32),
+        ],
+        input_output_aliases={6: 1},
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+        name="gdr_recurrent_decode",
+    )(lengths_b, g_bh, beta_bh, q_bhk, k_bhk, v_bhv, state_bhkv)
+    return o_bhv, state_bhkv

@@ -1,0 +1,122 @@
+"""CPU tests of the gated delta rule: references against HF's torch code, kernels (Pallas interpreter) against
+the references. The interpreter fills kernel outputs with NaN before the call, so an unwritten element fails."""
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.gated_delta_rule import (
+    chunk_gated_delta_rule_ref,
+    gated_delta_rule,
+    recurrent_gated_delta_rule_ref,
+)
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def make_inputs(seed, batch, seq_len, num_k_heads, num_v_heads, head_k, head_v, dtype=jnp.float32):
+    ks = jax.random.split(jax.random.key(seed), 6)
+    q = jax.random.normal(ks[0], (batch, seq_len, num_k_heads, head_k), dtype)
+    k = jax.random.normal(ks[1], (batch, seq_len, num_k_heads, head_k), dtype)
+    v = jax.random.normal(ks[2], (batch, seq_len, num_v_heads, head_v), dtype)
+    # Real gates: g = -exp(A_log) * softplus(a + dt_bias) <= 0, beta = sigmoid(b).
+    g = -jnp.exp(0.3 * jax.random.normal(ks[3], (num_v_heads,))) * jax.nn.softplus(
+        jax.random.normal(ks[4], (batch, seq_len, num_v_heads))
+    )
+    beta = jax.nn.sigmoid(jax.random.normal(ks[5], (batch, seq_len, num_v_heads)))
+    state = jax.random.normal(jax.random.fold_in(ks[5], 1), (batch, num_v_heads, head_k, head_v))
+    return q, k, v, g, beta, state
+
+
+def rel_err(out, ref):
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    assert np.all(np.isfinite(out)), "non-finite values (unwritten output?)"
+    return np.linalg.norm(out - ref) / np.linalg.norm(ref)
+
+
+@pytest.mark.parametrize("seq_len, num_k_heads, num_v_heads", [(1, 2, 4), (65, 2, 6), (130, 1, 1)])
+def test_references_match_hf_torch(seq_len, num_k_heads, num_v_heads):
+    torch = pytest.importorskip("torch")
+    hf = pytest.importorskip("transformers.models.qwen3_5.modeling_qwen3_5")
+    q, k, v, g, beta, state = make_inputs(seq_len, 2, seq_len, num_k_heads, num_v_heads, 16, 32)
+    t = [torch.tensor(np.asarray(x)) for x in (q, k, v, g, beta, state)]
+    kwargs = dict(initial_state=t[5], output_final_state=True, use_qk_l2norm_in_kernel=True)
+    o_hf, s_hf = hf.torch_recurrent_gated_delta_rule(*t[:5], **kwargs)
+    oc_hf, sc_hf = hf.torch_chunk_gated_delta_rule(*t[:5], chunk_size=64, **kwargs)
+    o_rec, s_rec = recurrent_gated_delta_rule_ref(q, k, v, g, beta, initial_state=state)
+    o_chunk, s_chunk = chunk_gated_delta_rule_ref(q, k, v, g, beta, initial_state=state)
+    assert rel_err(o_rec, o_hf.numpy()) < 1e-5 and rel_err(s_rec, s_hf.numpy()) < 1e-5
+    assert rel_err(o_chunk, oc_hf.numpy()) < 1e-5 and rel_err(s_chunk, sc_hf.numpy()) < 1e-5
+
+
+def test_lengths_equal_truncated_rows_and_pads_are_inert():
+    q, k, v, g, beta, state = make_inputs(7, 3, 70, 2, 4, 16, 32)
+    lengths = np.array([70, 33, 0])
+    # Pad slots hold NaN: `where`-masking must keep them out of every real output and the state.
+    pad = (np.arange(70)[None, :] >= lengths[:, None])[:, :, None, None]
+    q_nan, k_nan, v_nan = (jnp.where(pad, jnp.nan, x) for x in (q, k, v))
+    for ref in (chunk_gated_delta_rule_ref, recurrent_gated_delta_rule_ref):
+        o, s = ref(q_nan, k_nan, v_nan, g, beta, initial_state=state, lengths=jnp.asarray(lengths))
+        for b, length in enumerate(lengths):
+            o_b, s_b = recurrent_gated_delta_rule_ref(
+                q[b : b + 1, :length], k[b : b + 1, :length], v[b : b + 1, :length],
+                g[b : b + 1, :length], beta[b : b + 1, :length], initial_state=state[b : b + 1],
+            )
+            assert rel_err(s[b], s_b[0]) < 1e-5
+            if length:
+                assert rel_err(o[b, :length], o_b[0]) < 1e-5
+            assert np.all(np.asarray(o[b, length:]) == 0.0)
+        assert np.array_equal(np.asarray(s[2]), np.asarray(state[2]))  # a row of only padding
+
+
+@pytest.mark.parametrize("impl", ["reference", "interpret"])
+def test_zero_gates_leave_state_exactly_unchanged(impl):
+    """The model also masks padding by g = 0, beta = 0: the state must come back bit-identical."""
+    q, k, v, g, beta, state = make_inputs(3, 2, 65, 1, 2, 16, 32)
+    o, s = gated_delta_rule(q, k, v, jnp.zeros_like(g), jnp.zeros_like(beta), initial_state=state, impl=impl)
+    assert np.array_equal(np.asarray(s), np.asarray(state))
+    o1, s1 = gated_delta_rule(
+        q[:, :1], k[:, :1], v[:, :1], jnp.zeros_like(g[:, :1]), jnp.zeros_like(beta[:, :1]),
+        initial_state=state, impl=impl,
+    )
+    assert np.array_equal(np.asarray(s1), np.asarray(state))
+
+
+KERNEL_CASES = [
+    # (batch, seq_len, Hk, Hv, Dk, Dv, initial state, ragged lengths)
+    (2, 1, 2, 4, 16, 64, True, False),
+    (3, 1, 2, 6, 32, 32, False, True),
+    (1, 63, 1, 1, 16, 32, True, False),
+    (2, 64, 2, 4, 32, 16, False, True),
+    (2, 65, 2, 6, 16, 128, True, True),
+    (2, 200, 1, 2, 16, 32, True, True),
+]
+
+
+@pytest.mark.parametrize("batch, seq_len, num_k, num_v, head_k, head_v, with_state, ragged", KERNEL_CASES)
+def test_interpreted_kernels_match_reference(batch, seq_len, num_k, num_v, head_k, head_v, with_state, ragged):
+    q, k, v, g, beta, state = make_inputs(seq_len + batch, batch, seq_len, num_k, num_v, head_k, head_v)
+    initial_state = state if with_state else None
+    lengths = None
+    if ragged:
+        lengths = jnp.asarray(np.random.default_rng(seq_len).integers(0, seq_len + 1, batch).astype(np.int32))
+    ref = recurrent_gated_delta_rule_ref if seq_len == 1 else chunk_gated_delta_rule_ref
+    o_ref, s_ref = ref(q, k, v, g, beta, initial_state=initial_state, lengths=lengths)
+    o, s = gated_delta_rule(q, k, v, g, beta, initial_state=initial_state, lengths=lengths, impl="interpret")
+    assert o.shape == o_ref.shape and o.dtype == v.dtype and s.dtype == jnp.float32
+    assert rel_err(o, o_ref) < 1e-5
+    assert rel_err(s, s_ref) < 1e-5
+
+
+def test_dispatcher_jits_and_picks_reference_on_cpu():
+    q, k, v, g, beta, state = make_inputs(11, 2, 1, 1, 2, 16, 32)
+    step = jax.jit(lambda *a: gated_delta_rule(*a[:5], initial_state=a[5]), donate_argnums=5)
+    o_ref, s_ref = recurrent_gated_delta_rule_ref(q, k, v, g, beta, initial_state=state)
+    o, s = step(q, k, v, g, beta, jnp.array(state))
+    assert rel_err(o, o_ref) < 1e-6 and rel_err(s, s_ref) < 1e-6
+    with pytest.raises(ValueError, match="multiple"):  # 3 value heads over 2 key heads
+        gated_delta_rule(q.repeat(2, axis=2), k.repeat(2, axis=2), v[:, :, :1].repeat(3, axis=2), g, beta)
+    with pytest.raises(ValueError, match="power-of-two"):
+        gated_delta_rule(q[..., :12], k[..., :12], v, g, beta, impl="interpret")
