@@ -1,0 +1,241 @@
+"""HF safetensors -> our parameter tree -> Orbax checkpoint, streamed one shard at a time.
+
+Every problem a checkpoint can have (missing, unexpected or wrong-shape tensors, corrupt or absent shards) is found
+from the safetensors headers alone, before a byte of weights is read. Output goes to a temporary sibling directory
+that is renamed into place only when complete, so a failed or interrupted conversion leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from convert.mapping import (
+    Source, apply_transform, build_sources, detect_expert_layout, is_mtp, normalize_name, region_shape,
+    transformed_shape,
+)
+from convert.safetensors_io import CheckpointError, TensorInfo, read_header, read_tensors, shard_files
+from qwenvl_jax.config import ModelConfig, load_config
+from qwenvl_jax.models.model import QwenVLModel, abstract_model
+
+PARAMS_DIR = "params"
+MTP_DIR = "mtp"
+MANIFEST = "qwenvl_jax.json"
+FORMAT_VERSION = 1
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
+_WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+LeafPath = tuple[str | int, ...]
+
+
+@dataclass
+class ConversionPlan:
+    cfg: ModelConfig
+    dtype: jnp.dtype
+    graphdef: nnx.GraphDef
+    leaf_shapes: dict[LeafPath, tuple[int, ...]]
+    tensors_by_shard: dict[Path, list[TensorInfo]]
+    sources: dict[str, Source]  # by original HF name
+    mtp: dict[str, TensorInfo]
+
+    @property
+    def num_tensors(self) -> int:
+        return sum(len(v) for v in self.tensors_by_shard.values())
+
+
+def _listing(names: list[str], limit: int = 20) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def plan_conversion(hf_dir: str | Path, dtype: str | jnp.dtype = "bfloat16") -> ConversionPlan:
+    """Reads config and headers, maps every tensor, and raises CheckpointError listing all that is wrong."""
+    hf_dir = Path(hf_dir)
+    if not hf_dir.is_dir():
+        raise CheckpointError(f"checkpoint directory {hf_dir} does not exist")
+    cfg = load_config(hf_dir)
+    dtype = jnp.dtype(dtype)
+    model = abstract_model(cfg, dtype)
+    graphdef, state = nnx.split(model)
+    leaf_shapes = {tuple(path): tuple(v.get_value().shape) for path, v in nnx.to_flat_state(state)}
+
+    infos: dict[str, TensorInfo] = {}
+    by_shard: dict[Path, list[TensorInfo]] = {}
+    for shard in shard_files(hf_dir):
+        for info in read_header(shard):
+            if info.name in infos:
+                raise CheckpointError(f"tensor {info.name!r} appears in both {infos[info.name].shard.name} and "
+                                      f"{shard.name}")
+            infos[info.name] = info
+            by_shard.setdefault(shard, []).append(info)
+
+    normalized = {normalize_name(n): n for n in infos}
+    layout = detect_expert_layout({normalize_name(n): i for n, i in infos.items()}, cfg.text.hidden_size,
+                                  cfg.text.moe_intermediate_size) if cfg.is_moe else "split"
+    wanted = build_sources(leaf_shapes, model.language_model, layout)
+    ignored = {n for n in normalized if is_mtp(n)}
+    if cfg.text.tie_word_embeddings:
+        ignored.add("lm_head.weight")  # some tied checkpoints still carry the copy
+    if getattr(model, "visual", None) is None:
+        ignored |= {n for n in normalized if n.startswith("visual.")}  # vision tower not modelled yet
+
+    missing = sorted(set(wanted) - set(normalized))
+    unexpected = sorted(normalized[n] for n in set(normalized) - set(wanted) - ignored)
+    wrong_shape = []
+    for norm, src in wanted.items():
+        if norm in normalized:
+            info = infos[normalized[norm]]
+            got = transformed_shape(info.shape, src.transform)
+            want = region_shape(leaf_shapes[src.leaf], src.index)
+            if got != want:
+                wrong_shape.append(f"{info.name} {list(info.shape)} (expected {list(want)} after {src.transform})")
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {_listing(unexpected)}")
+    if wrong_shape:
+        problems.append(f"wrong-shape tensors: {_listing(sorted(wrong_shape))}")
+    if problems:
+        raise CheckpointError(f"checkpoint {hf_dir} does not match its config ({cfg.model_type}): "
+                              + "; ".join(problems))
+
+    return ConversionPlan(
+        cfg=cfg, dtype=dtype, graphdef=graphdef, leaf_shapes=leaf_shapes, tensors_by_shard=by_shard,
+        sources={normalized[n]: src for n, src in wanted.items()},
+        mtp={n: infos[n] for n in infos if is_mtp(n)},
+    )
+
+
+def fill_params(plan: ConversionPlan, allocate: Callable[[str, tuple[int, ...], np.dtype], np.ndarray],
+                progress: bool = True) -> tuple[dict[LeafPath, np.ndarray], dict[str, np.ndarray]]:
+    """Streams every shard into arrays from ``allocate(key, shape, dtype)``: (params by leaf path, mtp by name)."""
+    np_dtype = np.dtype(plan.dtype)
+    leaves = {path: allocate("param." + ".".join(map(str, path)), shape, np_dtype)
+              for path, shape in plan.leaf_shapes.items()}
+    mtp: dict[str, np.ndarray] = {}
+    bar = tqdm(total=plan.num_tensors, desc="converting", unit="tensor", disable=not progress)
+    for i, (shard, infos) in enumerate(sorted(plan.tensors_by_shard.items())):
+        bar.set_postfix_str(f"shard {i + 1}/{len(plan.tensors_by_shard)}")
+        for info, array in read_tensors(shard, infos):
+            if info.name in plan.mtp:
+                mtp[info.name] = allocate("mtp." + info.name, info.shape, np_dtype)
+                mtp[info.name][...] = array
+            elif (src := plan.sources.get(info.name)) is not None:
+                leaves[src.leaf][src.index] = apply_transform(array, src.transform)
+            bar.update()
+    bar.close()
+    return leaves, mtp
+
+
+def nest(flat: dict[LeafPath, object]) -> dict:
+    """Flat paths -> nested dict with string keys (what Orbax stores)."""
+    out: dict = {}
+    for path, value in flat.items():
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(str(key), {})
+        node[str(path[-1])] = value
+    return out
+
+
+def _copy_aux_files(hf_dir: Path, out_dir: Path) -> None:
+    """Tokenizer, processor, chat template and config files: everything but the weights."""
+    for f in hf_dir.iterdir():
+        if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and f.name not in _WEIGHT_INDEXES:
+            shutil.copy2(f, out_dir / f.name)
+
+
+def convert_checkpoint(hf_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16", *,
+                       overwrite: bool = False, progress: bool = True) -> Path:
+    """Converts a HF checkpoint directory into ``out_dir`` (Orbax params + config + tokenizer files)."""
+    import orbax.checkpoint as ocp
+
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir).absolute()
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"output directory {out_dir} already exists (pass overwrite=True / --overwrite)")
+    plan = plan_conversion(hf_dir, dtype)
+
+    tmp = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        scratch = tmp / "scratch"
+        scratch.mkdir()
+
+        def allocate(key: str, shape: tuple[int, ...], np_dtype: np.dtype) -> np.ndarray:
+            # Disk-backed, so peak memory stays near one shard however large the model is.
+            return np.lib.format.open_memmap(scratch / f"{key}.npy", mode="w+", dtype=np_dtype, shape=shape)
+
+        leaves, mtp = fill_params(plan, allocate, progress)
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(tmp / PARAMS_DIR, nest(leaves))
+        if mtp:
+            checkpointer.save(tmp / MTP_DIR, nest({tuple(n.split(".")): a for n, a in mtp.items()}))
+        checkpointer.wait_until_finished()
+        del leaves, mtp
+        shutil.rmtree(scratch)
+        _copy_aux_files(hf_dir, tmp)
+        (tmp / MANIFEST).write_text(json.dumps({
+            "format_version": FORMAT_VERSION, "dtype": plan.dtype.name, "model_type": plan.cfg.model_type,
+            "source": str(hf_dir.absolute()), "has_mtp": bool(plan.mtp),
+        }, indent=2))
+        if overwrite and out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def is_converted(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def _fill_state(abstract_state: nnx.State, flat: dict[LeafPath, jax.Array]) -> nnx.State:
+    flat_state = nnx.to_flat_state(abstract_state)
+    for path, var in flat_state:
+        var.set_value(flat[tuple(path)])
+    return nnx.from_flat_state(flat_state)
+
+
+def load_params(path: str | Path, dtype: str | jnp.dtype | None = None) -> tuple[ModelConfig, QwenVLModel]:
+    """A converted directory or an HF directory (converted in memory) -> (config, model on the default device)."""
+    import orbax.checkpoint as ocp
+
+    path = Path(path)
+    if is_converted(path):
+        manifest = json.loads((path / MANIFEST).read_text())
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(f"{path} was converted with format {manifest.get('format_version')}, "
+                                  f"this version reads {FORMAT_VERSION}: convert it again")
+        cfg = load_config(path)
+        dtype = jnp.dtype(dtype or manifest["dtype"])
+        graphdef, abstract = nnx.split(abstract_model(cfg, dtype))
+        flat_abstract = {tuple(p): v.get_value() for p, v in nnx.to_flat_state(abstract)}
+        target = nest({p: jax.ShapeDtypeStruct(a.shape, a.dtype) for p, a in flat_abstract.items()})
+        restored = ocp.StandardCheckpointer().restore(path / PARAMS_DIR, target)
+        flat = {}
+        for p in flat_abstract:
+            node = restored
+            for key in p:
+                node = node[str(key)]
+            flat[p] = jnp.asarray(node)
+    else:
+        plan = plan_conversion(path, dtype or "bfloat16")
+        cfg = plan.cfg
+        graphdef, abstract = nnx.split(abstract_model(cfg, plan.dtype))
+        leaves, _ = fill_params(plan, lambda key, shape, dt: np.empty(shape, dt), progress=False)
+        flat = {p: jnp.asarray(a) for p, a in leaves.items()}
+    return cfg, nnx.merge(graphdef, _fill_state(abstract, flat))

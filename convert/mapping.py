@@ -1,0 +1,149 @@
+"""Where each of our parameters comes from in a HF checkpoint.
+
+The map runs from our side: every leaf of the abstract model names the HF tensors that fill it (a stacked leaf
+names one per layer; a fused expert leaf may name one per expert). So a missing tensor is simply a name nobody
+provided, and an unexpected one a name nobody asked for.
+
+Our tree mirrors HF's module names (see ``qwenvl_jax.models.layers``) with three differences handled here:
+``kernel`` is HF's ``weight`` reshaped to [out, -1] and transposed; decoder layers are stacked into
+``language_model.groups[j]`` (repeat r = HF layer r * period + j) and ``language_model.tail[k]``; lists that the
+vision tower stacks (``STACKED_LISTS``) gain a leading axis indexed by HF's list position.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from convert.safetensors_io import CheckpointError, TensorInfo
+from qwenvl_jax.models.decoder import TextModel
+
+Transform = Literal["copy", "linear", "swap_last2"]
+ExpertLayout = Literal["fused", "fused_transposed", "split"]
+Path = tuple[str | int, ...]
+
+# Module lists the vision tower stores stacked (leading axis = HF list index).
+STACKED_LISTS = {("visual", "blocks"), ("visual", "deepstack_merger_list")}
+
+_PREFIXES = [  # (pattern, replacement): HF layouts across families and transformers versions
+    (re.compile(r"^model\.language_model\."), "language_model."),
+    (re.compile(r"^model\.visual\."), "visual."),
+    (re.compile(r"^model\.(embed_tokens|layers|norm)\."), r"language_model.\1."),
+]
+
+
+def normalize_name(hf_name: str) -> str:
+    for pattern, repl in _PREFIXES:
+        if pattern.match(hf_name):
+            return pattern.sub(repl, hf_name, count=1)
+    return hf_name
+
+
+def is_mtp(name: str) -> bool:
+    """Qwen3.5 checkpoints carry a multi-token-prediction head; it is stored aside, unused for now."""
+    return name.startswith("mtp.")
+
+
+@dataclass(frozen=True)
+class Source:
+    hf_name: str  # normalised HF name
+    leaf: Path  # our parameter path
+    index: tuple  # region of the leaf it fills; () is the whole leaf
+    transform: Transform
+
+
+def apply_transform(x: np.ndarray, transform: Transform) -> np.ndarray:
+    if transform == "linear":
+        return x.reshape(x.shape[0], -1).T
+    if transform == "swap_last2":
+        return np.swapaxes(x, -1, -2)
+    return x
+
+
+def region_shape(leaf_shape: tuple[int, ...], index: tuple) -> tuple[int, ...]:
+    return np.broadcast_to(np.zeros((), np.int8), leaf_shape)[index].shape
+
+
+def transformed_shape(hf_shape: tuple[int, ...], transform: Transform) -> tuple[int, ...]:
+    return apply_transform(np.broadcast_to(np.zeros((), np.int8), hf_shape), transform).shape
+
+
+def detect_expert_layout(infos: dict[str, TensorInfo], hidden: int, moe_intermediate: int) -> ExpertLayout:
+    """Hub Qwen3-VL-MoE stores fused experts [E, D, 2I] / [E, I, D]; transformers' in-memory (and some saved)
+    layout is the transpose; Qwen3.5-MoE hub checkpoints store one tensor per expert."""
+    fused = [n for n in infos if n.endswith("mlp.experts.gate_up_proj") or n.endswith("mlp.experts.down_proj")]
+    if not fused:
+        return "split"
+    for name in fused:
+        shape = infos[name].shape[1:]
+        hub = (hidden, 2 * moe_intermediate) if name.endswith("gate_up_proj") else (moe_intermediate, hidden)
+        if hub[0] == hub[1]:
+            continue  # square: both layouts fit, decide from another tensor
+        if shape == hub:
+            return "fused"
+        if shape == hub[::-1]:
+            return "fused_transposed"
+    return "fused"  # no shape decides: the shape check then names the tensors that do not fit
+
+
+def _hf_suffix(rest: Path) -> tuple[str, Transform]:
+    *parents, leaf = (str(p) for p in rest)
+    if leaf == "kernel":
+        return ".".join([*parents, "weight"]), "linear"
+    return ".".join([*parents, leaf]), "copy"
+
+
+def _expert_sources(prefix: str, leaf: Path, shape: tuple[int, ...], stack_index: tuple,
+                    layout: ExpertLayout) -> list[Source]:
+    which = str(leaf[-1])  # gate_up_proj | down_proj
+    if layout != "split":
+        transform: Transform = "swap_last2" if layout == "fused_transposed" else "copy"
+        return [Source(f"{prefix}.{which}", leaf, stack_index, transform)]
+    n_experts = shape[len(stack_index)]
+    sources = []
+    for e in range(n_experts):
+        if which == "down_proj":
+            sources.append(Source(f"{prefix}.{e}.down_proj.weight", leaf, (*stack_index, e), "linear"))
+        else:
+            inter = shape[-1] // 2
+            for part, cols in (("gate_proj", slice(0, inter)), ("up_proj", slice(inter, 2 * inter))):
+                sources.append(Source(f"{prefix}.{e}.{part}.weight", leaf,
+                                      (*stack_index, e, slice(None), cols), "linear"))
+    return sources
+
+
+def _sources_for_leaf(path: Path, shape: tuple[int, ...], text: TextModel, layout: ExpertLayout) -> list[Source]:
+    # (HF prefix, stack index into the leaf, rest of the path) for every HF copy of this leaf
+    copies: list[tuple[str, tuple, Path]] = []
+    if path[:2] == ("language_model", "groups"):
+        j = int(path[2])
+        copies = [(f"language_model.layers.{r * text.period + j}", (r,), path[3:]) for r in range(text.n_repeats)]
+    elif path[:2] == ("language_model", "tail"):
+        layer = text.period * text.n_repeats + int(path[2])
+        copies = [(f"language_model.layers.{layer}", (), path[3:])]
+    elif path[:2] in STACKED_LISTS and not isinstance(path[2], int):
+        copies = [(f"{path[0]}.{path[1]}.{i}", (i,), path[2:]) for i in range(shape[0])]
+    else:
+        copies = [("", (), path)]
+
+    sources = []
+    for prefix, stack_index, rest in copies:
+        if rest[-2:] in (("experts", "gate_up_proj"), ("experts", "down_proj")):
+            expert_prefix = ".".join(p for p in (prefix, *map(str, rest[:-1])) if p)
+            sources += _expert_sources(expert_prefix, path, shape, stack_index, layout)
+            continue
+        suffix, transform = _hf_suffix(rest)
+        sources.append(Source(f"{prefix}.{suffix}" if prefix else suffix, path, stack_index, transform))
+    return sources
+
+
+def build_sources(leaves: dict[Path, tuple[int, ...]], text: TextModel, layout: ExpertLayout) -> dict[str, Source]:
+    """HF normalised name -> where it goes, for every leaf of our model."""
+    out: dict[str, Source] = {}
+    for path, shape in leaves.items():
+        for src in _sources_for_leaf(path, shape, text, layout):
+            out[src.hf_name] = src
+    return out

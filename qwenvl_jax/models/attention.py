@@ -1,0 +1,63 @@
+"""Grouped-query attention of the text decoder, one class for every family.
+
+Switches (from TextConfig): q/k/v bias (Qwen2.5-VL), per-head q/k RMSNorm (Qwen3-VL, Qwen3.5), a sigmoid output
+gate that HF folds into q_proj head by head (Qwen3.5), partial rotary (Qwen3.5).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qwenvl_jax.config import TextConfig
+from qwenvl_jax.models.layers import Linear, RMSNorm
+from qwenvl_jax.models.rope import apply_rotary
+
+
+def causal_attention(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array, lengths_b: jax.Array) -> jax.Array:
+    """Causal attention over right-padded rows: query i sees keys j <= i with j < length."""
+    t, s = q_bthd.shape[1], k_bshd.shape[1]
+    q_pos = jnp.arange(t)[:, None]
+    k_pos = jnp.arange(s)[None, :]
+    mask_bts = (k_pos <= q_pos)[None] & (k_pos[None] < lengths_b[:, None, None])
+    return jax.nn.dot_product_attention(q_bthd, k_bshd, v_bshd, mask=mask_bts[:, None])
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        d, h, kv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        q_out = h * hd * (2 if cfg.attn_output_gate else 1)
+        self.q_proj = Linear(d, q_out, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.k_proj = Linear(d, kv * hd, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.v_proj = Linear(d, kv * hd, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.o_proj = Linear(h * hd, d, bias=cfg.o_bias, dtype=dtype, rngs=rngs)
+        if cfg.qk_norm:
+            norm = dict(eps=cfg.rms_norm_eps, zero_centered=cfg.norm_zero_centered, dtype=dtype)
+            self.q_norm = RMSNorm(hd, **norm)
+            self.k_norm = RMSNorm(hd, **norm)
+        else:
+            self.q_norm = None
+            self.k_norm = None
+        self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
+        self.output_gate = cfg.attn_output_gate
+
+    def __call__(self, x_btd: jax.Array, cos_btr: jax.Array, sin_btr: jax.Array, lengths_b: jax.Array) -> jax.Array:
+        b, t, _ = x_btd.shape
+        q = self.q_proj(x_btd)
+        gate_bthd = None
+        if self.output_gate:  # HF lays q_proj out as [head][query | gate]
+            q_bth2d = q.reshape(b, t, self.num_heads, 2 * self.head_dim)
+            q, gate_bthd = jnp.split(q_bth2d, 2, axis=-1)
+        q_bthd = q.reshape(b, t, self.num_heads, self.head_dim)
+        k_bthd = self.k_proj(x_btd).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v_bthd = self.v_proj(x_btd).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q_bthd, k_bthd = self.q_norm(q_bthd), self.k_norm(k_bthd)
+        q_bthd = apply_rotary(q_bthd, cos_btr, sin_btr)
+        k_bthd = apply_rotary(k_bthd, cos_btr, sin_btr)
+
+        out_bthd = causal_attention(q_bthd, k_bthd, v_bthd, lengths_b)
+        if gate_bthd is not None:
+            out_bthd = out_bthd * jax.nn.sigmoid(gate_bthd)
+        return self.o_proj(out_bthd.reshape(b, t, self.num_heads * self.head_dim))

@@ -1,0 +1,103 @@
+"""Gated DeltaNet token mixer of Qwen3.5 (HF: ``Qwen3_5GatedDeltaNet``).
+
+in_proj -> causal depthwise conv1d + SiLU -> split q, k, v -> gated delta rule (L2-normed q/k, g, beta) ->
+gated RMSNorm with z -> out_proj. Rows are right-padded: tokens at t >= length leave conv and recurrent state
+exactly as if they were absent.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pallas_kernels.gated_delta_rule import gated_delta_rule
+from qwenvl_jax.config import TextConfig
+from qwenvl_jax.models.layers import Linear, _normal
+
+
+def causal_depthwise_conv(x_btc: jax.Array, state_bkc: jax.Array, kernel_kc: jax.Array) -> jax.Array:
+    """out[t] = sum_j kernel[j] * x[t - (K-1) + j], reading the K-1 tokens before the call from the state."""
+    k = kernel_kc.shape[0]
+    t = x_btc.shape[1]
+    x_pad = jnp.concatenate([state_bkc.astype(x_btc.dtype), x_btc], axis=1)
+    return sum(x_pad[:, j : j + t] * kernel_kc[j] for j in range(k))
+
+
+def last_conv_window(x_btc: jax.Array, state_bkc: jax.Array, lengths_b: jax.Array) -> jax.Array:
+    """The K-1 inputs preceding the next token: the tail of (state ++ real tokens), pads skipped."""
+    km1 = state_bkc.shape[1]
+    x_pad = jnp.concatenate([state_bkc.astype(x_btc.dtype), x_btc], axis=1)
+    idx_bk = lengths_b[:, None] + jnp.arange(km1)[None, :]
+    return jnp.take_along_axis(x_pad, idx_bk[:, :, None], axis=1)
+
+
+def gated_rms_norm(x: jax.Array, gate: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (weight * normed.astype(x.dtype) * jax.nn.silu(gate.astype(jnp.float32))).astype(x.dtype)
+
+
+class GatedRMSNorm(nnx.Module):
+    def __init__(self, dim: int, *, eps: float, dtype: jnp.dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array, gate: jax.Array) -> jax.Array:
+        return gated_rms_norm(x, gate, self.weight[...], self.eps)
+
+
+class DepthwiseConv1d(nnx.Module):
+    def __init__(self, channels: int, kernel_size: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        # [K, C]: HF's conv1d.weight [C, 1, K] transposed, so one tap is a contiguous row.
+        self.kernel = nnx.Param(_normal(rngs, (kernel_size, channels), dtype, std=0.2))
+
+
+class GatedDeltaNet(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        d, hv = cfg.hidden_size, cfg.linear_num_value_heads
+        self.in_proj_qkv = Linear(d, cfg.gdn_conv_dim, bias=False, dtype=dtype, rngs=rngs)
+        self.in_proj_z = Linear(d, cfg.gdn_value_dim, bias=False, dtype=dtype, rngs=rngs)
+        self.in_proj_b = Linear(d, hv, bias=False, dtype=dtype, rngs=rngs)
+        self.in_proj_a = Linear(d, hv, bias=False, dtype=dtype, rngs=rngs)
+        self.conv1d = DepthwiseConv1d(cfg.gdn_conv_dim, cfg.linear_conv_kernel_dim, dtype=dtype, rngs=rngs)
+        self.dt_bias = nnx.Param(jnp.ones((hv,), dtype))
+        self.A_log = nnx.Param(jnp.log(jax.random.uniform(rngs.params(), (hv,), jnp.float32, 1.0, 16.0)).astype(dtype))
+        self.norm = GatedRMSNorm(cfg.linear_value_head_dim, eps=cfg.rms_norm_eps, dtype=dtype)
+        self.out_proj = Linear(cfg.gdn_value_dim, d, bias=False, dtype=dtype, rngs=rngs)
+        self.key_heads, self.value_heads = cfg.linear_num_key_heads, hv
+        self.key_dim, self.value_dim = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+
+    def init_state(self, batch: int, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+        """Zero (conv [B, K-1, C] in the activation dtype, recurrent [B, Hv, Dk, Dv] fp32)."""
+        k, c = self.conv1d.kernel.shape
+        return (jnp.zeros((batch, k - 1, c), dtype),
+                jnp.zeros((batch, self.value_heads, self.key_dim, self.value_dim), jnp.float32))
+
+    def __call__(
+        self, x_btd: jax.Array, lengths_b: jax.Array, state: tuple[jax.Array, jax.Array] | None = None
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        b, t, _ = x_btd.shape
+        conv_state, recurrent_state = state if state is not None else self.init_state(b, x_btd.dtype)
+
+        mixed_btc = self.in_proj_qkv(x_btd)
+        z_bthv = self.in_proj_z(x_btd).reshape(b, t, self.value_heads, self.value_dim)
+        beta_bth = jax.nn.sigmoid(self.in_proj_b(x_btd).astype(jnp.float32))
+        a_bth = self.in_proj_a(x_btd).astype(jnp.float32)
+        g_bth = -jnp.exp(self.A_log[...].astype(jnp.float32)) * jax.nn.softplus(a_bth + self.dt_bias[...].astype(jnp.float32))
+
+        kernel = self.conv1d.kernel[...]
+        conved_btc = jax.nn.silu(causal_depthwise_conv(mixed_btc, conv_state, kernel))
+        new_conv_state = last_conv_window(mixed_btc, conv_state, lengths_b).astype(conv_state.dtype)
+
+        kd = self.key_heads * self.key_dim
+        q, k, v = jnp.split(conved_btc, [kd, 2 * kd], axis=-1)
+        q_bthk = q.reshape(b, t, self.key_heads, self.key_dim)
+        k_bthk = k.reshape(b, t, self.key_heads, self.key_dim)
+        v_bthv = v.reshape(b, t, self.value_heads, self.value_dim)
+        core_bthv, new_recurrent = gated_delta_rule(
+            q_bthk, k_bthk, v_bthv, g_bth, beta_bth,
+            initial_state=recurrent_state, lengths=lengths_b, use_qk_l2norm=True,
+        )
+        out = self.norm(core_bthv.astype(x_btd.dtype), z_bthv)
+        return self.out_proj(out.reshape(b, t, -1)), (new_conv_state, new_recurrent)

@@ -1,0 +1,100 @@
+"""Tiny random HF models of every family, built with transformers + torch on the CPU (the test reference).
+
+Two variants per family differ where real checkpoints differ: tied vs untied embeddings, GQA ratio, value/key
+head ratio, partial rotary factor, MoE top-k and expert count, dense layers among MoE ones, and a layer pattern
+that does not divide the depth.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+VISION_QWEN2_5 = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
+                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                      fullatt_block_indexes=[1])
+VISION_QWEN3 = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64, patch_size=16,
+                    spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64)
+
+
+def _rope(section: list[int], interleaved: bool, partial: float = 1.0) -> dict:
+    rope = dict(rope_type="default", rope_theta=10000.0, mrope_section=section)
+    if interleaved:
+        rope["mrope_interleaved"] = True
+    if partial != 1.0:
+        rope["partial_rotary_factor"] = partial
+    return rope
+
+
+BASE_TEXT = dict(hidden_size=64, intermediate_size=96, vocab_size=512, rms_norm_eps=1e-6)
+
+VARIANTS: dict[str, tuple[str, dict, dict, bool]] = {
+    # name: (model_type, text_config, vision_config, tie_word_embeddings)
+    "qwen2_5_vl-a": ("qwen2_5_vl", dict(BASE_TEXT, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        rope_parameters=_rope([2, 3, 3], False)), VISION_QWEN2_5, False),
+    "qwen2_5_vl-b": ("qwen2_5_vl", dict(BASE_TEXT, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1,
+                                        rope_parameters=_rope([4, 2, 2], False)), VISION_QWEN2_5, True),
+    "qwen3_vl-a": ("qwen3_vl", dict(BASE_TEXT, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                    head_dim=16, rope_parameters=_rope([2, 3, 3], True)),
+                   dict(VISION_QWEN3, deepstack_visual_indexes=[0]), False),
+    "qwen3_vl-b": ("qwen3_vl", dict(BASE_TEXT, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
+                                    head_dim=32, rope_parameters=_rope([8, 4, 4], True)),
+                   dict(VISION_QWEN3, deepstack_visual_indexes=[0, 1]), True),
+    "qwen3_vl_moe-a": ("qwen3_vl_moe", dict(BASE_TEXT, num_hidden_layers=2, num_attention_heads=4,
+                                            num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                                            moe_intermediate_size=32, rope_parameters=_rope([2, 3, 3], True)),
+                       dict(VISION_QWEN3, deepstack_visual_indexes=[0]), False),
+    "qwen3_vl_moe-b": ("qwen3_vl_moe", dict(BASE_TEXT, num_hidden_layers=3, num_attention_heads=4,
+                                            num_key_value_heads=1, head_dim=16, num_experts=8, num_experts_per_tok=3,
+                                            moe_intermediate_size=24, mlp_only_layers=[0],
+                                            rope_parameters=_rope([2, 3, 3], True)),
+                       dict(VISION_QWEN3, deepstack_visual_indexes=[1]), True),
+    "qwen3_5-a": ("qwen3_5", dict(BASE_TEXT, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
+                                  head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4,
+                                  linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4,
+                                  rope_parameters=_rope([2, 1, 1], True, 0.25)), VISION_QWEN3, False),
+    "qwen3_5-b": ("qwen3_5", dict(BASE_TEXT, num_hidden_layers=6, num_attention_heads=2, num_key_value_heads=2,
+                                  head_dim=16, linear_num_key_heads=2, linear_num_value_heads=2,
+                                  linear_key_head_dim=8, linear_value_head_dim=16, linear_conv_kernel_dim=3,
+                                  layer_types=["linear_attention"] * 3 + ["full_attention"] + ["linear_attention"] * 2,
+                                  rope_parameters=_rope([2, 1, 1], True, 0.5)), VISION_QWEN3, True),
+    "qwen3_5_moe-a": ("qwen3_5_moe", dict(BASE_TEXT, num_hidden_layers=4, num_attention_heads=4,
+                                          num_key_value_heads=2, head_dim=32, linear_num_key_heads=2,
+                                          linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+                                          num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                          shared_expert_intermediate_size=48,
+                                          rope_parameters=_rope([2, 1, 1], True, 0.25)), VISION_QWEN3, False),
+    "qwen3_5_moe-b": ("qwen3_5_moe", dict(BASE_TEXT, num_hidden_layers=5, num_attention_heads=2,
+                                          num_key_value_heads=1, head_dim=32, linear_num_key_heads=1,
+                                          linear_num_value_heads=3, linear_key_head_dim=16, linear_value_head_dim=8,
+                                          num_experts=6, num_experts_per_tok=3, moe_intermediate_size=16,
+                                          shared_expert_intermediate_size=24,
+                                          rope_parameters=_rope([2, 1, 1], True, 0.25)), VISION_QWEN3, True),
+}
+
+CONFIG_CLASSES = {
+    "qwen2_5_vl": "Qwen2_5_VLConfig", "qwen3_vl": "Qwen3VLConfig", "qwen3_vl_moe": "Qwen3VLMoeConfig",
+    "qwen3_5": "Qwen3_5Config", "qwen3_5_moe": "Qwen3_5MoeConfig",
+}
+
+
+def hf_config(variant: str):
+    import transformers
+
+    model_type, text, vision, tie = VARIANTS[variant]
+    cls = getattr(transformers, CONFIG_CLASSES[model_type])
+    return cls(text_config=dict(text), vision_config=dict(vision), tie_word_embeddings=tie)
+
+
+def build_hf_model(variant: str, out_dir: Path, seed: int = 0, max_shard_size: str = "100KB"):
+    """Saves a random fp32 HF model of ``variant`` to ``out_dir`` (index-sharded) and returns it (eval mode)."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(hf_config(variant), dtype=torch.float32).eval()
+    with torch.no_grad():  # HF inits norms and biases to constants; randomise them so a misplaced one shows
+        for p in model.parameters():
+            if p.numel() == 1 or p.std() == 0:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(out_dir, max_shard_size=max_shard_size)
+    return model
