@@ -43,7 +43,6 @@ LeafPath = tuple[str | int, ...]
 class ConversionPlan:
     cfg: ModelConfig
     dtype: jnp.dtype
-    graphdef: nnx.GraphDef
     leaf_shapes: dict[LeafPath, tuple[int, ...]]
     tensors_by_shard: dict[Path, list[TensorInfo]]
     sources: dict[str, Source]  # by original HF name
@@ -59,6 +58,10 @@ def _listing(names: list[str], limit: int = 20) -> str:
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
+def leaf_shapes_of(model: QwenVLModel) -> dict[LeafPath, tuple[int, ...]]:
+    return {tuple(path): tuple(v.get_value().shape) for path, v in nnx.to_flat_state(nnx.state(model))}
+
+
 def plan_conversion(hf_dir: str | Path, dtype: str | jnp.dtype = "bfloat16") -> ConversionPlan:
     """Reads config and headers, maps every tensor, and raises CheckpointError listing all that is wrong."""
     hf_dir = Path(hf_dir)
@@ -67,8 +70,7 @@ def plan_conversion(hf_dir: str | Path, dtype: str | jnp.dtype = "bfloat16") -> 
     cfg = load_config(hf_dir)
     dtype = jnp.dtype(dtype)
     model = abstract_model(cfg, dtype)
-    graphdef, state = nnx.split(model)
-    leaf_shapes = {tuple(path): tuple(v.get_value().shape) for path, v in nnx.to_flat_state(state)}
+    leaf_shapes = leaf_shapes_of(model)
 
     infos: dict[str, TensorInfo] = {}
     by_shard: dict[Path, list[TensorInfo]] = {}
@@ -112,7 +114,7 @@ def plan_conversion(hf_dir: str | Path, dtype: str | jnp.dtype = "bfloat16") -> 
                               + "; ".join(problems))
 
     return ConversionPlan(
-        cfg=cfg, dtype=dtype, graphdef=graphdef, leaf_shapes=leaf_shapes, tensors_by_shard=by_shard,
+        cfg=cfg, dtype=dtype, leaf_shapes=leaf_shapes, tensors_by_shard=by_shard,
         sources={normalized[n]: src for n, src in wanted.items()},
         mtp={n: infos[n] for n in infos if is_mtp(n)},
     )
