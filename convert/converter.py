@@ -89,8 +89,6 @@ def plan_conversion(hf_dir: str | Path, dtype: str | jnp.dtype = "bfloat16") -> 
     ignored = {n for n in normalized if is_mtp(n)}
     if cfg.text.tie_word_embeddings:
         ignored.add("lm_head.weight")  # some tied checkpoints still carry the copy
-    if getattr(model, "visual", None) is None:
-        ignored |= {n for n in normalized if n.startswith("visual.")}  # vision tower not modelled yet
 
     missing = sorted(set(wanted) - set(normalized))
     unexpected = sorted(normalized[n] for n in set(normalized) - set(wanted) - ignored)

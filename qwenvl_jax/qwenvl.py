@@ -9,7 +9,12 @@ import numpy as np
 from flax import nnx
 
 from qwenvl_jax.config import ModelConfig
-from qwenvl_jax.models.model import QwenVLModel, text_logits_fn
+from qwenvl_jax.models.model import QwenVLModel, multimodal_logits_fn, text_logits_fn
+from qwenvl_jax.models.multimodal import prepare_multimodal
+from qwenvl_jax.models.rope_index import get_rope_index
+
+# Per image or video; the largest the hub processors make is ~16k patches (Qwen2.5-VL's 12.8 MP at 14 px).
+DEFAULT_MAX_VISION_PATCHES = 32768
 
 
 def _right_align(mask_bt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -40,15 +45,27 @@ class QwenVL:
         self.config = cfg
         self.graphdef, self.params = nnx.split(model)
         self.path = path
+        self.max_vision_patches = DEFAULT_MAX_VISION_PATCHES
 
     @property
     def dtype(self) -> jnp.dtype:
         return self.params["language_model"]["embed_tokens"]["weight"].get_value().dtype
 
-    def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
-        """Full-sequence logits [B, T, vocab] (float32) for text input; rows may be left- or right-padded.
+    def logits(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray | None = None,
+        *,
+        pixel_values: np.ndarray | None = None,
+        image_grid_thw: np.ndarray | None = None,
+        pixel_values_videos: np.ndarray | None = None,
+        video_grid_thw: np.ndarray | None = None,
+        second_per_grid_ts: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Full-sequence logits [B, T, vocab] (float32); rows may be left- or right-padded.
 
-        Padded positions are returned as zeros.
+        Images and videos come as the HF processor returns them (numpy, HF's names and layouts); the prompt holds
+        one placeholder token per merged vision token. Padded positions are returned as zeros.
         """
         ids_bt = np.asarray(input_ids)
         if ids_bt.ndim != 2 or not np.issubdtype(ids_bt.dtype, np.integer):
@@ -58,16 +75,26 @@ class QwenVL:
         if mask_bt.shape != ids_bt.shape:
             raise ValueError(f"attention_mask shape {mask_bt.shape} != input_ids shape {ids_bt.shape}")
         starts, lengths = _right_align(mask_bt)
-        ids_bt = _shift_rows(ids_bt, starts)
+        shifted_bt = _shift_rows(ids_bt, starts)
         real_bt = np.arange(ids_bt.shape[1])[None, :] < lengths[:, None]
-        if (bad := ids_bt[real_bt]).size and (bad.min() < 0 or bad.max() >= vocab):
+        if (bad := shifted_bt[real_bt]).size and (bad.min() < 0 or bad.max() >= vocab):
             raise ValueError(f"input_ids hold ids outside the vocabulary [0, {vocab})")
-        ids_bt = np.where(real_bt, ids_bt, 0)
-        # Text-only mRoPE: all three rows are the running position (HF's get_rope_index without vision).
-        positions_3bt = np.broadcast_to(np.arange(ids_bt.shape[1], dtype=np.int32), (3, *ids_bt.shape))
-        logits = np.asarray(text_logits_fn(self.graphdef, self.params, ids_bt.astype(np.int32), positions_3bt,
-                                           lengths))
-        logits = np.where(real_bt[..., None], logits, 0.0)
+        shifted_bt = np.where(real_bt, shifted_bt, 0).astype(np.int32)
+
+        mm = prepare_multimodal(self.config, shifted_bt, real_bt, pixel_values=pixel_values,
+                                image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
+                                video_grid_thw=video_grid_thw, max_patches=self.max_vision_patches)
+        if mm is None:  # text only: the vision tower is neither traced nor run
+            # Text-only mRoPE: all three rows are the running position (HF's get_rope_index without vision).
+            positions_3bt = np.broadcast_to(np.arange(ids_bt.shape[1], dtype=np.int32), (3, *ids_bt.shape))
+            logits = text_logits_fn(self.graphdef, self.params, shifted_bt, positions_3bt, lengths)
+        else:
+            positions_3bt, _ = get_rope_index(self.config, ids_bt, image_grid_thw, video_grid_thw,
+                                              second_per_grid_ts, mask_bt)
+            positions_3bt = np.moveaxis(_shift_rows(np.moveaxis(positions_3bt, 0, -1), starts), -1, 0)
+            logits = multimodal_logits_fn(self.graphdef, self.params, shifted_bt, positions_3bt.astype(np.int32),
+                                          lengths, mm)
+        logits = np.where(real_bt[..., None], np.asarray(logits), 0.0)
         return _shift_rows(logits, -starts)
 
 

@@ -15,12 +15,15 @@ from flax import nnx
 from qwenvl_jax.config import ModelConfig
 from qwenvl_jax.models.decoder import TextModel
 from qwenvl_jax.models.layers import Linear
+from qwenvl_jax.models.multimodal import MultimodalInputs, fuse_vision
+from qwenvl_jax.models.vision import VisionModel
 
 
 class QwenVLModel(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype = jnp.bfloat16, rngs: nnx.Rngs):
         text = cfg.text
         self.language_model = TextModel(text, dtype=dtype, rngs=rngs)
+        self.visual = None if cfg.vision is None else VisionModel(cfg.vision, dtype=dtype, rngs=rngs)
         self.lm_head = None if text.tie_word_embeddings else Linear(
             text.hidden_size, text.vocab_size, bias=False, dtype=dtype, rngs=rngs)
         self.cfg = cfg
@@ -34,6 +37,13 @@ class QwenVLModel(nnx.Module):
         embeds = self.language_model.embed_tokens(input_ids_bt)
         return self.lm_logits(self.language_model(embeds, positions_3bt, lengths_b))
 
+    def multimodal_logits(self, input_ids_bt: jax.Array, positions_3bt: jax.Array, lengths_b: jax.Array,
+                          mm: MultimodalInputs) -> jax.Array:
+        visual_md, deepstack_kmd = self.visual(mm.pixel_patches_np, mm.vision)
+        embeds, deepstack_lbtd = fuse_vision(self.language_model.embed_tokens(input_ids_bt), visual_md,
+                                             deepstack_kmd, mm.dest_m)
+        return self.lm_logits(self.language_model(embeds, positions_3bt, lengths_b, deepstack_lbtd))
+
 
 def abstract_model(cfg: ModelConfig, dtype: jnp.dtype) -> QwenVLModel:
     """The model with shapes and dtypes only: the target tree for conversion and checkpoint restore."""
@@ -45,3 +55,10 @@ def text_logits_fn(graphdef: nnx.GraphDef, params: nnx.State, input_ids_bt: jax.
                    lengths_b: jax.Array) -> jax.Array:
     model = nnx.merge(graphdef, params)
     return model.text_logits(input_ids_bt, positions_3bt, lengths_b).astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def multimodal_logits_fn(graphdef: nnx.GraphDef, params: nnx.State, input_ids_bt: jax.Array,
+                         positions_3bt: jax.Array, lengths_b: jax.Array, mm: MultimodalInputs) -> jax.Array:
+    model = nnx.merge(graphdef, params)
+    return model.multimodal_logits(input_ids_bt, positions_3bt, lengths_b, mm).astype(jnp.float32)

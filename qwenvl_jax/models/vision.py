@@ -1,0 +1,337 @@
+"""The vision tower of every family (HF: ``Qwen2_5_VisionTransformerPretrainedModel``, ``Qwen3VLVisionModel``,
+``Qwen3_5VisionModel``), one implementation switched by config.
+
+Qwen2.5-VL: bias-free patch embed, RMSNorm, SwiGLU-with-bias MLP, window attention except in
+``fullatt_block_indexes``, patch merger ``ln_q`` + ``mlp.0/2``. Qwen3-VL / Qwen3.5: patch embed with bias, a
+learned position table resampled bilinearly to each grid, LayerNorm, GELU-tanh MLP, full attention, merger
+``norm`` + ``linear_fc1/2`` and (Qwen3-VL) DeepStack mergers tapping intermediate blocks.
+
+Several images and videos run in one call, their patches packed one after another. Everything that depends only
+on the grids (rotary positions, attention segments, window order, position-table taps) is numpy made on the
+host by :func:`prepare_vision_inputs` and cached per grid; the device only gathers and computes.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pallas_kernels.vision_rotary import apply_vision_rotary, vision_rotary_tables
+from qwenvl_jax.config import VisionConfig
+from qwenvl_jax.models.layers import Embedding, GatedMLP, LayerNorm, Linear, RMSNorm, activation
+
+# Every family's vision config defaults to these and no released checkpoint overrides them.
+ROTARY_THETA = 10000.0
+NORM_EPS = 1e-6
+
+
+class VisionInputs(NamedTuple):
+    """Index tables of one packed vision call, in the tower's token order (window order for Qwen2.5-VL).
+
+    N patches, M = N / merge^2 merged tokens. Fields a family does not use are None.
+    """
+
+    pos_hw_n2: np.ndarray  # int32 (row, col) of each patch in its frame: the 2D rotary positions
+    segment_n: np.ndarray  # int32 full-attention segment: one per frame of each image/video
+    window_segment_n: np.ndarray | None  # int32 attention window (Qwen2.5-VL)
+    window_index_m: np.ndarray | None  # int32 merged-token gather: packed order -> window order (Qwen2.5-VL)
+    reverse_index_m: np.ndarray | None  # int32 its inverse, applied to the merger output (Qwen2.5-VL)
+    interp_index_n4: np.ndarray | None  # int32 four taps into the learned position table (Qwen3-VL / 3.5)
+    interp_weight_n4: np.ndarray | None  # float32 their bilinear weights
+    cos_table: jax.Array  # [rows, head_dim / 4] float32, shared by every call with grid sides < rows
+    sin_table: jax.Array
+
+
+# ---------------------------------------------------------------------------------------------- host tables
+
+
+def _block_major_hw(h: int, w: int, merge: int) -> np.ndarray:
+    """[h*w, 2] (row, col) of one frame's patches in the processor's order: merge x merge blocks, row-major."""
+    rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    shape = (h // merge, merge, w // merge, merge)
+    return np.stack([a.reshape(shape).transpose(0, 2, 1, 3).ravel() for a in (rows, cols)], axis=-1)
+
+
+def _bilinear_axis(index: np.ndarray, size: int, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two taps and weights per target index: ``F.interpolate(bilinear, align_corners=True)`` from ``side`` to
+    ``size``, in float32 op for op as HF computes it."""
+    src = index.astype(np.float32) * np.float32(side - 1) / np.float32(max(size - 1, 1))
+    floor = np.floor(src)
+    offsets = np.arange(2)
+    taps = np.clip(floor.astype(np.int64)[:, None] + offsets, 0, side - 1)
+    weights = np.maximum(np.float32(1) - np.abs(src[:, None] - floor[:, None] - offsets.astype(np.float32)),
+                         np.float32(0))
+    return taps, weights.astype(np.float32)
+
+
+def _window_order(t: int, h: int, w: int, cfg: VisionConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Qwen2.5-VL windows of one grid (HF ``get_vision_window_index``): the merged tokens in window order and
+    the window id of each of them, windows of ``window_size`` pixels tiled per frame, clipped at the edges."""
+    merge = cfg.spatial_merge_size
+    side = cfg.window_size // merge // cfg.patch_size  # window side in merged tokens
+    lh, lw = h // merge, w // merge
+    n_wh, n_ww = -(-lh // side), -(-lw // side)
+    index = np.full((t, n_wh * side, n_ww * side), -1, np.int64)
+    index[:, :lh, :lw] = np.arange(t * lh * lw).reshape(t, lh, lw)
+    windows = index.reshape(t, n_wh, side, n_ww, side).transpose(0, 1, 3, 2, 4).reshape(-1, side * side)
+    sizes = (windows >= 0).sum(axis=1)
+    return windows[windows >= 0], np.repeat(np.arange(len(windows)), sizes)
+
+
+class _GridTables(NamedTuple):
+    pos_hw_n2: np.ndarray
+    segment_n: np.ndarray
+    window_segment_n: np.ndarray | None
+    window_index_m: np.ndarray | None
+    interp_index_n4: np.ndarray | None
+    interp_weight_n4: np.ndarray | None
+    num_segments: int
+    num_windows: int
+
+
+@functools.lru_cache(maxsize=4096)
+def _grid_tables(cfg: VisionConfig, t: int, h: int, w: int) -> _GridTables:
+    """The tables of one image/video grid with local indices; a grid is computed once per process."""
+    merge = cfg.spatial_merge_size
+    unit = merge * merge
+    pos_hw = np.tile(_block_major_hw(h, w, merge), (t, 1))
+    segment = np.repeat(np.arange(t), h * w)
+    window_segment = window_index = interp_index = interp_weight = None
+    num_windows = 0
+    if cfg.window_size:
+        window_index, window_of_token = _window_order(t, h, w, cfg)
+        pos_hw = pos_hw.reshape(-1, unit, 2)[window_index].reshape(-1, 2)
+        segment = np.repeat(window_index // ((h // merge) * (w // merge)), unit)
+        window_segment = np.repeat(window_of_token, unit)
+        num_windows = int(window_of_token[-1]) + 1
+    if cfg.num_position_embeddings:
+        side = int(round(cfg.num_position_embeddings**0.5))
+        h_taps, h_weights = _bilinear_axis(pos_hw[:, 0], h, side)
+        w_taps, w_weights = _bilinear_axis(pos_hw[:, 1], w, side)
+        interp_index = (h_taps[:, :, None] * side + w_taps[:, None, :]).reshape(-1, 4)
+        interp_weight = (h_weights[:, :, None] * w_weights[:, None, :]).reshape(-1, 4)
+    tables = _GridTables(pos_hw, segment, window_segment, window_index, interp_index, interp_weight, t, num_windows)
+    for a in tables:
+        if isinstance(a, np.ndarray):
+            a.flags.writeable = False  # shared by every later call with this grid
+    return tables
+
+
+@functools.lru_cache(maxsize=None)
+def _rotary_tables(head_dim: int, rows: int) -> tuple[jax.Array, jax.Array]:
+    return vision_rotary_tables(head_dim, rows, ROTARY_THETA)
+
+
+def check_grids(cfg: VisionConfig, grids_thw: np.ndarray, what: str, max_patches: int | None = None) -> np.ndarray:
+    """``grids_thw`` as an int64 [n, 3] array, or a ValueError naming what is wrong with it."""
+    grids = np.asarray(grids_thw)
+    if grids.ndim != 2 or grids.shape[1] != 3 or not np.issubdtype(grids.dtype, np.integer):
+        raise ValueError(f"{what} must be an integer array [num, 3] of (t, h, w), got {grids.dtype} {grids.shape}")
+    merge = cfg.spatial_merge_size
+    for i, (t, h, w) in enumerate(grids.tolist()):
+        if min(t, h, w) <= 0 or h % merge or w % merge:
+            raise ValueError(f"{what}[{i}] = {[t, h, w]}: t, h, w must be positive and h, w multiples of the "
+                             f"spatial merge size {merge}")
+        if max_patches is not None and t * h * w > max_patches:
+            raise ValueError(f"{what}[{i}] = {[t, h, w]} has {t * h * w} patches, more than the configured maximum "
+                             f"of {max_patches} per image/video")
+    return grids.astype(np.int64)
+
+
+def prepare_vision_inputs(cfg: VisionConfig, grids_thw: np.ndarray) -> VisionInputs:
+    """Packs the per-grid tables of ``grids_thw`` [n, 3] (images then videos, as their patches are packed)."""
+    grids = check_grids(cfg, grids_thw, "grid_thw")
+    parts = [_grid_tables(cfg, t, h, w) for t, h, w in grids.tolist()]
+    tokens = np.array([len(p.pos_hw_n2) for p in parts])
+    unit = cfg.spatial_merge_size**2
+
+    def cat(field: str, offsets: np.ndarray | None = None, dtype=np.int32) -> np.ndarray | None:
+        arrays = [getattr(p, field) for p in parts]
+        if arrays[0] is None:
+            return None
+        if offsets is not None:
+            arrays = [a + o for a, o in zip(arrays, offsets)]
+        return np.concatenate(arrays).astype(dtype)
+
+    def starts(counts) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(counts)[:-1]])
+
+    window_index = cat("window_index_m", starts(tokens // unit))
+    rows = int(grids[:, 1:].max())
+    cos, sin = _rotary_tables(cfg.head_dim, max(64, 1 << (rows - 1).bit_length()))
+    return VisionInputs(
+        pos_hw_n2=cat("pos_hw_n2"),
+        segment_n=cat("segment_n", starts([p.num_segments for p in parts])),
+        window_segment_n=cat("window_segment_n", starts([p.num_windows for p in parts])),
+        window_index_m=window_index,
+        reverse_index_m=None if window_index is None else np.argsort(window_index).astype(np.int32),
+        interp_index_n4=cat("interp_index_n4"),
+        interp_weight_n4=cat("interp_weight_n4", dtype=np.float32),
+        cos_table=cos,
+        sin_table=sin,
+    )
+
+
+# ------------------------------------------------------------------------------------------------- modules
+
+
+class PatchEmbed(nnx.Module):
+    """HF's Conv3d with stride = kernel is a matmul over flattened patches: the converter flattens its weight
+    [out, C, T, P, P] into ``proj.kernel`` [C*T*P*P, out], the order in which ``pixel_values`` rows are laid out."""
+
+    def __init__(self, cfg: VisionConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.proj = Linear(cfg.patch_dim, cfg.hidden_size, bias=cfg.family != "qwen2_5_vl", dtype=dtype, rngs=rngs)
+
+    def __call__(self, patches_np: jax.Array) -> jax.Array:
+        return self.proj(patches_np.astype(self.proj.kernel.dtype))
+
+
+class VisionMLP(nnx.Module):
+    """Qwen3-VL / Qwen3.5: fc2(act(fc1(x)))."""
+
+    def __init__(self, cfg: VisionConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.linear_fc1 = Linear(cfg.hidden_size, cfg.intermediate_size, bias=True, dtype=dtype, rngs=rngs)
+        self.linear_fc2 = Linear(cfg.intermediate_size, cfg.hidden_size, bias=True, dtype=dtype, rngs=rngs)
+        self.act = cfg.hidden_act
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.linear_fc2(activation(self.act)(self.linear_fc1(x)))
+
+
+class VisionAttention(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        self.qkv = Linear(d, 3 * d, bias=True, dtype=dtype, rngs=rngs)
+        self.proj = Linear(d, d, bias=True, dtype=dtype, rngs=rngs)
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+
+    def __call__(self, x_nd: jax.Array, pos_hw_n2: jax.Array, cos_table: jax.Array, sin_table: jax.Array,
+                 mask_nn: jax.Array) -> jax.Array:
+        n = x_nd.shape[0]
+        q, k, v = jnp.unstack(self.qkv(x_nd).reshape(n, 3, self.num_heads, self.head_dim), axis=1)
+        q, k = apply_vision_rotary(q, k, pos_hw_n2, cos_table, sin_table)
+        out_nhd = jax.nn.dot_product_attention(q[None], k[None], v[None], mask=mask_nn[None, None])[0]
+        return self.proj(out_nhd.reshape(n, -1))
+
+
+class VisionBlock(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        if cfg.family == "qwen2_5_vl":
+            self.norm1 = RMSNorm(d, eps=NORM_EPS, zero_centered=False, dtype=dtype)
+            self.norm2 = RMSNorm(d, eps=NORM_EPS, zero_centered=False, dtype=dtype)
+            self.mlp = GatedMLP(d, cfg.intermediate_size, bias=True, act=cfg.hidden_act, dtype=dtype, rngs=rngs)
+        else:
+            self.norm1 = LayerNorm(d, eps=NORM_EPS, dtype=dtype)
+            self.norm2 = LayerNorm(d, eps=NORM_EPS, dtype=dtype)
+            self.mlp = VisionMLP(cfg, dtype=dtype, rngs=rngs)
+        self.attn = VisionAttention(cfg, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x_nd: jax.Array, pos_hw_n2: jax.Array, cos_table: jax.Array, sin_table: jax.Array,
+                 mask_nn: jax.Array) -> jax.Array:
+        x_nd = x_nd + self.attn(self.norm1(x_nd), pos_hw_n2, cos_table, sin_table, mask_nn)
+        return x_nd + self.mlp(self.norm2(x_nd))
+
+
+class PatchMerger(nnx.Module):
+    """merge x merge neighbouring patches -> one LM token. ``postshuffle`` (DeepStack mergers) normalises after
+    concatenating the patches instead of before."""
+
+    def __init__(self, cfg: VisionConfig, *, postshuffle: bool, dtype: jnp.dtype, rngs: nnx.Rngs):
+        d, merged = cfg.hidden_size, cfg.hidden_size * cfg.spatial_merge_size**2
+        lin = functools.partial(Linear, bias=True, dtype=dtype, rngs=rngs)
+        self.qwen2_5 = cfg.family == "qwen2_5_vl"
+        self.postshuffle = postshuffle
+        if self.qwen2_5:  # HF: ln_q, mlp = Sequential(Linear, GELU, Linear)
+            self.ln_q = RMSNorm(d, eps=NORM_EPS, zero_centered=False, dtype=dtype)
+            self.mlp = nnx.List([lin(merged, merged), None, lin(merged, cfg.out_hidden_size)])
+        else:
+            self.norm = LayerNorm(merged if postshuffle else d, eps=NORM_EPS, dtype=dtype)
+            self.linear_fc1 = lin(merged, merged)
+            self.linear_fc2 = lin(merged, cfg.out_hidden_size)
+        self.merged = merged
+
+    def __call__(self, x_nd: jax.Array) -> jax.Array:
+        gelu = activation("gelu")  # nn.GELU(): the exact erf form, whatever the blocks use
+        if self.qwen2_5:
+            x = self.ln_q(x_nd).reshape(-1, self.merged)
+            return self.mlp[2](gelu(self.mlp[0](x)))
+        x = self.norm(x_nd.reshape(-1, self.merged)) if self.postshuffle else self.norm(x_nd).reshape(-1, self.merged)
+        return self.linear_fc2(gelu(self.linear_fc1(x)))
+
+
+def _stacked(count: int, make_one, rngs: nnx.Rngs):
+    @nnx.split_rngs(splits=count)
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def make(r: nnx.Rngs):
+        return make_one(r)
+
+    return make(rngs)
+
+
+def _segment_mask(segment_n: jax.Array) -> jax.Array:
+    return segment_n[:, None] == segment_n[None, :]
+
+
+class VisionModel(nnx.Module):
+    """HF: ``model.visual``. Blocks are stacked (leading axis = block index) and scanned."""
+
+    def __init__(self, cfg: VisionConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.patch_embed = PatchEmbed(cfg, dtype=dtype, rngs=rngs)
+        self.pos_embed = (Embedding(cfg.num_position_embeddings, cfg.hidden_size, dtype=dtype, rngs=rngs)
+                          if cfg.num_position_embeddings else None)
+        self.blocks = _stacked(cfg.depth, lambda r: VisionBlock(cfg, dtype=dtype, rngs=r), rngs)
+        self.merger = PatchMerger(cfg, postshuffle=False, dtype=dtype, rngs=rngs)
+        n_deep = len(cfg.deepstack_visual_indexes)
+        self.deepstack_merger_list = _stacked(
+            n_deep, lambda r: PatchMerger(cfg, postshuffle=True, dtype=dtype, rngs=r), rngs) if n_deep else None
+        self.cfg = cfg
+
+    def _scan_blocks(self, x_nd: jax.Array, lo: int, hi: int, inputs: VisionInputs, masks: tuple) -> jax.Array:
+        """Blocks lo..hi-1; each picks full or window attention by a per-block flag fed through the scan."""
+        graphdef, state = nnx.split(self.blocks)
+        if (lo, hi) != (0, self.cfg.depth):
+            state = jax.tree.map(lambda a: a[lo:hi], state)
+        full = jnp.asarray([i in self.cfg.fullatt_block_indexes or not self.cfg.window_size for i in range(lo, hi)])
+
+        def body(x: jax.Array, xs: tuple) -> tuple[jax.Array, None]:
+            block_state, is_full = xs
+            mask = masks[0] if len(masks) == 1 else jnp.where(is_full, masks[0], masks[1])
+            return nnx.merge(graphdef, block_state)(x, inputs.pos_hw_n2, inputs.cos_table, inputs.sin_table,
+                                                    mask), None
+
+        return jax.lax.scan(body, x_nd, (state, full))[0]
+
+    def __call__(self, pixel_patches_np: jax.Array, inputs: VisionInputs) -> tuple[jax.Array, jax.Array | None]:
+        """Packed patches [N, patch_dim] -> (merged tokens [M, out_hidden], DeepStack features [k, M, out_hidden]
+        in tap order, or None), M in packed order."""
+        x = self.patch_embed(pixel_patches_np)
+        if self.pos_embed is not None:
+            taps_nkd = self.pos_embed(inputs.interp_index_n4)
+            x = x + jnp.sum(taps_nkd * inputs.interp_weight_n4[..., None].astype(taps_nkd.dtype), axis=1)
+        unit = self.cfg.spatial_merge_size**2
+        if inputs.window_index_m is not None:
+            x = x.reshape(-1, unit, x.shape[-1])[inputs.window_index_m].reshape(x.shape)
+        masks = (_segment_mask(inputs.segment_n),)
+        if inputs.window_segment_n is not None:
+            masks += (_segment_mask(inputs.window_segment_n),)
+
+        taps = self.cfg.deepstack_visual_indexes
+        features, lo = [], 0
+        for tap in sorted(taps):  # HF collects the features in block order
+            x = self._scan_blocks(x, lo, tap + 1, inputs, masks)
+            merger_state = jax.tree.map(lambda a: a[taps.index(tap)], nnx.state(self.deepstack_merger_list))
+            features.append(nnx.merge(nnx.graphdef(self.deepstack_merger_list), merger_state)(x))
+            lo = tap + 1
+        if lo < self.cfg.depth:
+            x = self._scan_blocks(x, lo, self.cfg.depth, inputs, masks)
+
+        merged_md = self.merger(x)
+        if inputs.reverse_index_m is not None:
+            merged_md = merged_md[inputs.reverse_index_m]
+        return merged_md, jnp.stack(features) if features else None
