@@ -22,7 +22,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import PIL.Image
@@ -332,14 +332,20 @@ def process_video(settings: VideoSettings, frames_thwc: np.ndarray, video_fps: f
         frames_thwc = frames_thwc[indices]
     height, width = video_smart_resize(settings, *frames_thwc.shape[:3])
     frames_thwc = resize_bicubic_uint8(frames_thwc, height, width)
-    # HF fuses rescale into normalisation: (x - mean / rescale) / (std / rescale), all float32.
-    inv_rescale = np.float32(1.0 / settings.rescale_factor)
-    mean = np.asarray(settings.image_mean, dtype=np.float32) * inv_rescale
-    std = np.asarray(settings.image_std, dtype=np.float32) * inv_rescale
-    frames_tchw = ((frames_thwc.astype(np.float32) - mean) / std).transpose(0, 3, 1, 2)
+    frames_tchw = normalize_uint8(frames_thwc, settings.image_mean, settings.image_std, settings.rescale_factor)
     patches, grid = patchify_video(frames_tchw, settings.patch_size, settings.merge_size,
                                    settings.temporal_patch_size)
     return patches, grid, indices
+
+
+def normalize_uint8(frames_thwc: np.ndarray, mean: Sequence[float], std: Sequence[float],
+                    rescale_factor: float) -> np.ndarray:
+    """[T, H, W, C] uint8 -> [T, C, H, W] float32 the way HF's torchvision backend does it: rescale fused into
+    normalisation, (x - mean / rescale) / (std / rescale), all in float32."""
+    inv_rescale = np.float32(1.0 / rescale_factor)
+    mean_f32 = np.asarray(mean, dtype=np.float32) * inv_rescale
+    std_f32 = np.asarray(std, dtype=np.float32) * inv_rescale
+    return ((frames_thwc.astype(np.float32) - mean_f32) / std_f32).transpose(0, 3, 1, 2)
 
 
 def frame_timestamps(indices: Sequence[int], video_fps: float, temporal_patch_size: int) -> list[float]:
@@ -378,9 +384,12 @@ class Processor:
     """Chat messages / text + images + videos -> :class:`ProcessorOutput`, as the checkpoint's HF processor."""
 
     def __init__(self, tokenizer: Any, image_processor: Qwen2VLImageProcessorPil, video_settings: VideoSettings,
-                 max_image_patches: int | None = None):
+                 max_image_patches: int | None = None, image_resize: Literal["pil", "torchvision"] = "pil"):
+        if image_resize not in ("pil", "torchvision"):
+            raise ValueError(f"image_resize must be 'pil' or 'torchvision', got {image_resize!r}")
         self.tokenizer = tokenizer
         self.image_processor = image_processor
+        self.image_resize = image_resize
         self.video = video_settings
         self.family = video_settings.family
         # Largest image the vision tower accepts, in patches; smart_resize can overshoot max_pixels only for
@@ -394,8 +403,15 @@ class Processor:
         self.image_token_id, self.video_token_id = vocab[IMAGE_TOKEN], vocab[VIDEO_TOKEN]
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, max_image_patches: int | None = None) -> Processor:
-        """Loads tokenizer, chat template and processor configs from a local checkpoint directory."""
+    def from_pretrained(cls, path: str | Path, max_image_patches: int | None = None,
+                        image_resize: Literal["pil", "torchvision"] = "pil") -> Processor:
+        """Loads tokenizer, chat template and processor configs from a local checkpoint directory.
+
+        ``max_image_patches``: largest image accepted, in patches (default: max_pixels / patch_size^2).
+        ``image_resize``: "pil" gives HF's PIL-backend image processor (what transformers runs without
+        torchvision, and the resize the Qwen processors used before transformers 5); "torchvision" reproduces
+        HF's default torchvision-backend image processor bit for bit. The two differ by a few uint8 levels at
+        some pixels."""
         path = Path(path)
         image_config_path = path / "preprocessor_config.json"
         if not image_config_path.is_file():
@@ -410,7 +426,8 @@ class Processor:
         family = _family_of(image_config.get("processor_class"), model_type)
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         image_processor = Qwen2VLImageProcessorPil.from_pretrained(str(path), local_files_only=True)
-        return cls(tokenizer, image_processor, VideoSettings.from_dict(video_config, family), max_image_patches)
+        return cls(tokenizer, image_processor, VideoSettings.from_dict(video_config, family), max_image_patches,
+                   image_resize)
 
     def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
         return self.tokenizer.apply_chat_template(list(messages), tokenize=False,
@@ -493,9 +510,26 @@ class Processor:
             if patches > self.max_image_patches:
                 raise ValueError(f"image {k} of size {array.shape[1]}x{array.shape[0]} becomes {patches} patches, "
                                  f"more than the configured maximum of {self.max_image_patches}")
+        if self.image_resize == "torchvision":
+            return self._process_images_like_torchvision(arrays)
         # Explicit channels-last: HF guesses the layout of tiny arrays (e.g. 3x3x3) otherwise.
         batch = ip(arrays, input_data_format=ChannelDimension.LAST, return_tensors="np")
         return batch["pixel_values"].astype(np.float32), batch["image_grid_thw"].astype(np.int64)
+
+    def _process_images_like_torchvision(self, arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """HF's Qwen2VLImageProcessor (torchvision backend): uint8 antialiased bicubic resize, fused
+        normalisation, and the single frame repeated over the temporal patch (as a video of one frame)."""
+        ip = self.image_processor
+        all_patches, grids = [], []
+        for array in arrays:
+            height, width = image_smart_resize(*array.shape[:2], factor=ip.patch_size * ip.merge_size,
+                                               min_pixels=ip.size["shortest_edge"], max_pixels=ip.size["longest_edge"])
+            frames_tchw = normalize_uint8(resize_bicubic_uint8(array[None], height, width), ip.image_mean,
+                                          ip.image_std, ip.rescale_factor)
+            patches, grid = patchify_video(frames_tchw, ip.patch_size, ip.merge_size, ip.temporal_patch_size)
+            all_patches.append(patches)
+            grids.append(grid)
+        return np.concatenate(all_patches), np.asarray(grids, dtype=np.int64)
 
     def _process_videos(self, videos: list[VideoInput], video_fps: list[float | None], out: dict[str, Any]
                         ) -> list[str]:

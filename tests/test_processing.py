@@ -160,6 +160,32 @@ def test_short_video_matches_hf_reference(processors, as_frame_list):
         _assert_same(out, ref, keys=("input_ids", "mm_token_type_ids", "video_grid_thw"))
 
 
+# HF's Qwen2VLImageProcessor (torchvision backend) on the images below (recorded as VIDEO_REFERENCE).
+TORCHVISION_IMAGE_REFERENCE = {
+    "qwen2_5_vl": ("36879225610f0ad06a154c9810ee70f6f06dbe8921906c7cce8dbf9f4c123a3f",
+                   [[1, 2, 72], [1, 4, 6], [1, 12, 18], [1, 6, 8]]),
+    "qwen3_vl": ("1d6cd44d2c9235f9e395ae1c54ce47be550cba1d7131b6fffd1b3f92d80e5d57",
+                 [[1, 2, 62], [1, 4, 6], [1, 12, 18], [1, 6, 8]]),
+}
+TORCHVISION_IMAGE_REFERENCE["qwen3_5"] = TORCHVISION_IMAGE_REFERENCE["qwen3_vl"]
+
+
+def test_torchvision_style_images_match_hf_torchvision_backend(processors):
+    family, directory, _, _ = processors
+    ours = Processor.from_pretrained(directory, image_resize="torchvision")
+    images = [_pattern((37, 1000, 3)), _pattern((1, 2, 3)), _pattern((1500, 2000, 3)), _pattern((90, 120, 3))]
+    out = ours("<|image_pad|>" * len(images), images=images)
+    digest, grids = TORCHVISION_IMAGE_REFERENCE[family]
+    assert out.image_grid_thw.tolist() == grids
+    assert _digest(out.pixel_values, np.float32) == digest
+    if HAS_TORCHVISION:
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+
+        ref = Qwen2VLImageProcessor.from_pretrained(directory)([PIL.Image.fromarray(a) for a in images],
+                                                               return_tensors="np")
+        np.testing.assert_array_equal(out.pixel_values, ref["pixel_values"])
+
+
 @pytest.mark.skipif(not HAS_TORCHVISION, reason="the reference resize is torchvision's")
 def test_uint8_bicubic_resize_matches_torchvision():
     import torch
