@@ -1,0 +1,198 @@
+"""Token sampling on the device: repetition penalty, temperature, top-k, top-p, min-p, per-request seeds.
+
+Every function here is jit-friendly (static shapes, no host sync, no Python branching on array values) so the
+engine can call :func:`sample` inside its on-device decode loop. Parameters are per row, so one batch mixes
+greedy and sampled requests with different settings. The processing order and semantics follow HF
+``generate``: ``RepetitionPenaltyLogitsProcessor``, then ``TemperatureLogitsWarper``, ``TopKLogitsWarper``,
+``TopPLogitsWarper``, ``MinPLogitsWarper`` (each with ``min_tokens_to_keep=1``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import secrets
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_SEED_LIMIT = 2**64
+
+
+def _check_seed(seed: object) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < _SEED_LIMIT:
+        raise ValueError(f"seed must be None or an integer in [0, 2**64), got {seed!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """One request's sampling settings. ``temperature=0`` is greedy decoding; ``top_k=0``, ``top_p=1``,
+    ``min_p=0`` and ``repetition_penalty=1`` switch the respective filter off. ``seed=None`` draws a fresh
+    random seed when the request's key is made (:func:`request_key`)."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite real number, got {value!r}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral) or self.top_k < 0:
+            raise ValueError(f"top_k must be a non-negative integer (0 means off), got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not 0 <= self.min_p < 1:
+            raise ValueError(f"min_p must be in [0, 1), got {self.min_p!r}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 means off), got {self.repetition_penalty!r}")
+        if self.seed is not None:
+            _check_seed(self.seed)
+
+
+class SamplingArrays(NamedTuple):
+    """Per-row sampling parameters of a batch, each of shape ``[S]`` (a pytree; pass it into jitted code)."""
+
+    temperature: jax.Array | np.ndarray  # f32, 0 = greedy
+    top_k: jax.Array | np.ndarray  # i32, 0 = off
+    top_p: jax.Array | np.ndarray  # f32, 1 = off
+    min_p: jax.Array | np.ndarray  # f32, 0 = off
+    repetition_penalty: jax.Array | np.ndarray  # f32, 1 = off
+
+
+def sampling_arrays(params: Sequence[SamplingParams], batch_size: int | None = None) -> SamplingArrays:
+    """Host-side (numpy) per-row arrays for ``params``; rows past ``len(params)`` up to ``batch_size`` (padding
+    rows of a batch bucket) are greedy with every filter off."""
+    batch_size = len(params) if batch_size is None else batch_size
+    if batch_size < len(params):
+        raise ValueError(f"batch_size {batch_size} is smaller than the {len(params)} requests given")
+    rows = list(params) + [SamplingParams()] * (batch_size - len(params))
+    return SamplingArrays(
+        temperature=np.array([p.temperature for p in rows], np.float32),
+        top_k=np.array([p.top_k for p in rows], np.int32),
+        top_p=np.array([p.top_p for p in rows], np.float32),
+        min_p=np.array([p.min_p for p in rows], np.float32),
+        repetition_penalty=np.array([p.repetition_penalty for p in rows], np.float32),
+    )
+
+
+@jax.jit
+def _keys_from_seed_words(low_s: jax.Array, high_s: jax.Array) -> jax.Array:
+    # Seeds are split into 32-bit words because jax.random.key truncates Python ints to 32 bits without x64.
+    return jax.vmap(lambda low, high: jax.random.fold_in(jax.random.key(low), high))(low_s, high_s)
+
+
+def request_keys(seeds: Sequence[int | None]) -> jax.Array:
+    """Typed PRNG keys ``[S]``, one per request; a ``None`` seed gets a fresh random seed from the host. The
+    engine derives step keys as ``vmap(jax.random.fold_in)(keys, step)``."""
+    seeds = [secrets.randbits(64) if seed is None else seed for seed in seeds]
+    for seed in seeds:
+        _check_seed(seed)
+    low = np.array([seed & 0xFFFFFFFF for seed in seeds], np.uint32)
+    high = np.array([seed >> 32 for seed in seeds], np.uint32)
+    return _keys_from_seed_words(low, high)
+
+
+def request_key(seed: int | None) -> jax.Array:
+    """The typed PRNG key of one request (see :func:`request_keys`)."""
+    return request_keys([seed])[0]
+
+
+def mark_seen(seen_sv: jax.Array, token_ids_sn: jax.Array, valid_sn: jax.Array | None = None) -> jax.Array:
+    """Sets ``seen_sv[s, token_ids_sn[s, n]]`` for every valid ``(s, n)``: the token-presence mask that the
+    repetition penalty reads (fill it with the prompt, then with each sampled token)."""
+    num_rows, vocab_size = seen_sv.shape
+    if valid_sn is not None:
+        # Out-of-range ids are dropped by the scatter, so invalid entries (padding) touch nothing.
+        token_ids_sn = jnp.where(valid_sn, token_ids_sn, vocab_size)
+    rows_sn = jnp.broadcast_to(jnp.arange(num_rows)[:, None], token_ids_sn.shape)
+    return seen_sv.at[rows_sn, token_ids_sn].set(True, mode="drop")
+
+
+def _apply_repetition_penalty(logits_sv: jax.Array, penalty_s: jax.Array, seen_sv: jax.Array | None) -> jax.Array:
+    if seen_sv is None:
+        return logits_sv
+    penalty_s1 = penalty_s[:, None]
+    penalised_sv = jnp.where(logits_sv < 0, logits_sv * penalty_s1, logits_sv / penalty_s1)
+    return jnp.where(seen_sv, penalised_sv, logits_sv)
+
+
+def _top_k_top_p_cutoff(scaled_sv: jax.Array, top_k_s: jax.Array, top_p_s: jax.Array) -> jax.Array:
+    """Per-row logit below which top-k and top-p filter, from one descending sort of the row. Top-p sees the
+    top-k-filtered row, as in HF where the two warpers run in sequence."""
+    vocab_size = scaled_sv.shape[-1]
+    sorted_sv = jnp.sort(scaled_sv, axis=-1, descending=True)
+    k_s = jnp.where(top_k_s > 0, jnp.minimum(top_k_s, vocab_size), vocab_size)
+    kth_s = jnp.take_along_axis(sorted_sv, (k_s - 1)[:, None], axis=-1)[:, 0]
+    # Top-k keeps every token tied with the k-th value (HF compares against it), so its output is still sorted.
+    top_k_sorted_sv = jnp.where(sorted_sv >= kth_s[:, None], sorted_sv, -jnp.inf)
+    probs_sv = jax.nn.softmax(top_k_sorted_sv, axis=-1)
+    # HF sums probabilities in ascending order and drops tokens whose running sum is <= 1 - top_p; in descending
+    # order that running sum is the reverse cumulative sum.
+    mass_at_or_below_sv = jax.lax.cumsum(probs_sv, axis=1, reverse=True)
+    keep_sv = mass_at_or_below_sv > (1 - top_p_s)[:, None]
+    keep_sv = keep_sv.at[:, 0].set(True)  # min_tokens_to_keep=1
+    lowest_kept_s = jnp.min(jnp.where(keep_sv, sorted_sv, jnp.inf), axis=-1)
+    top_p_cutoff_s = jnp.where(top_p_s < 1, lowest_kept_s, -jnp.inf)
+    return jnp.maximum(kth_s, top_p_cutoff_s)
+
+
+def _warp(penalised_sv: jax.Array, params: SamplingArrays) -> jax.Array:
+    """Temperature, top-k, top-p and min-p of the sampled rows; greedy rows come back unfiltered (scaled by 1)."""
+    vocab_size = penalised_sv.shape[-1]
+    sampled_s = params.temperature > 0
+    temperature_s = jnp.where(sampled_s, params.temperature, 1.0)
+    scaled_sv = penalised_sv / temperature_s[:, None]
+    top_k_s = jnp.where(sampled_s, params.top_k, 0)
+    top_p_s = jnp.where(sampled_s, params.top_p, 1.0)
+    needs_sort = jnp.any(((top_k_s > 0) & (top_k_s < vocab_size)) | (top_p_s < 1))
+    # The sort is the only O(V log V) step; skip it when every row has top-k and top-p off.
+    cutoff_s = jax.lax.cond(needs_sort, _top_k_top_p_cutoff,
+                            lambda x, k, p: jnp.full(x.shape[:1], -jnp.inf, x.dtype), scaled_sv, top_k_s, top_p_s)
+    filtered_sv = jnp.where(scaled_sv >= cutoff_s[:, None], scaled_sv, -jnp.inf)
+    # Min-p keeps p >= min_p * p_max, i.e. exp(logit - max_logit) >= min_p: no sort needed. The top token always
+    # passes (min_p < 1), which is min_tokens_to_keep=1.
+    min_p_s = jnp.where(sampled_s, params.min_p, 0.0)
+    max_s = jnp.max(filtered_sv, axis=-1, keepdims=True)
+    below_min_p_sv = jnp.exp(filtered_sv - max_s) < min_p_s[:, None]
+    return jnp.where(below_min_p_sv, -jnp.inf, filtered_sv)
+
+
+def process_logits(logits_sv: jax.Array, params: SamplingArrays, seen_sv: jax.Array | None = None) -> jax.Array:
+    """The logits :func:`sample` draws from, ``-inf`` where filtered: ``softmax`` of a row is the exact
+    distribution of its sampled token. Greedy rows keep only their argmax."""
+    logits_sv = logits_sv.astype(jnp.float32)
+    penalised_sv = _apply_repetition_penalty(logits_sv, params.repetition_penalty, seen_sv)
+    argmax_s = jnp.argmax(penalised_sv, axis=-1)
+    only_argmax_sv = jnp.where(jnp.arange(logits_sv.shape[-1]) == argmax_s[:, None], penalised_sv, -jnp.inf)
+    greedy_s1 = (params.temperature == 0)[:, None]
+    return jnp.where(greedy_s1, only_argmax_sv, _warp(penalised_sv, params))
+
+
+def sample(logits_sv: jax.Array, params: SamplingArrays, keys_s: jax.Array,
+           seen_sv: jax.Array | None = None) -> jax.Array:
+    """Next token ``[S] int32`` of each row. Greedy rows (temperature 0) return exactly the argmax of the
+    penalised logits; the others draw from :func:`process_logits` with their own key. ``seen_sv`` (bool
+    ``[S, V]``, see :func:`mark_seen`) is needed only for the repetition penalty."""
+    logits_sv = logits_sv.astype(jnp.float32)
+    penalised_sv = _apply_repetition_penalty(logits_sv, params.repetition_penalty, seen_sv)
+    argmax_s = jnp.argmax(penalised_sv, axis=-1).astype(jnp.int32)
+    greedy_s = params.temperature == 0
+
+    def draw() -> jax.Array:
+        warped_sv = _warp(penalised_sv, params)
+        drawn_s = jax.vmap(jax.random.categorical)(keys_s, warped_sv).astype(jnp.int32)
+        return jnp.where(greedy_s, argmax_s, drawn_s)
+
+    # An all-greedy batch (the common case) skips the warpers and the Gumbel draw.
+    return jax.lax.cond(jnp.all(greedy_s), lambda: argmax_s, draw)
