@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import numpy as np
 import PIL.Image
+import scipy.sparse
 from transformers import AutoTokenizer
 from transformers.image_transforms import convert_to_rgb
 from transformers.image_utils import ChannelDimension
@@ -286,28 +287,41 @@ def _bicubic_aa_int16_weights(in_size: int, out_size: int) -> tuple[np.ndarray, 
     return xmin, fixed, precision
 
 
-def _resample_axis(pixels: np.ndarray, axis: int, out_size: int) -> np.ndarray:
-    """One separable pass of the uint8 resize along ``axis``: integer multiply-accumulate, round by the
-    precomputed half, arithmetic shift, saturate to [0, 255] (torch's AVX kernels, Pillow-SIMD's scheme)."""
-    in_size = pixels.shape[axis]
+def _resize_matrix(in_size: int, out_size: int) -> tuple[scipy.sparse.csr_matrix, int]:
+    """[out, in] sparse int32 matrix of the fixed-point weights, and their precision."""
     xmin, fixed, precision = _bicubic_aa_int16_weights(in_size, out_size)
-    moved = np.moveaxis(pixels, axis, 0).astype(np.int64)
-    acc = np.full((out_size,) + moved.shape[1:], 1 << (precision - 1), dtype=np.int64)
-    expand = (slice(None),) + (None,) * (moved.ndim - 1)
-    for k in range(fixed.shape[1]):
-        src = np.minimum(xmin + k, in_size - 1)  # taps past the edge carry zero weight
-        acc += moved[src] * fixed[:, k][expand]
-    out = np.clip(acc >> precision, 0, 255).astype(np.uint8)
-    return np.moveaxis(out, 0, axis)
+    rows = np.repeat(np.arange(out_size), fixed.shape[1])
+    cols = (xmin[:, None] + np.arange(fixed.shape[1])).ravel()
+    used = fixed.ravel() != 0  # taps past the edge carry zero weight
+    matrix = scipy.sparse.csr_matrix((fixed.ravel()[used].astype(np.int32), (rows[used], cols[used])),
+                                     shape=(out_size, in_size))
+    return matrix, precision
+
+
+def _resample_axis(frame: np.ndarray, axis: int, matrix: scipy.sparse.csr_matrix, precision: int) -> np.ndarray:
+    """One separable pass of the uint8 resize along ``axis`` of one [H, W, C] frame: exact integer
+    multiply-accumulate (int16 weights times uint8 pixels stay far inside int32, as in torch's AVX kernels /
+    Pillow-SIMD), round by the precomputed half, arithmetic shift, saturate to [0, 255]."""
+    moved = np.moveaxis(frame, axis, 0)
+    acc = matrix @ moved.reshape(moved.shape[0], -1).astype(np.int32)
+    out = np.clip((acc + (1 << (precision - 1))) >> precision, 0, 255).astype(np.uint8)
+    return np.moveaxis(out.reshape((matrix.shape[0],) + moved.shape[1:]), 0, axis)
 
 
 def resize_bicubic_uint8(frames_thwc: np.ndarray, height: int, width: int) -> np.ndarray:
-    """torchvision ``resize(uint8, BICUBIC, antialias=True)`` on CPU: width pass, then height pass."""
-    if frames_thwc.shape[2] != width:
-        frames_thwc = _resample_axis(frames_thwc, 2, width)
-    if frames_thwc.shape[1] != height:
-        frames_thwc = _resample_axis(frames_thwc, 1, height)
-    return frames_thwc
+    """torchvision ``resize(uint8, BICUBIC, antialias=True)`` on CPU: width pass, then height pass. Frame by
+    frame, so a long video never holds more than one frame's int32 intermediate."""
+    _, in_height, in_width, _ = frames_thwc.shape
+    passes = [(axis, *_resize_matrix(size, out))
+              for axis, size, out in ((1, in_width, width), (0, in_height, height)) if size != out]
+    if not passes:
+        return frames_thwc
+    resized = np.empty((frames_thwc.shape[0], height, width, frames_thwc.shape[3]), dtype=np.uint8)
+    for t, frame in enumerate(frames_thwc):
+        for axis, matrix, precision in passes:
+            frame = _resample_axis(frame, axis, matrix, precision)
+        resized[t] = frame
+    return resized
 
 
 def patchify_video(frames_tchw: np.ndarray, patch_size: int, merge_size: int,
@@ -466,6 +480,8 @@ class Processor:
     def _texts_and_media(self, text, images, videos, video_fps, add_generation_prompt):
         if isinstance(text, str):
             texts = [text]
+        elif len(text) == 0:
+            raise ValueError("nothing to process: the text / messages list is empty")
         elif len(text) > 0 and all(isinstance(t, str) for t in text):
             texts = list(text)
         else:

@@ -58,10 +58,10 @@ def processors(request, tmp_path_factory):
 
 def _pattern(shape: tuple[int, ...]) -> np.ndarray:
     """Deterministic noise-like uint8 pixels (independent of numpy's RNG streams, which may change)."""
-    grids = np.meshgrid(*(np.arange(n) for n in shape), indexing="ij")
+    axes = [np.arange(n).reshape([-1 if k == i else 1 for k in range(len(shape))]) for i, n in enumerate(shape)]
     primes = (7919, 104729, 1299709, 15485863)[-len(shape):]
-    rows, cols = (grids[-3], grids[-2]) if len(shape) >= 3 else (grids[0], grids[1])  # spatial axes
-    mixed = sum(g * p for g, p in zip(grids, primes)) + (rows * cols) % 17 * 31
+    rows, cols = (axes[-3], axes[-2]) if len(shape) >= 3 else (axes[0], axes[1])  # spatial axes
+    mixed = sum(a * p for a, p in zip(axes, primes)) + (rows * cols) % 17 * 31
     return (mixed % 251).astype(np.uint8)
 
 
