@@ -5,10 +5,11 @@ names: ``input_ids``, ``attention_mask``, ``mm_token_type_ids``, ``pixel_values`
 ``pixel_values_videos`` + ``video_grid_thw``, ``second_per_grid_ts`` (Qwen2.5-VL) and the frame timestamps that
 Qwen3-VL / Qwen3.5 write into the prompt.
 
-Images go through transformers' PIL-backend image processor (no torch). HF's video processors need torch +
-torchvision, so videos are done here in numpy: frame sampling, smart_resize, and a port of torch's uint8
-antialiased bicubic resize (what torchvision runs on CPU for uint8 frames; PIL's bicubic differs by 1 in ~0.5% of
-pixels), then HF's fused rescale+normalize in float32 and its patch layout.
+Images go through transformers' PIL-backend image processor (no torch), or, with ``image_resize="torchvision"``,
+through the numpy path below, which reproduces HF's default torchvision-backend image processor. HF's video
+processors need torch + torchvision, so videos are done here in numpy: frame sampling, smart_resize, and a port of
+torch's uint8 antialiased bicubic resize (what torchvision runs on CPU for uint8 frames; PIL's bicubic differs by
+1 in ~0.5% of pixels), then HF's fused rescale+normalize in float32 and its patch layout.
 """
 
 from __future__ import annotations
@@ -364,7 +365,7 @@ def normalize_uint8(frames_thwc: np.ndarray, mean: Sequence[float], std: Sequenc
 
 def frame_timestamps(indices: Sequence[int], video_fps: float, temporal_patch_size: int) -> list[float]:
     """Qwen3VLProcessor._calculate_timestamps: mean time of the first and last frame of each temporal patch."""
-    indices = list(indices)
+    indices = [int(i) for i in indices]
     if len(indices) % temporal_patch_size:
         indices += [indices[-1]] * (temporal_patch_size - len(indices) % temporal_patch_size)
     seconds = [i / video_fps for i in indices]
@@ -467,8 +468,8 @@ class Processor:
             image_repl = [IMAGE_TOKEN * int(np.prod(g) // merge) for g in out["image_grid_thw"]]
         if videos:
             video_repl = self._process_videos(videos, video_fps, out)
-        texts = [self._expand(t, iter(image_repl), iter(video_repl)) for t in texts] if (images or videos) \
-            else texts
+        image_repl_iter, video_repl_iter = iter(image_repl), iter(video_repl)  # consumed across the batch
+        texts = [self._expand(t, image_repl_iter, video_repl_iter) for t in texts]
         encoded = self.tokenizer(texts, padding="longest", padding_side=padding_side, return_tensors="np")
         input_ids = encoded["input_ids"].astype(np.int64)
         types = np.zeros_like(input_ids)
@@ -482,7 +483,7 @@ class Processor:
             texts = [text]
         elif len(text) == 0:
             raise ValueError("nothing to process: the text / messages list is empty")
-        elif len(text) > 0 and all(isinstance(t, str) for t in text):
+        elif all(isinstance(t, str) for t in text):
             texts = list(text)
         else:
             conversations = [text] if isinstance(text[0], Mapping) else list(text)

@@ -96,18 +96,19 @@ def test_images_of_awkward_sizes_match_hf(processors):
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 def test_batch_of_image_and_text_only_conversations_matches_hf(processors, padding_side):
     family, _, ours, hf = processors
-    image = _pattern((200, 300, 3))
+    image, other_image = _pattern((200, 300, 3)), _pattern((60, 50, 3))
     conversations = [
         [{"role": "system", "content": "Be brief."},
          {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What is it?"}]}],
         [{"role": "user", "content": "Hi."}],
+        [{"role": "user", "content": [{"type": "text", "text": "And this?"}, {"type": "image", "image": other_image}]}],
     ]
     out = ours(conversations, padding_side=padding_side)
     prompts = [hf.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
-    ref = hf(text=prompts, images=[PIL.Image.fromarray(image)], padding=True, padding_side=padding_side,
-             return_tensors="np")
+    ref = hf(text=prompts, images=[PIL.Image.fromarray(image), PIL.Image.fromarray(other_image)], padding=True,
+             padding_side=padding_side, return_tensors="np")
     _assert_same(out, ref)
-    assert (out.attention_mask[1] == 0).any() and out.image_grid_thw.shape == (1, 3)
+    assert (out.attention_mask == 0).any() and out.image_grid_thw.shape == (2, 3)
 
 
 def test_plain_prompt_with_images_argument(processors):
