@@ -233,6 +233,17 @@ def test_bad_inputs_raise_clear_errors(processors, tmp_path):
         ours("<|video_pad|>", videos=["clip.mp4"])
 
 
+@pytest.mark.skipif(not HAS_TORCHVISION, reason="HF's Qwen VL processors need torchvision for their video half")
+def test_hf_auto_processor_loads_tiny_assets(processors):
+    from transformers import AutoProcessor
+
+    family, directory, ours, _ = processors
+    hf = AutoProcessor.from_pretrained(directory)
+    assert type(hf).__name__ == ("Qwen2_5_VLProcessor" if family == "qwen2_5_vl" else "Qwen3VLProcessor")
+    assert hf.image_token_id == ours.image_token_id and hf.video_token_id == ours.video_token_id
+    assert hf.video_processor.temporal_patch_size == ours.video.temporal_patch_size
+
+
 def test_tiny_assets_special_token_layout(tmp_path):
     ids = tiny_checkpoint_assets.save(tmp_path / "a", "qwen3_vl", vocab_size=400, first_special_id=300)
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "a")
