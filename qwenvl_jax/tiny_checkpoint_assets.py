@@ -197,7 +197,7 @@ def special_token_ids(family: Family, vocab_size: int, first_special_id: int | N
 
 def _generated_merges(count: int) -> list[tuple[str, str]]:
     """Deterministic merges that make common English pieces single tokens: space+letter, letter pairs,
-    space+letter pair, digit pairs. Enough for vocabularies up to ~1300 regular tokens."""
+    space+letter pair, digit pairs: at most 972 merges, i.e. 1228 regular tokens."""
     space = "Ġ"  # byte-level encoding of " "
     lower, upper = string.ascii_lowercase, string.ascii_uppercase
     frequent = "etaoinshrdlcumwfgypbvkjxqz"  # English letter frequency: most useful pairs first
@@ -241,7 +241,8 @@ def processor_configs(family: Family, patch_size: int | None = None, merge_size:
                       video_min_pixels: int | None = None, video_max_pixels: int | None = None,
                       fps: float = 2.0, min_frames: int = 4, max_frames: int = 16) -> tuple[dict, dict]:
     """(preprocessor_config.json, video_preprocessor_config.json) in the hub layout of each family, with small
-    pixel limits: by default an image holds 4..64 merged tokens and a video clip up to 256 patches per frame pair."""
+    pixel limits: by default an image covers 4..64 merge windows (16..256 patches); a Qwen2.5-VL video frame the
+    same, a Qwen3-VL / Qwen3.5 video 4..256 merge windows summed over its frames."""
     patch_size = patch_size or _DEFAULT_PATCH_SIZE[family]
     factor = patch_size * merge_size
     min_pixels = min_pixels or 4 * factor * factor
