@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -9,9 +11,11 @@ import numpy as np
 from flax import nnx
 
 from qwenvl_jax.config import ModelConfig
+from qwenvl_jax.engine import Engine, EngineConfig
 from qwenvl_jax.models.model import QwenVLModel, multimodal_logits_fn, text_logits_fn
 from qwenvl_jax.models.multimodal import prepare_multimodal
 from qwenvl_jax.models.rope_index import get_rope_index
+from qwenvl_jax.processing import Processor
 
 # Per image or video; the largest the hub processors make is ~16k patches (Qwen2.5-VL's 12.8 MP at 14 px).
 DEFAULT_MAX_VISION_PATCHES = 32768
@@ -46,6 +50,61 @@ class QwenVL:
         self.graphdef, self.params = nnx.split(model)
         self.path = path
         self.max_vision_patches = DEFAULT_MAX_VISION_PATCHES
+        self._engine: Engine | None = None
+        self._engine_config = EngineConfig()
+        self._processor: Processor | None = None
+
+    # ---- host-side assets, loaded on first use
+    @property
+    def processor(self) -> Processor:
+        if self._processor is None:
+            self._processor = Processor.from_pretrained(self.path, max_image_patches=self.max_vision_patches)
+        return self._processor
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """generation_config.json's eos ids, else config.json's, else the tokenizer's."""
+        for name in ("generation_config.json", "config.json"):
+            f = self.path / name
+            if f.is_file():
+                raw = json.loads(f.read_text())
+                eos = raw.get("eos_token_id", (raw.get("text_config") or {}).get("eos_token_id"))
+                if eos is not None:
+                    return tuple(eos) if isinstance(eos, list) else (eos,)
+        return (self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ()
+
+    # ---- generation
+    def configure(self, **engine_options) -> None:
+        """Engine settings (``EngineConfig`` fields: max_batch, max_len, prompt_buckets, decode_steps, ...);
+        takes effect at the next ``generate`` / ``warmup``, which recompiles."""
+        self._engine_config = dataclasses.replace(self._engine_config, **engine_options)
+        self._engine = None
+
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = Engine(self.graphdef, self.params, nnx.merge(self.graphdef, self.params),
+                                  self._engine_config, eos_ids=self.eos_token_ids())
+        return self._engine
+
+    def warmup(self, progress: bool = True) -> float:
+        """Compiles every prefill/decode bucket now (the first generate does it otherwise); returns seconds."""
+        return self.engine().warmup(progress=progress)
+
+    def generate(self, prompts=None, **kwargs):
+        """Generates from a prompt string, a chat conversation (OpenAI/HF-style messages with text, image and
+        video content parts), a list of either (a batch), or ``input_ids=`` with HF-named vision arrays.
+
+        Keyword arguments: images, videos (with a single prompt), input_ids, pixel_values, image_grid_thw,
+        pixel_values_videos, video_grid_thw, second_per_grid_ts, max_new_tokens=128, temperature=0 (greedy),
+        top_p, top_k, min_p, repetition_penalty, stop (strings), seed, stream. Returns a ``GenerationResult``
+        (text, token_ids, finish_reason, stats) or a list for a batch; ``stream=True`` yields text deltas.
+        """
+        from qwenvl_jax.generate import generate
+
+        return generate(self, prompts, **kwargs)
 
     @property
     def dtype(self) -> jnp.dtype:

@@ -22,13 +22,13 @@ def test_right_padding_matches_the_unpadded_row():
     conv0, rec0 = gdn.init_state(2, jnp.float32)
     state = (jax.random.normal(keys[1], conv0.shape), 0.1 * jax.random.normal(keys[2], rec0.shape))
 
-    out_b, (conv_b, rec_b) = gdn(x, jnp.array([t, n]), state)
-    out_a, (conv_a, rec_a) = gdn(x[1:, :n], jnp.array([n]), tuple(s[1:] for s in state))
+    out_b, (conv_b, rec_b) = gdn.mix(x, jnp.array([t, n]), state)
+    out_a, (conv_a, rec_a) = gdn.mix(x[1:, :n], jnp.array([n]), tuple(s[1:] for s in state))
 
     np.testing.assert_array_equal(conv_b[1], conv_a[0])
     np.testing.assert_allclose(rec_b[1], rec_a[0], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out_b[1, :n], out_a[0], rtol=1e-5, atol=1e-6)
     # The full row is unaffected by its neighbour's padding.
-    out_full, (conv_full, rec_full) = gdn(x[:1], jnp.array([t]), tuple(s[:1] for s in state))
+    out_full, (conv_full, rec_full) = gdn.mix(x[:1], jnp.array([t]), tuple(s[:1] for s in state))
     np.testing.assert_allclose(out_b[0], out_full[0], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(conv_b[0], conv_full[0])

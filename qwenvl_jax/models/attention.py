@@ -10,7 +10,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from qwenvl_jax.cache import AttnCache
 from qwenvl_jax.config import TextConfig
+from qwenvl_jax.models.context import ForwardContext
 from qwenvl_jax.models.layers import Linear, RMSNorm
 from qwenvl_jax.models.rope import apply_rotary
 
@@ -22,6 +24,28 @@ def causal_attention(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array, le
     k_pos = jnp.arange(s)[None, :]
     mask_bts = (k_pos <= q_pos)[None] & (k_pos[None] < lengths_b[:, None, None])
     return jax.nn.dot_product_attention(q_bthd, k_bshd, v_bshd, mask=mask_bts[:, None])
+
+
+def cached_attention(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array, ctx: ForwardContext) -> jax.Array:
+    """New tokens at cache positions starts + t attend to cached keys up to their own position."""
+    t, s = q_bthd.shape[1], k_bshd.shape[1]
+    q_pos_bt = ctx.starts_b[:, None] + jnp.arange(t)[None, :]
+    k_pos = jnp.arange(s)[None, None, :]
+    end_b = ctx.starts_b + ctx.lengths_b
+    mask_bts = (k_pos <= q_pos_bt[:, :, None]) & (k_pos < end_b[:, None, None])
+    return jax.nn.dot_product_attention(q_bthd, k_bshd, v_bshd, mask=mask_bts[:, None])
+
+
+def write_kv(cache: AttnCache, r: jax.Array | int, k_bthd: jax.Array, v_bthd: jax.Array,
+             ctx: ForwardContext) -> AttnCache:
+    """Scatters the new keys/values of repeat r into their slots; pad tokens are dropped, never written."""
+    max_len = cache.k.shape[2]
+    t = k_bthd.shape[1]
+    pos_bt = ctx.starts_b[:, None] + jnp.arange(t)[None, :]
+    pos_bt = jnp.where(jnp.arange(t)[None, :] < ctx.lengths_b[:, None], pos_bt, max_len)
+    rows_b1 = ctx.row_ids()[:, None]
+    return AttnCache(cache.k.at[r, rows_b1, pos_bt].set(k_bthd.astype(cache.k.dtype), mode="drop"),
+                     cache.v.at[r, rows_b1, pos_bt].set(v_bthd.astype(cache.v.dtype), mode="drop"))
 
 
 class Attention(nnx.Module):
@@ -42,7 +66,8 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
         self.output_gate = cfg.attn_output_gate
 
-    def __call__(self, x_btd: jax.Array, cos_btr: jax.Array, sin_btr: jax.Array, lengths_b: jax.Array) -> jax.Array:
+    def __call__(self, x_btd: jax.Array, ctx: ForwardContext, cache: AttnCache | None = None,
+                 r: jax.Array | int = 0) -> tuple[jax.Array, AttnCache | None]:
         b, t, _ = x_btd.shape
         q = self.q_proj(x_btd)
         gate_bthd = None
@@ -54,10 +79,16 @@ class Attention(nnx.Module):
         v_bthd = self.v_proj(x_btd).reshape(b, t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q_bthd, k_bthd = self.q_norm(q_bthd), self.k_norm(k_bthd)
-        q_bthd = apply_rotary(q_bthd, cos_btr, sin_btr)
-        k_bthd = apply_rotary(k_bthd, cos_btr, sin_btr)
+        q_bthd = apply_rotary(q_bthd, ctx.cos_btr, ctx.sin_btr)
+        k_bthd = apply_rotary(k_bthd, ctx.cos_btr, ctx.sin_btr)
 
-        out_bthd = causal_attention(q_bthd, k_bthd, v_bthd, lengths_b)
+        if cache is not None:
+            cache = write_kv(cache, r, k_bthd, v_bthd, ctx)
+        if ctx.fresh:
+            out_bthd = causal_attention(q_bthd, k_bthd, v_bthd, ctx.lengths_b)
+        else:
+            rows = ctx.row_index()
+            out_bthd = cached_attention(q_bthd, cache.k[r][rows], cache.v[r][rows], ctx)
         if gate_bthd is not None:
             out_bthd = out_bthd * jax.nn.sigmoid(gate_bthd)
-        return self.o_proj(out_bthd.reshape(b, t, self.num_heads * self.head_dim))
+        return self.o_proj(out_bthd.reshape(b, t, self.num_heads * self.head_dim)), cache

@@ -12,8 +12,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from qwenvl_jax.cache import LayerCache
 from qwenvl_jax.config import TextConfig
 from qwenvl_jax.models.attention import Attention
+from qwenvl_jax.models.context import ForwardContext, full_sequence_context
 from qwenvl_jax.models.gated_deltanet import GatedDeltaNet
 from qwenvl_jax.models.layers import Embedding, GatedMLP, RMSNorm
 from qwenvl_jax.models.moe import SparseMoeBlock
@@ -46,14 +48,12 @@ class DecoderLayer(nnx.Module):
             self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, bias=False, act="silu", dtype=dtype,
                                 rngs=rngs)
 
-    def __call__(self, x_btd: jax.Array, cos_btr: jax.Array, sin_btr: jax.Array, lengths_b: jax.Array) -> jax.Array:
-        h = self.input_layernorm(x_btd)
-        if self.self_attn is not None:
-            h = self.self_attn(h, cos_btr, sin_btr, lengths_b)
-        else:
-            h, _ = self.linear_attn(h, lengths_b)
+    def __call__(self, x_btd: jax.Array, ctx: ForwardContext, cache: LayerCache | None = None,
+                 r: jax.Array | int = 0) -> tuple[jax.Array, LayerCache | None]:
+        mixer = self.self_attn if self.self_attn is not None else self.linear_attn
+        h, cache = mixer(self.input_layernorm(x_btd), ctx, cache, r)
         x_btd = x_btd + h
-        return x_btd + self.mlp(self.post_attention_layernorm(x_btd))
+        return x_btd + self.mlp(self.post_attention_layernorm(x_btd)), cache
 
 
 def _stacked_layers(cfg: TextConfig, kind: LayerKind, count: int, dtype: jnp.dtype, rngs: nnx.Rngs) -> DecoderLayer:
@@ -95,9 +95,23 @@ class TextModel(nnx.Module):
         lengths_b: jax.Array,
         deepstack_lbtd: jax.Array | None = None,
     ) -> jax.Array:
-        """Hidden states after the final norm. ``deepstack_lbtd[i]`` is added after layer i (Qwen3-VL)."""
+        """Cache-free forward over whole right-padded rows: hidden states after the final norm.
+
+        ``deepstack_lbtd[i]`` is added after layer i (Qwen3-VL DeepStack)."""
         cos, sin = mrope_cos_sin(positions_3bt, self.cfg)
+        hidden, _ = self.forward(embeds_btd, full_sequence_context(cos, sin, lengths_b), None, deepstack_lbtd)
+        return hidden
+
+    def forward(
+        self,
+        embeds_btd: jax.Array,
+        ctx: ForwardContext,
+        caches: tuple[LayerCache, ...] | None,
+        deepstack_lbtd: jax.Array | None = None,
+    ) -> tuple[jax.Array, tuple[LayerCache, ...] | None]:
+        """Runs every layer, reading and writing ``caches`` (layout of ``qwenvl_jax.cache``) when given."""
         n_deep = 0 if deepstack_lbtd is None else deepstack_lbtd.shape[0]
+        caches = caches if caches is not None else (None,) * (self.period + len(self.tail))
 
         def add_deepstack(x: jax.Array, layer_idx: jax.Array | int) -> jax.Array:
             if not n_deep:
@@ -107,14 +121,22 @@ class TextModel(nnx.Module):
 
         graphdefs, states = zip(*(nnx.split(g) for g in self.groups))
 
-        def body(x: jax.Array, xs: tuple) -> tuple[jax.Array, None]:
+        # Caches ride in the loop carry (updated in place at repeat r), parameters are the scanned input.
+        def body(carry: tuple, xs: tuple) -> tuple[tuple, None]:
+            x, group_caches = carry
             repeat, layer_states = xs
+            new_caches = []
             for j, (gd, st) in enumerate(zip(graphdefs, layer_states)):
-                x = nnx.merge(gd, st)(x, cos, sin, lengths_b)
+                x, c = nnx.merge(gd, st)(x, ctx, group_caches[j], repeat)
+                new_caches.append(c)
                 x = add_deepstack(x, repeat * self.period + j)
-            return x, None
+            return (x, tuple(new_caches)), None
 
-        x, _ = jax.lax.scan(body, embeds_btd, (jnp.arange(self.n_repeats), tuple(states)))
+        (x, group_caches), _ = jax.lax.scan(
+            body, (embeds_btd, caches[: self.period]), (jnp.arange(self.n_repeats), tuple(states)))
+        tail_caches = []
         for i, layer in enumerate(self.tail):
-            x = add_deepstack(layer(x, cos, sin, lengths_b), self.period * self.n_repeats + i)
-        return self.norm(x)
+            x, c = layer(x, ctx, caches[self.period + i], 0)
+            tail_caches.append(c)
+            x = add_deepstack(x, self.period * self.n_repeats + i)
+        return self.norm(x), tuple(group_caches) + tuple(tail_caches)

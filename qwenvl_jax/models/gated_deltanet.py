@@ -12,7 +12,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pallas_kernels.gated_delta_rule import gated_delta_rule
+from qwenvl_jax.cache import GdnCache
 from qwenvl_jax.config import TextConfig
+from qwenvl_jax.models.context import ForwardContext
 from qwenvl_jax.models.layers import Linear, _normal
 
 
@@ -74,9 +76,20 @@ class GatedDeltaNet(nnx.Module):
         return (jnp.zeros((batch, k - 1, c), dtype),
                 jnp.zeros((batch, self.value_heads, self.key_dim, self.value_dim), jnp.float32))
 
-    def __call__(
+    def __call__(self, x_btd: jax.Array, ctx: ForwardContext, cache: GdnCache | None = None,
+                 r: jax.Array | int = 0) -> tuple[jax.Array, GdnCache | None]:
+        rows = ctx.row_index()
+        state = None if ctx.fresh or cache is None else (cache.conv[r][rows], cache.recurrent[r][rows])
+        out, (conv, recurrent) = self.mix(x_btd, ctx.lengths_b, state)
+        if cache is not None:
+            cache = GdnCache(cache.conv.at[r, rows].set(conv.astype(cache.conv.dtype)),
+                             cache.recurrent.at[r, rows].set(recurrent))
+        return out, cache
+
+    def mix(
         self, x_btd: jax.Array, lengths_b: jax.Array, state: tuple[jax.Array, jax.Array] | None = None
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """The mixer on right-padded rows from ``state`` (zeros if None): (output, (conv, recurrent) after)."""
         b, t, _ = x_btd.shape
         conv_state, recurrent_state = state if state is not None else self.init_state(b, x_btd.dtype)
 

@@ -1,0 +1,423 @@
+"""Compiled prefill/decode programs over device-resident, donated decode state, and the host loop that drives them.
+
+A fixed set of programs (prefill per prompt-length bucket, decode per batch bucket) is compiled once at warm-up and
+then replayed: XLA's executables are our CUDA-graph capture/replay. The decode state (``qwenvl_jax.cache``) is
+donated into every call and updated in place; a decode call runs K steps with sampling and stop checks on the
+device, and the host dispatches the next call before it reads the previous call's tokens.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import time
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qwenvl_jax.cache import AttnCache, DecodeState, init_layer_caches, tree_bytes
+from qwenvl_jax.models.context import ForwardContext
+from qwenvl_jax.models.model import QwenVLModel
+from qwenvl_jax.models.multimodal import fuse_vision
+from pallas_kernels.vision_rotary import vision_rotary_tables
+from qwenvl_jax.models.vision import ROTARY_THETA, prepare_vision_inputs
+from qwenvl_jax.models.rope import mrope_cos_sin
+from qwenvl_jax.sampling import SamplingArrays, SamplingParams, mark_seen, request_keys, sample, sampling_arrays
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    max_batch: int = 1  # concurrent requests (decode slots)
+    max_len: int = 2048  # prompt + generated tokens per request
+    prompt_buckets: tuple[int, ...] = (64, 256, 1024)  # prefill lengths; longer prompts are prefilled in chunks
+    decode_steps: int = 16  # tokens per decode call
+    batch_buckets: tuple[int, ...] = ()  # decode batch sizes; default: powers of two up to max_batch
+    vision_buckets: tuple[int, ...] = (256, 1024, 4096)  # vision patches per request (powers of two beyond)
+    vision_table_rows: int = 128  # 2D rotary table rows: grids up to this many patches a side share one program
+    chunked_prefill: bool = True  # prompts longer than the largest bucket: prefill in chunks (else an error)
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1 or self.max_len < 2 or self.decode_steps < 1:
+            raise ValueError(f"invalid engine config {self}")
+        if not self.prompt_buckets or any(b < 1 for b in self.prompt_buckets):
+            raise ValueError(f"prompt_buckets must be positive lengths, got {self.prompt_buckets}")
+        if max(self.prompt_buckets) > self.max_len:
+            raise ValueError(f"prompt bucket {max(self.prompt_buckets)} exceeds max_len {self.max_len}")
+        if any(b < 4 or b & (b - 1) for b in self.vision_buckets):
+            raise ValueError(f"vision_buckets must be powers of two >= 4, got {self.vision_buckets}")
+
+    @property
+    def decode_buckets(self) -> tuple[int, ...]:
+        if self.batch_buckets:
+            return tuple(sorted(set(self.batch_buckets) | {self.max_batch}))
+        sizes = [1 << i for i in range(self.max_batch.bit_length()) if 1 << i < self.max_batch]
+        return tuple(sizes + [self.max_batch])
+
+
+@dataclasses.dataclass
+class Request:
+    """One prompt, tokenised, with its mRoPE positions (host numpy)."""
+
+    input_ids: np.ndarray  # [T] int
+    positions: np.ndarray  # [3, T] int (text-only: arange in every row)
+    rope_delta: int
+    sampling: SamplingParams
+    max_new_tokens: int
+    vision: VisionPayload | None = None
+
+
+@dataclasses.dataclass
+class VisionPayload:
+    """A request's images/videos: packed patches, their grids (images then videos) and where each merged
+    vision token sits in the prompt (the order in which the tower emits them)."""
+
+    pixel_patches: np.ndarray  # [N, patch_dim] float32
+    grids_thw: np.ndarray  # [n, 3] int
+    dest_t: np.ndarray  # [N / merge^2] int32 prompt index of each merged token
+
+
+@dataclasses.dataclass
+class TokenEvent:
+    request_index: int
+    tokens: list[int]
+    finished: bool
+    finish_reason: str | None  # "stop" (eos), "length" (max_new_tokens or max_len), None while running
+
+
+# ----------------------------------------------------------------------------------------------- device programs
+
+
+def _set_rows(x: jax.Array, rows: jax.Array | int, value: jax.Array) -> jax.Array:
+    index = slice(0, rows) if isinstance(rows, int) else rows
+    return x.at[index].set(value)
+
+
+def _get_rows(x: jax.Array, rows: jax.Array | int) -> jax.Array:
+    return x[:rows] if isinstance(rows, int) else x[rows]
+
+
+def _select(pred_s: jax.Array, new, old):
+    return jax.tree_util.tree_map(
+        lambda n, o: jnp.where(pred_s.reshape(pred_s.shape + (1,) * (n.ndim - 1)), n, o), new, old)
+
+
+def _step_keys(state: DecodeState, rows: jax.Array | int, step_s: jax.Array) -> jax.Array:
+    # A request's stream depends only on its seed and token index, not on its batch neighbours.
+    return jax.vmap(jax.random.fold_in)(_get_rows(state.keys, rows), step_s)
+
+
+def prefill_program(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, ids_bt: jax.Array,
+                    positions_3bt: jax.Array, lengths_b: jax.Array, starts_b: jax.Array, slots_b: jax.Array,
+                    rope_delta_b: jax.Array, sampling_b: SamplingArrays, keys_b: jax.Array, max_new_b: jax.Array,
+                    eos_e: jax.Array, vision: tuple | None, *, fresh: bool, final: bool
+                    ) -> tuple[DecodeState, jax.Array]:
+    """Runs one prompt chunk per row into its slot. The final chunk samples the first token and arms the slot.
+
+    ``vision``: (visual_md, deepstack_kmd or None, dest_m) with dest_m the flat chunk index of each vision token
+    (out of range: not in this chunk, dropped)."""
+    model: QwenVLModel = nnx.merge(graphdef, params)
+    lm = model.language_model
+    cos, sin = mrope_cos_sin(positions_3bt, lm.cfg)
+    ctx = ForwardContext(cos, sin, lengths_b, starts_b, slots_b, fresh)
+    embeds_btd, deepstack_lbtd = lm.embed_tokens(ids_bt), None
+    if vision is not None:
+        embeds_btd, deepstack_lbtd = fuse_vision(embeds_btd, *vision)
+    hidden_btd, layers = lm.forward(embeds_btd, ctx, state.layers, deepstack_lbtd)
+
+    t = ids_bt.shape[1]
+    valid_bt = jnp.arange(t)[None, :] < lengths_b[:, None]
+    seen_b = jnp.zeros((slots_b.shape[0], state.seen.shape[1]), bool) if fresh else state.seen[slots_b]
+    seen_b = mark_seen(seen_b, ids_bt, valid_bt)
+    lengths_after = starts_b + lengths_b
+    state = state._replace(layers=layers, seen=state.seen.at[slots_b].set(seen_b),
+                           lengths=state.lengths.at[slots_b].set(lengths_after))
+    if not final:
+        return state, jnp.full(slots_b.shape, -1, jnp.int32)
+
+    last_bd = hidden_btd[jnp.arange(ids_bt.shape[0]), lengths_b - 1]
+    logits_bv = model.lm_logits(last_bd).astype(jnp.float32)
+    step_keys = jax.vmap(jax.random.fold_in)(keys_b, lengths_after)
+    token_b = sample(logits_bv, sampling_b, step_keys, seen_b)
+    stopped_b = jnp.isin(token_b, eos_e) | (max_new_b <= 1) | (lengths_after + 1 >= _cache_len(state))
+    state = state._replace(
+        seen=state.seen.at[slots_b].set(mark_seen(seen_b, token_b[:, None])),
+        rope_delta=state.rope_delta.at[slots_b].set(rope_delta_b),
+        next_token=state.next_token.at[slots_b].set(token_b),
+        active=state.active.at[slots_b].set(~stopped_b),
+        remaining=state.remaining.at[slots_b].set(max_new_b - 1),
+        keys=state.keys.at[slots_b].set(keys_b),
+        sampling=jax.tree_util.tree_map(lambda s, v: s.at[slots_b].set(v), state.sampling, sampling_b),
+    )
+    return state, token_b
+
+
+def vision_program(graphdef: nnx.GraphDef, params: nnx.State, patches_nd: jax.Array, vision_inputs
+                   ) -> tuple[jax.Array, jax.Array | None]:
+    return nnx.merge(graphdef, params).visual(patches_nd, vision_inputs)
+
+
+def _cache_len(state: DecodeState) -> int:
+    """Positions per slot: a request holds at most this many tokens (prompt + generated)."""
+    return next(c.k.shape[2] for c in state.layers if isinstance(c, AttnCache))
+
+
+def decode_program(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, host_active_s: jax.Array,
+                   eos_e: jax.Array, *, steps: int, rows: int) -> tuple[DecodeState, jax.Array]:
+    """``steps`` decode steps for slots [0, rows): tokens [steps, rows] (-1 where a slot emitted nothing)."""
+    model: QwenVLModel = nnx.merge(graphdef, params)
+    lm = model.language_model
+    max_len = _cache_len(state)
+    sampling = jax.tree_util.tree_map(lambda x: x[:rows], state.sampling)
+
+    def step(k: int, carry: tuple[DecodeState, jax.Array]) -> tuple[DecodeState, jax.Array]:
+        state, out_ks = carry
+        active_s = state.active[:rows] & host_active_s[:rows]
+        token_s = state.next_token[:rows]
+        start_s = state.lengths[:rows]
+        pos_s = start_s + state.rope_delta[:rows]
+        cos, sin = mrope_cos_sin(jnp.broadcast_to(pos_s[None, :, None], (3, rows, 1)), lm.cfg)
+        ctx = ForwardContext(cos, sin, active_s.astype(jnp.int32), start_s, rows, False)
+        hidden, layers = lm.forward(lm.embed_tokens(token_s[:, None]), ctx, state.layers)
+        logits_sv = model.lm_logits(hidden[:, 0]).astype(jnp.float32)
+        seen_sv = state.seen[:rows]
+        new_s = sample(logits_sv, sampling, _step_keys(state, rows, start_s + 1), seen_sv)
+
+        lengths_s = start_s + active_s
+        remaining_s = state.remaining[:rows] - active_s
+        done_s = jnp.isin(new_s, eos_e) | (remaining_s <= 0) | (lengths_s + 1 >= max_len)
+        state = state._replace(
+            layers=layers,
+            lengths=state.lengths.at[:rows].set(lengths_s),
+            remaining=state.remaining.at[:rows].set(remaining_s),
+            next_token=state.next_token.at[:rows].set(jnp.where(active_s, new_s, token_s)),
+            active=state.active.at[:rows].set(active_s & ~done_s),
+            seen=state.seen.at[:rows].set(mark_seen(seen_sv, new_s[:, None], active_s[:, None])),
+        )
+        return state, out_ks.at[k].set(jnp.where(active_s, new_s, -1))
+
+    out = jnp.full((steps, rows), -1, jnp.int32)
+    return jax.lax.fori_loop(0, steps, step, (state, out))
+
+
+# ----------------------------------------------------------------------------------------------- host side
+
+
+class Engine:
+    """Owns the decode state and the compiled programs of one model; runs requests to completion."""
+
+    def __init__(self, graphdef: nnx.GraphDef, params: nnx.State, model: QwenVLModel,
+                 config: EngineConfig = EngineConfig(), eos_ids: Sequence[int] = ()):
+        self.config = config
+        if len(eos_ids) > 8:
+            raise ValueError(f"at most 8 end-of-sequence ids, got {list(eos_ids)}")
+        self.eos_ids = tuple(int(i) for i in eos_ids)
+        # Fixed length so the stop set is data, not shape.
+        self._eos = np.array(list(self.eos_ids) + [-1] * (8 - len(self.eos_ids)), np.int32)
+        self.graphdef, self.params = graphdef, params
+        text = model.language_model
+        self.vocab_size = text.cfg.vocab_size
+        self.scratch_slot = config.max_batch  # warm-up writes here, never into a request's slot
+        slots = config.max_batch + 1
+        dtype = text.embed_tokens.weight.get_value().dtype
+        self.state = DecodeState(
+            layers=init_layer_caches(text, slots, config.max_len, dtype),
+            lengths=jnp.zeros(slots, jnp.int32), rope_delta=jnp.zeros(slots, jnp.int32),
+            next_token=jnp.zeros(slots, jnp.int32), active=jnp.zeros(slots, bool),
+            remaining=jnp.zeros(slots, jnp.int32), keys=request_keys([0] * slots),
+            seen=jnp.zeros((slots, self.vocab_size), bool),
+            sampling=jax.tree_util.tree_map(jnp.asarray, sampling_arrays([], slots)),
+        )
+        self._prefill = jax.jit(prefill_program, static_argnums=0, static_argnames=("fresh", "final"),
+                                donate_argnums=2)
+        self._decode = jax.jit(decode_program, static_argnums=0, static_argnames=("steps", "rows"), donate_argnums=2)
+        self._vision = jax.jit(vision_program, static_argnums=0)
+        self._cancelled: set[int] = set()
+        self.warm = False
+        self.vision_cfg = model.cfg.vision
+        self.compile_seconds = 0.0
+
+    @property
+    def state_bytes(self) -> int:
+        return tree_bytes(self.state)
+
+    def compiled_programs(self) -> int:
+        """How many executables the two programs hold (a steady-state workload must not change this)."""
+        return self._prefill._cache_size() + self._decode._cache_size() + self._vision._cache_size()
+
+    # ---- warm-up: compile every bucket, touching only the scratch slot
+    def warmup(self, progress: bool = True, vision: bool = True) -> float:
+        """Compiles every program the config can call (vision ones too unless ``vision=False``); returns seconds."""
+        from tqdm.auto import tqdm
+
+        t0 = time.perf_counter()
+        cfg = self.config
+        variants = [(b, True, True) for b in cfg.prompt_buckets]
+        big = max(cfg.prompt_buckets)
+        if cfg.chunked_prefill:
+            variants += [(big, True, False), (big, False, False), (big, False, True)]
+        scratch = Request(np.zeros(1, np.int32), np.zeros((3, 1), np.int32), 0, SamplingParams(), 1)
+        requests = [(scratch, v) for v in variants]
+        if self.vision_cfg is not None and vision:
+            merge = self.vision_cfg.spatial_merge_size
+            for n in cfg.vision_buckets:
+                tokens = n // merge**2
+                payload = VisionPayload(np.zeros((n, self.vision_cfg.patch_dim), np.float32),
+                                        np.array([[tokens, merge, merge]]), np.arange(tokens, dtype=np.int32))
+                with_vision = dataclasses.replace(scratch, vision=payload)
+                # A prompt holds all its vision tokens, so only buckets that fit them (or chunking) can occur.
+                requests += [(with_vision, v) for v in variants if v[0] >= tokens or v[0] == big]
+        bar = tqdm(total=len(requests) + len(cfg.decode_buckets), desc="warm-up", disable=not progress)
+        for req, (bucket, fresh, final) in requests:
+            embeds = self._vision_embeds(req.vision) if req.vision is not None else None
+            self._run_prefill(req, self.scratch_slot, 0, bucket, fresh, final, embeds)
+            bar.update()
+        for rows in cfg.decode_buckets:
+            self.state, out = self._decode(self.graphdef, self.params, self.state,
+                                           np.zeros(cfg.max_batch + 1, bool), self._eos,
+                                           steps=cfg.decode_steps, rows=rows)
+            bar.update()
+        jax.block_until_ready(self.state)
+        bar.close()
+        self.compile_seconds = time.perf_counter() - t0
+        self.warm = True
+        return self.compile_seconds
+
+    def cancel(self, request_index: int) -> None:
+        """Ends a request of the running ``run()`` (e.g. on a stop string); its slot is freed before the next call."""
+        self._cancelled.add(request_index)
+
+    def _vision_embeds(self, payload: VisionPayload) -> tuple:
+        """Runs the vision tower on a request's patches, padded to a patch bucket by an extra grid of
+        merge x merge frames: it attends only to itself and its tokens are dropped at the scatter."""
+        v = self.vision_cfg
+        n = len(payload.pixel_patches)
+        bucket = next((b for b in sorted(self.config.vision_buckets) if b >= n), 1 << (n - 1).bit_length())
+        unit = v.spatial_merge_size ** 2
+        grids = np.asarray(payload.grids_thw)
+        if bucket > n:
+            grids = np.concatenate([grids, [[(bucket - n) // unit, v.spatial_merge_size, v.spatial_merge_size]]])
+        vision_inputs = prepare_vision_inputs(v, grids)
+        rows = max(self.config.vision_table_rows, 1 << (int(grids[:, 1:].max()) - 1).bit_length())
+        cos, sin = vision_rotary_tables(v.head_dim, rows, ROTARY_THETA)
+        vision_inputs = vision_inputs._replace(cos_table=cos, sin_table=sin)
+        patches = np.zeros((bucket, v.patch_dim), np.float32)
+        patches[:n] = payload.pixel_patches
+        visual_md, deepstack_kmd = self._vision(self.graphdef, self.params, patches, vision_inputs)
+        dest = np.full(bucket // unit, np.iinfo(np.int32).max, np.int64)
+        dest[: len(payload.dest_t)] = payload.dest_t
+        return visual_md, deepstack_kmd, dest
+
+    def _run_prefill(self, req: Request, slot: int, start: int, bucket: int, fresh: bool, final: bool,
+                     vision: tuple | None = None) -> jax.Array:
+        chunk_vision = None
+        if vision is not None:
+            visual_md, deepstack_kmd, dest = vision
+            # Chunk-relative positions; tokens of other chunks point past the chunk and are dropped.
+            local = np.where((dest >= start) & (dest < start + bucket), dest - start, bucket).astype(np.int32)
+            chunk_vision = (visual_md, deepstack_kmd, local)
+        n = min(bucket, len(req.input_ids) - start)
+        ids = np.zeros((1, bucket), np.int32)
+        ids[0, :n] = req.input_ids[start : start + n]
+        pos = np.zeros((3, 1, bucket), np.int32)
+        pos[:, 0, :n] = req.positions[:, start : start + n]
+        self.state, token = self._prefill(
+            self.graphdef, self.params, self.state, ids, pos, np.array([n], np.int32), np.array([start], np.int32),
+            np.array([slot], np.int32), np.array([req.rope_delta], np.int32), sampling_arrays([req.sampling]),
+            request_keys([req.sampling.seed]), np.array([req.max_new_tokens], np.int32), self._eos, chunk_vision,
+            fresh=fresh, final=final)
+        return token
+
+    def _prefill_request(self, req: Request, slot: int) -> jax.Array:
+        """Prefill in one bucket if it fits, else in chunks of the largest bucket; returns the first token."""
+        t = len(req.input_ids)
+        vision = self._vision_embeds(req.vision) if req.vision is not None else None
+        fits = [b for b in self.config.prompt_buckets if b >= t]
+        if fits:
+            return self._run_prefill(req, slot, 0, min(fits), True, True, vision)
+        chunk = max(self.config.prompt_buckets)
+        token = None
+        for start in range(0, t, chunk):
+            token = self._run_prefill(req, slot, start, chunk, start == 0, start + chunk >= t, vision)
+        return token
+
+    def validate(self, req: Request) -> None:
+        t = len(req.input_ids)
+        if t == 0:
+            raise ValueError("the prompt is empty")
+        if t + 1 > self.config.max_len:
+            raise ValueError(f"the prompt has {t} tokens but the engine's max_len is {self.config.max_len} "
+                             "(prompt + at least one new token must fit)")
+        if t > max(self.config.prompt_buckets) and not self.config.chunked_prefill:
+            raise ValueError(f"the prompt has {t} tokens, more than the largest prompt bucket "
+                             f"{max(self.config.prompt_buckets)}, and chunked prefill is off")
+        if req.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {req.max_new_tokens}")
+        if req.input_ids.min() < 0 or req.input_ids.max() >= self.vocab_size:
+            raise ValueError(f"prompt holds token ids outside the vocabulary [0, {self.vocab_size})")
+
+    # ---- the loop
+    def run(self, requests: Sequence[Request]) -> Iterator[TokenEvent]:
+        """Generates for every request (continuous batching over ``max_batch`` slots); yields token events in
+        order. Steady state performs no compilation and no device->host transfer but the token ids."""
+        for req in requests:
+            self.validate(req)
+        cfg = self.config
+        pending = collections.deque(enumerate(requests))
+        slot_req: dict[int, int] = {}  # slot -> request index
+        produced = collections.Counter()
+        host_active = np.zeros(cfg.max_batch + 1, bool)
+        inflight: collections.deque = collections.deque()
+
+        def finish(slot: int) -> None:
+            host_active[slot] = False
+            del slot_req[slot]
+
+        def handle(kind: str, tokens: np.ndarray, slots: Sequence[int]) -> Iterator[TokenEvent]:
+            rows = tokens.reshape(1, -1) if kind == "first" else tokens
+            for col, slot in enumerate(slots):
+                i = slot_req.get(slot)
+                if i is None:
+                    continue
+                req = requests[i]
+                new, reason = [], None
+                for tok in rows[:, col]:
+                    if tok < 0:
+                        break
+                    new.append(int(tok))
+                    produced[i] += 1
+                    if tok in self.eos_ids:
+                        reason = "stop"
+                    elif produced[i] >= req.max_new_tokens or len(req.input_ids) + produced[i] >= cfg.max_len:
+                        reason = "length"
+                    if reason:
+                        break
+                if reason:
+                    finish(slot)
+                if new or reason:
+                    yield TokenEvent(i, new, reason is not None, reason)
+
+        self._cancelled.clear()
+        while pending or slot_req or inflight:
+            for slot in [s for s, i in slot_req.items() if i in self._cancelled]:
+                finish(slot)
+            while pending and len(slot_req) < cfg.max_batch:
+                i, req = pending.popleft()
+                slot = min(set(range(cfg.max_batch)) - set(slot_req))
+                slot_req[slot] = i
+                host_active[slot] = True
+                inflight.append(("first", self._prefill_request(req, slot), [slot]))
+            if slot_req:
+                rows = min(b for b in cfg.decode_buckets if b > max(slot_req))
+                self.state, out = self._decode(self.graphdef, self.params, self.state, host_active.copy(), self._eos,
+                                               steps=cfg.decode_steps, rows=rows)
+                inflight.append(("decode", out, list(range(rows))))
+            # Keep one call queued on the device while the host reads the one before it.
+            while inflight and (len(inflight) > 1 or not slot_req):
+                kind, out, slots = inflight.popleft()
+                with jax.transfer_guard_device_to_host("allow"):
+                    tokens = np.asarray(out)
+                yield from handle(kind, tokens, slots)

@@ -1,0 +1,195 @@
+"""``generate()``: prompts, chat messages or token ids (+ images / videos) in, text and token ids out.
+
+Host work per request: chat template, image/video preprocessing, mRoPE positions; then the engine runs it. With
+``stream=True`` text deltas are yielded as tokens arrive (never splitting a multi-byte character).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from qwenvl_jax.detokenize import StreamingDetokenizer
+from qwenvl_jax.engine import Request, VisionPayload
+from qwenvl_jax.models.multimodal import prepare_multimodal
+from qwenvl_jax.models.rope_index import get_rope_index
+from qwenvl_jax.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from qwenvl_jax.qwenvl import QwenVL
+
+
+@dataclasses.dataclass
+class GenerationStats:
+    prompt_tokens: int
+    new_tokens: int
+    ttft_s: float  # request submitted -> first token on the host
+    prefill_tok_s: float  # prompt tokens / time to first token
+    decode_tok_s: float  # new tokens after the first / time after the first token
+    compile_s: float  # warm-up compilation spent inside this call (0 once warm)
+    total_s: float
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (end-of-sequence token or a stop string) or "length"
+    stats: GenerationStats
+
+
+def _is_conversation(x: Any) -> bool:
+    return isinstance(x, Sequence) and not isinstance(x, str) and bool(x) and isinstance(x[0], Mapping)
+
+
+def _user_message(prompt: str, images: Sequence, videos: Sequence) -> list[dict]:
+    content = [{"type": "image", "image": im} for im in images] + [{"type": "video", "video": v} for v in videos]
+    return [{"role": "user", "content": content + [{"type": "text", "text": prompt}]}]
+
+
+def build_requests(model: QwenVL, prompts: Any, *, images: Sequence | None, videos: Sequence | None,
+                   input_ids: Sequence[Sequence[int]] | None, vision_arrays: Mapping[str, Any],
+                   sampling: SamplingParams, max_new_tokens: int) -> tuple[list[Request], bool]:
+    """(requests, batched): one request per prompt / conversation / row of ``input_ids``."""
+    cfg = model.config
+    if input_ids is not None:
+        if prompts is not None or images or videos:
+            raise ValueError("pass either input_ids (with HF-named vision arrays) or prompts/messages, not both")
+        rows = [np.asarray(r) for r in input_ids] if len(input_ids) and np.ndim(input_ids[0]) else [
+            np.asarray(input_ids)]
+        if len(rows) != 1 and any(v is not None for v in vision_arrays.values()):
+            raise ValueError("vision arrays with input_ids are supported for a single row")
+        return [_request(model, r, vision_arrays, sampling, max_new_tokens) for r in rows], len(rows) > 1 or \
+            (len(input_ids) > 0 and np.ndim(input_ids[0]) > 0)
+
+    if prompts is None:
+        raise ValueError("nothing to generate from: pass a prompt, chat messages or input_ids")
+    batched = not isinstance(prompts, str) and not _is_conversation(prompts)
+    items = list(prompts) if batched else [prompts]
+    if batched and (images or videos):
+        raise ValueError("images=/videos= go with a single prompt; in a batch put them in each conversation")
+    processor = model.processor
+    requests = []
+    for item in items:
+        messages = item if _is_conversation(item) else _user_message(str(item), images or [], videos or [])
+        out = processor(messages)
+        arrays = {k: getattr(out, k) for k in ("pixel_values", "image_grid_thw", "pixel_values_videos",
+                                                "video_grid_thw", "second_per_grid_ts")}
+        requests.append(_request(model, out.input_ids[0], arrays, sampling, max_new_tokens))
+    return requests, batched
+
+
+def _request(model: QwenVL, ids: np.ndarray, arrays: Mapping[str, Any], sampling: SamplingParams,
+             max_new_tokens: int) -> Request:
+    cfg = model.config
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"input_ids must be integer rows, got {ids.dtype} {ids.shape}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    ids_bt = ids[None].astype(np.int32)
+    real_bt = np.ones_like(ids_bt, bool)
+    mm = prepare_multimodal(cfg, ids_bt, real_bt, pixel_values=arrays.get("pixel_values"),
+                            image_grid_thw=arrays.get("image_grid_thw"),
+                            pixel_values_videos=arrays.get("pixel_values_videos"),
+                            video_grid_thw=arrays.get("video_grid_thw"), max_patches=model.max_vision_patches)
+    if mm is None:
+        positions = np.broadcast_to(np.arange(len(ids), dtype=np.int32), (3, len(ids))).copy()
+        return Request(ids.astype(np.int32), positions, 0, sampling, max_new_tokens)
+    positions, delta = get_rope_index(cfg, ids_bt, arrays.get("image_grid_thw"), arrays.get("video_grid_thw"),
+                                      arrays.get("second_per_grid_ts"))
+    grids = np.concatenate([np.asarray(arrays[k]).reshape(-1, 3) for k in ("image_grid_thw", "video_grid_thw")
+                            if arrays.get(k) is not None])
+    payload = VisionPayload(np.asarray(mm.pixel_patches_np, np.float32), grids, mm.dest_m)
+    return Request(ids.astype(np.int32), positions[:, 0].astype(np.int32), int(delta[0]), sampling,
+                   max_new_tokens, payload)
+
+
+def _stop_at(text: str, stop: Sequence[str]) -> int | None:
+    hits = [text.find(s) for s in stop if s and s in text]
+    return min(hits) if hits else None
+
+
+def generate(model: QwenVL, prompts: Any = None, *, images: Sequence | None = None, videos: Sequence | None = None,
+             input_ids: Sequence | None = None, pixel_values: np.ndarray | None = None,
+             image_grid_thw: np.ndarray | None = None, pixel_values_videos: np.ndarray | None = None,
+             video_grid_thw: np.ndarray | None = None, second_per_grid_ts: np.ndarray | None = None,
+             max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+             min_p: float = 0.0, repetition_penalty: float = 1.0, stop: Sequence[str] | str | None = None,
+             seed: int | None = None, stream: bool = False) -> GenerationResult | list[GenerationResult] | Iterator:
+    """See ``QwenVL.generate``."""
+    sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                              repetition_penalty=repetition_penalty, seed=seed)
+    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    arrays = dict(pixel_values=pixel_values, image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
+                  video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts)
+    requests, batched = build_requests(model, prompts, images=images, videos=videos, input_ids=input_ids,
+                                       vision_arrays=arrays, sampling=sampling, max_new_tokens=max_new_tokens)
+    events = _run(model, requests, stop)
+    if stream:
+        return _stream(events, batched)
+    *_, results = events
+    return results if batched else results[0]
+
+
+def _stream(events: Iterator, batched: bool) -> Iterator[str | tuple[int, str]]:
+    """Text deltas (``(request index, delta)`` for a batch); the generator's return value is the results."""
+    for item in events:
+        if isinstance(item, list):
+            return item if batched else item[0]
+        yield item if batched else item[1]
+
+
+def _run(model: QwenVL, requests: list[Request], stop: list[str]) -> Iterator:
+    """Yields (request index, text delta) as tokens arrive, then the list of GenerationResults."""
+    engine = model.engine()
+    t0 = time.perf_counter()
+    compile_s = 0.0 if engine.warm else engine.warmup(progress=False)
+    for req in requests:
+        engine.validate(req)
+    start = time.perf_counter()
+    tokenizer = model.tokenizer
+    detok = [StreamingDetokenizer(tokenizer) for _ in requests]
+    texts = [""] * len(requests)
+    ids: list[list[int]] = [[] for _ in requests]
+    first_at: list[float | None] = [None] * len(requests)
+    reasons: list[str | None] = [None] * len(requests)
+    done_at = [0.0] * len(requests)
+    for ev in engine.run(requests):
+        i = ev.request_index
+        if reasons[i] is not None:  # already ended by a stop string
+            continue
+        now = time.perf_counter()
+        if first_at[i] is None and ev.tokens:
+            first_at[i] = now
+        ids[i] += ev.tokens
+        delta = detok[i].push([t for t in ev.tokens if t not in engine.eos_ids])
+        if ev.finished:
+            delta += detok[i].finish()
+        cut = _stop_at(texts[i] + delta, stop) if stop else None
+        if cut is not None:
+            delta = (texts[i] + delta)[:cut][len(texts[i]):]
+            reasons[i] = "stop"
+            engine.cancel(i)
+        elif ev.finished:
+            reasons[i] = ev.finish_reason
+        texts[i] += delta
+        if reasons[i] is not None:
+            done_at[i] = now
+        if delta:
+            yield i, delta
+    results = []
+    for i, req in enumerate(requests):
+        ttft = (first_at[i] or start) - start
+        decode_s = done_at[i] - (first_at[i] or done_at[i])
+        stats = GenerationStats(
+            prompt_tokens=len(req.input_ids), new_tokens=len(ids[i]), ttft_s=ttft,
+            prefill_tok_s=len(req.input_ids) / ttft if ttft > 0 else float("inf"),
+            decode_tok_s=(len(ids[i]) - 1) / decode_s if decode_s > 0 else 0.0,
+            compile_s=compile_s, total_s=time.perf_counter() - t0)
+        results.append(GenerationResult(texts[i], ids[i], reasons[i] or "length", stats))
+    yield results
