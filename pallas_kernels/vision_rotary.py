@@ -51,37 +51,52 @@ def apply_vision_rotary_ref(
     return rotate(q), rotate(k)
 
 
+def _vector_width(head_dim: int) -> int:
+    """Elements per unit: the largest power of two (at most 8, i.e. 16 bytes of bf16) dividing head_dim / 2,
+    so that no unit straddles the two halves that rotate_half pairs up."""
+    half = head_dim // 2
+    return min(8, half & -half)
+
+
 def _next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def _rotary_kernel(pos_ref, cos_ref, sin_ref, q_ref, k_ref, q_out_ref, k_out_ref, *, block_n):
-    """Triton tiles must have power-of-two sizes, and ViT head dims (80, 72) and head counts are not:
-    indices past the end are clamped onto the last valid element rather than masked, so the spare lanes
-    re-load and re-store identical values (harmless, and no masked memory ops are needed)."""
-    num_tokens, num_heads, head_dim = q_ref.shape
-    half, quarter = head_dim // 2, head_dim // 4
-    heads_p, half_p = _next_pow2(num_heads), _next_pow2(half)
-    n_b = jnp.minimum(pl.program_id(0) * block_n + lax.broadcasted_iota(jnp.int32, (block_n,), 0), num_tokens - 1)
-    d_d = jnp.minimum(lax.broadcasted_iota(jnp.int32, (half_p,), 0), half - 1)
+def _rotary_kernel(pos_ref, cos_ref, sin_ref, q_ref, k_ref, q_out_ref, k_out_ref, *, block_heads, num_heads, head_dim):
+    """q/k are viewed as rows of `width` contiguous elements ("units"), so every load and store is one
+    contiguous vector even though ViT head dims (80, 72) are not powers of two, which Triton's tiles must be.
+    A program owns whole (token, head) pairs, both halves, [block_heads, units_per_half] units each: it reads
+    nothing another program writes, which makes the in-place (aliased) update race-free. Indices past the end
+    (the power-of-two padding of the tile) are clamped onto the last valid unit or head: those lanes reload and
+    rewrite identical values."""
+    num_units, width = q_ref.shape
+    units_per_half = head_dim // 2 // width
+    quarter = head_dim // 4
+    heads_total = num_units // (2 * units_per_half)
+    head_h = jnp.minimum(
+        pl.program_id(0) * block_heads + lax.broadcasted_iota(jnp.int32, (block_heads,), 0), heads_total - 1
+    )
+    unit_j = jnp.minimum(lax.broadcasted_iota(jnp.int32, (_next_pow2(units_per_half),), 0), units_per_half - 1)
+    lane_w = lax.broadcasted_iota(jnp.int32, (width,), 0)
+    shape = (block_heads, unit_j.shape[0], width)
 
-    # The first quarter of the angles follows the patch row, the second the column.
-    first = d_d[None, :] < quarter
-    row_bd = jnp.where(first, pos_ref[n_b, 0][:, None], pos_ref[n_b, 1][:, None])
-    col_bd = jnp.where(first, d_d[None, :], d_d[None, :] - quarter)
-    cos_b1d = cos_ref[row_bd, col_bd].astype(jnp.float32)[:, None, :]
-    sin_b1d = sin_ref[row_bd, col_bd].astype(jnp.float32)[:, None, :]
+    # Angle index within the half: the first quarter of head_dim follows the patch row, the next the column.
+    token_h = head_h // num_heads
+    d_jw = unit_j[:, None] * width + lane_w[None, :]
+    row_first = d_jw < quarter
+    table_row = jnp.where(row_first[None], pos_ref[token_h, 0][:, None, None], pos_ref[token_h, 1][:, None, None])
+    table_col = jnp.broadcast_to(jnp.where(row_first, d_jw, d_jw - quarter)[None], shape)
+    cos_hjw = cos_ref[table_row, table_col].astype(jnp.float32)
+    sin_hjw = sin_ref[table_row, table_col].astype(jnp.float32)
 
-    shape = (block_n, heads_p, half_p)
-    n_bhd = jnp.broadcast_to(n_b[:, None, None], shape)
-    h_bhd = jnp.broadcast_to(jnp.minimum(lax.broadcasted_iota(jnp.int32, (heads_p,), 0), num_heads - 1)[None, :, None], shape)
-    lo_bhd = jnp.broadcast_to(d_d[None, None, :], shape)
-    hi_bhd = lo_bhd + half
+    lo_rows = jnp.broadcast_to((head_h * (2 * units_per_half))[:, None, None] + unit_j[None, :, None], shape)
+    hi_rows = lo_rows + units_per_half
+    lanes = jnp.broadcast_to(lane_w[None, None, :], shape)
     for x_ref, out_ref in ((q_ref, q_out_ref), (k_ref, k_out_ref)):
-        x_lo = x_ref[n_bhd, h_bhd, lo_bhd].astype(jnp.float32)
-        x_hi = x_ref[n_bhd, h_bhd, hi_bhd].astype(jnp.float32)
-        out_ref[n_bhd, h_bhd, lo_bhd] = (x_lo * cos_b1d - x_hi * sin_b1d).astype(out_ref.dtype)
-        out_ref[n_bhd, h_bhd, hi_bhd] = (x_hi * cos_b1d + x_lo * sin_b1d).astype(out_ref.dtype)
+        x_lo = x_ref[lo_rows, lanes].astype(jnp.float32)
+        x_hi = x_ref[hi_rows, lanes].astype(jnp.float32)
+        out_ref[lo_rows, lanes] = (x_lo * cos_hjw - x_hi * sin_hjw).astype(out_ref.dtype)
+        out_ref[hi_rows, lanes] = (x_hi * cos_hjw + x_lo * sin_hjw).astype(out_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("block_elems", "num_warps", "interpret"))
@@ -92,24 +107,31 @@ def apply_vision_rotary_pallas(
     cos_table: jax.Array,
     sin_table: jax.Array,
     *,
-    block_elems: int = 4096,
+    block_elems: int = 2048,
     num_warps: int = 4,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
-    """The fused kernel; block_elems bounds the half-tile (tokens x heads x head_dim/2) per program."""
+    """The fused kernel. q and k are rotated in place (aliased outputs): inside a jit where they are
+    intermediates no memory is allocated, and a caller that still needs the originals gets a copy from XLA.
+    block_elems (a power of two) bounds the padded half-tile, heads x units x width, per program."""
     num_tokens, num_heads, head_dim = q.shape
     if head_dim % 4 or k.shape != q.shape:
         raise ValueError(f"q and k must match and head_dim be divisible by 4, got {q.shape}, {k.shape}")
-    per_token = _next_pow2(num_heads) * _next_pow2(head_dim // 2)
-    block_n = max(1, min(block_elems // per_token, _next_pow2(num_tokens)))
-    return pl.pallas_call(
-        functools.partial(_rotary_kernel, block_n=block_n),
-        grid=(pl.cdiv(num_tokens, block_n),),
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype)],
+    width = _vector_width(head_dim)
+    num_units = q.size // width
+    per_head = _next_pow2(head_dim // 2 // width) * width
+    block_heads = max(1, min(block_elems // per_head, _next_pow2(num_tokens * num_heads)))
+    kernel = functools.partial(_rotary_kernel, block_heads=block_heads, num_heads=num_heads, head_dim=head_dim)
+    q_rot, k_rot = pl.pallas_call(
+        kernel,
+        grid=(pl.cdiv(num_tokens * num_heads, block_heads),),
+        out_shape=[jax.ShapeDtypeStruct((num_units, width), q.dtype), jax.ShapeDtypeStruct((num_units, width), k.dtype)],
+        input_output_aliases={3: 0, 4: 1},
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name="vision_rotary",
-    )(jnp.asarray(pos_hw, jnp.int32), cos_table, sin_table, q, k)
+    )(jnp.asarray(pos_hw, jnp.int32), cos_table, sin_table, q.reshape(num_units, width), k.reshape(num_units, width))
+    return q_rot.reshape(q.shape), k_rot.reshape(k.shape)
 
 
 def apply_vision_rotary(

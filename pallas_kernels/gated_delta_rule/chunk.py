@@ -3,11 +3,12 @@
 1. `_prep_kernel`, grid (B, Hv, chunks), fully parallel: per 64-token chunk it L2-normalises q/k, takes the
    cumulative log-decay G, and solves the chunk's unit-lower-triangular system (I + A) once, writing
    W = (I + A)^-1 (beta exp(G) k), U = (I + A)^-1 (beta v), the masked intra-chunk scores
-   tril(q k^T exp(G_i - G_j)), and G. The inverse comes from the nilpotent product
+   tril(q k^T exp(G_i - G_j)), G, and per-row factors that turn raw q/k rows into normalised, decayed ones
+   (so the serial scan does no row reductions or exponentials). The inverse comes from the nilpotent product
    (I + A)^-1 = (I - A)(I + A^2)(I + A^4)...(I + A^32): ten 64x64 matrix products on the tensor cores
    instead of a 64-step serial substitution.
 2. `_scan_kernel`, grid (B, Hv, Dv / block_v): walks the chunks in order with the [Dk, block_v] state tile in
-   registers: v_new = U - W S, o = (q exp(G)) S + scores v_new, S <- exp(G_C) S + (k exp(G_C - G))^T v_new.
+   registers (Dv tiles are independent, and narrow ones give B=1 enough programs to fill the GPU): v_new = U - W S, o = (q exp(G)) S + scores v_new, S <- exp(G_C) S + (k exp(G_C - G))^T v_new.
    The state is read once from the (aliased) initial state and written once.
 
 bf16 inputs run their large products with bf16 operands and fp32 accumulation, as FLA does; fp32 inputs use
@@ -40,12 +41,15 @@ def _dot(a, b, *, low_precision: bool, contract_a: int = 1, contract_b: int = 0)
     return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
-def _load_rows(ref, rows, valid_c, use_qk_l2norm):
-    """Rows of q or k in fp32, pad rows zeroed with `where` (whatever they held), optionally L2-normalised."""
-    x = jnp.where(valid_c[:, None], ref[rows, :].astype(jnp.float32), 0.0)
-    if use_qk_l2norm:
-        x = x * lax.rsqrt(jnp.sum(x * x, axis=1, keepdims=True) + L2NORM_EPS)
-    return x
+def _masked_rows(ref, rows, valid_c):
+    """Rows of q/k/v in fp32 with pad rows zeroed by `where`, so whatever they hold (even NaN) stays out."""
+    return jnp.where(valid_c[:, None], ref[rows, :].astype(jnp.float32), 0.0)
+
+
+def _inverse_norm(x_ck, use_qk_l2norm):
+    if not use_qk_l2norm:
+        return jnp.ones((x_ck.shape[0],), jnp.float32)
+    return lax.rsqrt(jnp.sum(x_ck * x_ck, axis=1) + L2NORM_EPS)
 
 
 def _unit_lower_inverse(a_cc, precision):
@@ -62,21 +66,22 @@ def _unit_lower_inverse(a_cc, precision):
 
 
 def _prep_kernel(
-    lengths_ref, q_ref, k_ref, v_ref, g_ref, beta_ref, w_ref, u_ref, scores_ref, gcum_ref,
+    lengths_ref, q_ref, k_ref, v_ref, g_ref, beta_ref, w_ref, u_ref, scores_ref, gcum_ref, q_scale_ref, k_scale_ref,
     *, scale, use_qk_l2norm, low_precision,
 ):
     b, c = pl.program_id(0), pl.program_id(2)
     chunk = q_ref.shape[0]
     t_c = c * chunk + lax.broadcasted_iota(jnp.int32, (chunk,), 0)
     valid_c = t_c < lengths_ref[b]
-    rows = slice(None)
-    q_ck = _load_rows(q_ref, rows, valid_c, use_qk_l2norm) * scale
-    k_ck = _load_rows(k_ref, rows, valid_c, use_qk_l2norm)
-    v_cv = jnp.where(valid_c[:, None], v_ref[...].astype(jnp.float32), 0.0)
+    q_ck, k_ck = _masked_rows(q_ref, slice(None), valid_c), _masked_rows(k_ref, slice(None), valid_c)
+    q_inv_c, k_inv_c = _inverse_norm(q_ck, use_qk_l2norm), _inverse_norm(k_ck, use_qk_l2norm)
+    q_ck, k_ck = q_ck * (q_inv_c * scale)[:, None], k_ck * k_inv_c[:, None]
+    v_cv = _masked_rows(v_ref, slice(None), valid_c)
     # g = beta = 0 on padding: the pad rows of W, U and the scores come out exactly 0.
     g_c = jnp.where(valid_c, g_ref[...].astype(jnp.float32), 0.0)
     beta_c = jnp.where(valid_c, beta_ref[...].astype(jnp.float32), 0.0)
     gcum_c = jnp.cumsum(g_c)
+    glast = jnp.sum(jnp.where(t_c == c * chunk + chunk - 1, gcum_c, 0.0))
 
     i_cc = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
     j_cc = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
@@ -92,35 +97,84 @@ def _prep_kernel(
     u_ref[...] = dot(inverse_cc, v_cv * beta_c[:, None]).astype(u_ref.dtype)
     scores_ref[...] = scores_cc.astype(scores_ref.dtype)
     gcum_ref[...] = gcum_c
+    # Per-row factors that turn raw q/k rows into the decayed, normalised rows the scan multiplies with:
+    # the scan then needs no row reductions or exponentials on its serial path.
+    q_scale_ref[...] = q_inv_c * scale * jnp.exp(gcum_c)
+    k_scale_ref[...] = k_inv_c * jnp.exp(glast - gcum_c)
 
 
 def _scan_kernel(
-    lengths_ref, q_ref, k_ref, w_ref, u_ref, scores_ref, gcum_ref, state_in_ref, o_ref, state_ref,
-    *, scale, use_qk_l2norm, low_precision, chunk,
+    lengths_ref, q_ref, k_ref, w_ref, u_ref, scores_ref, gcum_ref, q_scale_ref, k_scale_ref, state_in_ref,
+    o_ref, state_ref, *, low_precision, chunk,
 ):
-    b = pl.program_id(0)
-    length = lengths_ref[b]
+    length = lengths_ref[pl.program_id(0)]
     dot = functools.partial(_dot, low_precision=low_precision)
 
     def one_chunk(c, s_kv):
         start = pl.multiple_of(c * chunk, chunk)
         rows = pl.ds(start, chunk)
         valid_c = start + lax.broadcasted_iota(jnp.int32, (chunk,), 0) < length
-        gcum_c = gcum_ref[rows]
-        glast = gcum_ref[start + chunk - 1]
-        q_ck = _load_rows(q_ref, rows, valid_c, use_qk_l2norm) * (scale * jnp.exp(gcum_c))[:, None]
-        k_ck = _load_rows(k_ref, rows, valid_c, use_qk_l2norm) * jnp.exp(glast - gcum_c)[:, None]
+        q_ck = _masked_rows(q_ref, rows, valid_c) * q_scale_ref[rows][:, None]
+        k_ck = _masked_rows(k_ref, rows, valid_c) * k_scale_ref[rows][:, None]
         vnew_cv = u_ref[rows, :].astype(jnp.float32) - dot(w_ref[rows, :], s_kv)
         o_cv = dot(q_ck, s_kv) + dot(scores_ref[rows, :], vnew_cv)
         o_ref[rows, :] = o_cv.astype(o_ref.dtype)
-        return s_kv * jnp.exp(glast) + dot(k_ck, vnew_cv, contract_a=0)
+        return s_kv * jnp.exp(gcum_ref[start + chunk - 1]) + dot(k_ck, vnew_cv, contract_a=0)
 
     num_chunks = q_ref.shape[0] // chunk
     state_ref[...] = lax.fori_loop(0, num_chunks, one_chunk, state_in_ref[...])
 
 
+@functools.partial(jax.jit, static_argnames=("scale", "use_qk_l2norm", "num_warps", "interpret"))
+def chunk_prep(
+    q_btk: jax.Array,
+    k_btk: jax.Array,
+    v_btv: jax.Array,
+    g_bth: jax.Array,
+    beta_bth: jax.Array,
+    lengths_b: jax.Array,
+    *,
+    scale: float,
+    use_qk_l2norm: bool = True,
+    num_warps: int = 4,
+    interpret: bool = False,
+) -> tuple[jax.Array, ...]:
+    """The parallel stage on whole chunks (T a multiple of 64): W [B, Hv, T, Dk], U [B, Hv, T, Dv],
+    scores [B, Hv, T, 64] (bf16 for bf16 inputs, else fp32), and fp32 [B, Hv, T] G, q row scales, k row scales."""
+    batch, padded_len, num_k_heads, head_k = q_btk.shape
+    num_v_heads, head_v = v_btv.shape[2:]
+    group = num_v_heads // num_k_heads
+    low_precision = v_btv.dtype == jnp.bfloat16
+    inter_dtype = jnp.bfloat16 if low_precision else jnp.float32
+    qk_chunk = pl.BlockSpec((None, CHUNK, None, head_k), lambda b, h, c: (b, c, h // group, 0))
+    gate_chunk = pl.BlockSpec((None, CHUNK, None), lambda b, h, c: (b, c, h))
+    per_head = lambda width: pl.BlockSpec((None, None, CHUNK, width), lambda b, h, c: (b, h, c, 0))
+    row_spec = pl.BlockSpec((None, None, CHUNK), lambda b, h, c: (b, h, c))
+    per_head_shape = lambda width, dtype: jax.ShapeDtypeStruct((batch, num_v_heads, padded_len, width), dtype)
+    kernel = functools.partial(_prep_kernel, scale=scale, use_qk_l2norm=use_qk_l2norm, low_precision=low_precision)
+    return pl.pallas_call(
+        kernel,
+        grid=(batch, num_v_heads, padded_len // CHUNK),
+        in_specs=[
+            pl.BlockSpec(memory_space=None), qk_chunk, qk_chunk,
+            pl.BlockSpec((None, CHUNK, None, head_v), lambda b, h, c: (b, c, h, 0)), gate_chunk, gate_chunk,
+        ],
+        out_specs=[
+            per_head(head_k), per_head(head_v), per_head(CHUNK), *[row_spec] * 3,
+        ],
+        out_shape=[
+            per_head_shape(head_k, inter_dtype), per_head_shape(head_v, inter_dtype),
+            per_head_shape(CHUNK, inter_dtype), *[jax.ShapeDtypeStruct((batch, num_v_heads, padded_len), jnp.float32)] * 3,
+        ],
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+        name="gdr_chunk_prep",
+    )(lengths_b, q_btk, k_btk, v_btv, g_bth, beta_bth)
+
+
 @functools.partial(
-    jax.jit, static_argnames=("scale", "use_qk_l2norm", "block_v", "num_warps", "num_stages", "interpret")
+    jax.jit,
+    static_argnames=("scale", "use_qk_l2norm", "block_v", "num_warps", "num_stages", "prep_warps", "interpret"),
 )
 def chunk_prefill(
     q_btk: jax.Array,
@@ -133,13 +187,15 @@ def chunk_prefill(
     *,
     scale: float,
     use_qk_l2norm: bool = True,
-    block_v: int = 64,
+    block_v: int = 32,
     num_warps: int = 4,
     num_stages: int = 2,
+    prep_warps: int = 4,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """q/k [B, T, Hk, Dk], v [B, T, Hv, Dv], g/beta [B, T, Hv], state [B, Hv, Dk, Dv] fp32 (aliased to the
-    returned state), lengths [B]. Returns (o [B, T, Hv, Dv] v.dtype, final state)."""
+    returned state), lengths [B]. Returns (o [B, T, Hv, Dv] v.dtype, final state).
+    block_v, num_warps, num_stages tune the sequential scan, prep_warps the parallel stage."""
     batch, seq_len, num_k_heads, head_k = q_btk.shape
     num_v_heads, head_v = v_btv.shape[2:]
     group = num_v_heads // num_k_heads
@@ -149,49 +205,25 @@ def chunk_prefill(
         q_btk, k_btk, v_btv = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q_btk, k_btk, v_btv))
         g_bth, beta_bth = (jnp.pad(x, ((0, 0), (0, pad), (0, 0))) for x in (g_bth, beta_bth))
     padded_len = seq_len + pad
-    low_precision = v_btv.dtype == jnp.bfloat16
-    inter_dtype = jnp.bfloat16 if low_precision else jnp.float32
+    w, u, scores, gcum, q_scale, k_scale = chunk_prep(
+        q_btk, k_btk, v_btv, g_bth, beta_bth, lengths_b,
+        scale=scale, use_qk_l2norm=use_qk_l2norm, num_warps=prep_warps, interpret=interpret,
+    )
+
     whole = pl.BlockSpec(memory_space=None)
-    flags = dict(scale=scale, use_qk_l2norm=use_qk_l2norm, low_precision=low_precision)
-
-    qk_chunk = pl.BlockSpec((None, CHUNK, None, head_k), lambda b, h, c: (b, c, h // group, 0))
-    per_head = lambda width: pl.BlockSpec((None, None, CHUNK, width), lambda b, h, c: (b, h, c, 0))
-    w, u, scores, gcum = pl.pallas_call(
-        functools.partial(_prep_kernel, **flags),
-        grid=(batch, num_v_heads, padded_len // CHUNK),
-        in_specs=[
-            whole, qk_chunk, qk_chunk,
-            pl.BlockSpec((None, CHUNK, None, head_v), lambda b, h, c: (b, c, h, 0)),
-            pl.BlockSpec((None, CHUNK, None), lambda b, h, c: (b, c, h)),
-            pl.BlockSpec((None, CHUNK, None), lambda b, h, c: (b, c, h)),
-        ],
-        out_specs=[
-            per_head(head_k), per_head(head_v), per_head(CHUNK),
-            pl.BlockSpec((None, None, CHUNK), lambda b, h, c: (b, h, c)),
-        ],
-        out_shape=[
-            jax.ShapeDtypeStruct((batch, num_v_heads, padded_len, head_k), inter_dtype),
-            jax.ShapeDtypeStruct((batch, num_v_heads, padded_len, head_v), inter_dtype),
-            jax.ShapeDtypeStruct((batch, num_v_heads, padded_len, CHUNK), inter_dtype),
-            jax.ShapeDtypeStruct((batch, num_v_heads, padded_len), jnp.float32),
-        ],
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
-        interpret=interpret,
-        name="gdr_chunk_prep",
-    )(lengths_b, q_btk, k_btk, v_btv, g_bth, beta_bth)
-
     qk_all = pl.BlockSpec((None, padded_len, None, head_k), lambda b, h, j: (b, 0, h // group, 0))
     state_spec = pl.BlockSpec((None, None, head_k, block_v), lambda b, h, j: (b, h, 0, j))
+    kernel = functools.partial(_scan_kernel, low_precision=v_btv.dtype == jnp.bfloat16, chunk=CHUNK)
+    per_row = pl.BlockSpec((None, None, padded_len), lambda b, h, j: (b, h, 0))
     o_btv, state_bhkv = pl.pallas_call(
-        functools.partial(_scan_kernel, chunk=CHUNK, **flags),
+        kernel,
         grid=(batch, num_v_heads, head_v // block_v),
         in_specs=[
             whole, qk_all, qk_all,
             pl.BlockSpec((None, None, padded_len, head_k), lambda b, h, j: (b, h, 0, 0)),
             pl.BlockSpec((None, None, padded_len, block_v), lambda b, h, j: (b, h, 0, j)),
             pl.BlockSpec((None, None, padded_len, CHUNK), lambda b, h, j: (b, h, 0, 0)),
-            pl.BlockSpec((None, None, padded_len), lambda b, h, j: (b, h, 0)),
-            state_spec,
+            per_row, per_row, per_row, state_spec,
         ],
         out_specs=[
             pl.BlockSpec((None, padded_len, None, block_v), lambda b, h, j: (b, 0, h, j)),
@@ -201,9 +233,9 @@ def chunk_prefill(
             jax.ShapeDtypeStruct((batch, padded_len, num_v_heads, head_v), v_btv.dtype),
             jax.ShapeDtypeStruct(state_bhkv.shape, jnp.float32),
         ],
-        input_output_aliases={7: 1},
+        input_output_aliases={9: 1},
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="gdr_chunk_scan",
-    )(lengths_b, q_btk, k_btk, w, u, scores, gcum, state_bhkv)
+    )(lengths_b, q_btk, k_btk, w, u, scores, gcum, q_scale, k_scale, state_bhkv)
     return o_btv[:, :seq_len], state_bhkv

@@ -1,0 +1,350 @@
+"""Kernel benchmark on one GPU: ours (Pallas/Triton) vs FLA (eager and CUDA-graph) vs the XLA/pure-JAX paths.
+
+    python bench/kernels.py [--quick] [--sweep] [--out bench/results]
+
+Prints a table and writes bench/results/kernels-<device>.json with every figure. Each row gives the time,
+the achieved GB/s over the bytes that must move (inputs read once, outputs and state written once) against the
+copy bandwidth measured in the same run, and the floor max(bytes / copy GB/s, FLOPs / measured bf16 rate).
+Our kernels are timed two ways: `loop` = device time per call from a lax.fori_loop of calls inside one jit
+(no dispatch), `call` = back-to-back jitted calls (what a caller pays, dispatch included).
+FLA is timed eagerly (triton do_bench, launch overhead included) and as a replayed torch.cuda.CUDAGraph.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch and JAX share the GPU here
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax import lax  # noqa: E402
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from pallas_kernels.gated_delta_rule import chunk_gated_delta_rule_ref, recurrent_gated_delta_rule_ref  # noqa: E402
+from pallas_kernels.gated_delta_rule.chunk import chunk_prefill, chunk_prep  # noqa: E402
+from pallas_kernels.gated_delta_rule.recurrent import recurrent_decode  # noqa: E402
+from pallas_kernels.vision_rotary import apply_vision_rotary_pallas, apply_vision_rotary_ref, vision_rotary_tables  # noqa: E402
+
+HK, HV, DK, DV = 16, 32, 128, 128
+CHUNK_SHAPES = [(1, 512), (1, 4096), (1, 16384), (8, 2048), (32, 1024)]
+DECODE_BATCHES = [1, 8, 64, 256]
+ROTARY_SHAPES = [(4096, 16, 80), (16384, 16, 80), (16384, 16, 72)]
+
+
+# ----------------------------------------------------------------------------------------------- timing
+def time_jax_loop(step, carry, consts, iters: int, reps: int = 5) -> float:
+    """Seconds per step: `iters` chained steps step(carry, *consts) unrolled in one compiled program (an XLA
+    while loop costs ~10 us per trip on this GPU, more than a small kernel), median over reps. The inputs are
+    arguments, not closed-over constants, so they are not baked into the program."""
+    run = jax.jit(lambda c, *xs: lax.fori_loop(0, iters, lambda i, c: step(c, *xs), c, unroll=True),
+                  donate_argnums=0)
+    carry = jax.block_until_ready(run(carry, *consts))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        carry = jax.block_until_ready(run(carry, *consts))
+        times.append((time.perf_counter() - t0) / iters)
+    return statistics.median(times)
+
+
+def time_jax_calls(fn, args, calls: int = 50, reps: int = 5) -> float:
+    """Seconds per call of a jitted fn dispatched back to back (dispatch included), median over reps."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / calls)
+    return statistics.median(times)
+
+
+def time_torch(fn) -> tuple[float, float]:
+    """(eager, CUDA-graph replay) seconds per call, medians from triton's event-timed do_bench."""
+    import torch
+    from triton.testing import do_bench
+
+    eager = do_bench(fn, warmup=50, rep=300, return_mode="median") * 1e-3
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graphed = do_bench(graph.replay, warmup=50, rep=300, return_mode="median") * 1e-3
+    return eager, graphed
+
+
+# ----------------------------------------------------------------------------------------------- ceilings
+def measure_ceilings() -> dict:
+    import torch
+    from triton.testing import do_bench
+
+    x = torch.empty(2**30, dtype=torch.uint8, device="cuda").random_()
+    y = torch.empty_like(x)
+    copy_s = do_bench(lambda: y.copy_(x), warmup=50, rep=300, return_mode="median") * 1e-3
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    mm_s = do_bench(lambda: a @ b, warmup=50, rep=300, return_mode="median") * 1e-3
+    del x, y, a, b
+    torch.cuda.empty_cache()
+    return {"copy_GBps": 2 * 2**30 / copy_s / 1e9, "bf16_matmul_TFLOPs": 2 * 8192**3 / mm_s / 1e12}
+
+
+def row(name, seconds, nbytes, flops, ceilings, **extra) -> dict:
+    floor = max(nbytes / (ceilings["copy_GBps"] * 1e9), flops / (ceilings["bf16_matmul_TFLOPs"] * 1e12))
+    return {
+        "name": name, "us": seconds * 1e6, "GBps": nbytes / seconds / 1e9,
+        "pct_copy_bw": 100 * nbytes / seconds / 1e9 / ceilings["copy_GBps"],
+        "floor_us": floor * 1e6, "x_floor": seconds / floor, "bytes": nbytes, "flops": flops, **extra,
+    }
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+def gdr_inputs(batch, seq_len, seed=0):
+    ks = jax.random.split(jax.random.key(seed), 6)
+    bf = jnp.bfloat16
+    q = jax.random.normal(ks[0], (batch, seq_len, HK, DK), bf)
+    k = jax.random.normal(ks[1], (batch, seq_len, HK, DK), bf)
+    v = jax.random.normal(ks[2], (batch, seq_len, HV, DV), bf)
+    g = -jnp.exp(0.3 * jax.random.normal(ks[3], (HV,))) * jax.nn.softplus(jax.random.normal(ks[4], (batch, seq_len, HV)))
+    beta = jax.nn.sigmoid(jax.random.normal(ks[5], (batch, seq_len, HV))).astype(bf)
+    state = 0.1 * jax.random.normal(jax.random.fold_in(ks[5], 1), (batch, HV, DK, DV), jnp.float32)
+    return q, k, v, g, beta, state
+
+
+def gdr_bytes(batch, seq_len) -> int:
+    tokens = batch * seq_len
+    qkv = tokens * (2 * HK * DK + HV * DV) * 2
+    gates = tokens * HV * (4 + 2)
+    out = tokens * HV * DV * 2
+    state = 2 * batch * HV * DK * DV * 4
+    return qkv + gates + out + state
+
+
+def chunk_flops(batch, seq_len, c=64) -> int:
+    """FLOPs of the chunked algorithm (per chunk and value head: q k^T, k k^T, the triangular solve applied to
+    [k, v], W S, q S, scores v_new, k^T v_new), the least a chunked kernel must do."""
+    per_chunk = 2 * (2 * c * c * DK + c * c * (DK + DV) + 3 * c * DK * DV + c * c * DV)
+    return batch * HV * -(-seq_len // c) * per_chunk
+
+
+def to_torch(*xs):
+    import torch
+
+    return [torch.from_dlpack(jax.block_until_ready(x)) for x in xs]
+
+
+# ----------------------------------------------------------------------------------------------- benches
+def bench_chunk(ceilings, shapes, configs) -> list[dict]:
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
+
+    rows = []
+    for batch, seq_len in shapes:
+        q, k, v, g, beta, state = gdr_inputs(batch, seq_len)
+        nbytes, flops = gdr_bytes(batch, seq_len), chunk_flops(batch, seq_len)
+        lengths = jnp.full((batch,), seq_len, jnp.int32)
+        scale = DK**-0.5
+        tag = f"B{batch}xT{seq_len}"
+        best = None
+        for cfg in configs:
+            def step(carry, q, k, v, g, beta, cfg=cfg):
+                s, acc = carry
+                o, s = chunk_prefill(q, k, v, g, beta, s, lengths, scale=scale, **cfg)
+                # A strided sum keeps every output live (XLA would drop unused ones) at ~1% extra bytes.
+                return s, acc + o[:, :: max(1, seq_len // 8)].astype(jnp.float32).sum()
+            iters = 5 if seq_len * batch > 8192 else 20
+            t = time_jax_loop(step, (jnp.array(state), jnp.float32(0)), (q, k, v, g, beta), iters)
+            rows.append(row(f"chunk {tag} ours loop", t, nbytes, flops, ceilings, config=cfg))
+            if best is None or t < best[0]:
+                best = (t, cfg, rows[-1])
+        best[2]["best"] = True
+        call = jax.jit(lambda *a, cfg=best[1]: chunk_prefill(*a, lengths, scale=scale, **cfg))
+        rows.append(row(f"chunk {tag} ours call", time_jax_calls(call, (q, k, v, g, beta, state)), nbytes, flops,
+                        ceilings, config=best[1]))
+        prep = jax.jit(lambda *a, w=best[1].get("prep_warps", 4): chunk_prep(*a, lengths, scale=scale, num_warps=w))
+        rows.append(row(f"chunk {tag} ours prep-only call", time_jax_calls(prep, (q, k, v, g, beta)), nbytes, flops,
+                        ceilings))
+        ref = jax.jit(lambda *a: chunk_gated_delta_rule_ref(*a[:5], initial_state=a[5]))
+        rows.append(row(f"chunk {tag} xla-ref call", time_jax_calls(ref, (q, k, v, g, beta, state), calls=5), nbytes,
+                        flops, ceilings))
+        tq, tk, tv, tg, tb, ts = to_torch(q, k, v, g, beta, state)
+        fla = lambda: fla_chunk(tq, tk, tv, tg, tb, scale=scale, initial_state=ts, output_final_state=True,
+                                use_qk_l2norm_in_kernel=True)
+        eager, graphed = time_torch(fla)
+        rows.append(row(f"chunk {tag} fla eager", eager, nbytes, flops, ceilings))
+        rows.append(row(f"chunk {tag} fla graph", graphed, nbytes, flops, ceilings))
+        # Same inputs, so the two outputs must agree to bf16 accuracy: guards against timing a broken kernel.
+        o_ours, s_ours = chunk_prefill(q, k, v, g, beta, state, lengths, scale=scale, **best[1])
+        o_fla, s_fla = fla()
+        rows[-1]["rel_err_vs_fla_o"] = float((torch_rel(o_ours, o_fla)))
+        rows[-1]["rel_err_vs_fla_state"] = float((torch_rel(s_ours, s_fla)))
+        print_rows(rows[-5 - len(configs):])
+    return rows
+
+
+def torch_rel(ours, theirs) -> float:
+    a = np.asarray(jnp.asarray(ours, jnp.float32), np.float64)
+    b = theirs.float().cpu().numpy().astype(np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def bench_decode(ceilings, batches, configs) -> list[dict]:
+    from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as fla_recurrent
+
+    rows = []
+    for batch in batches:
+        q, k, v, g, beta, state = gdr_inputs(batch, 1, seed=batch)
+        nbytes = gdr_bytes(batch, 1)
+        flops = batch * HV * DK * DV * 8
+        lengths = jnp.ones((batch,), jnp.int32)
+        scale = DK**-0.5
+        tag = f"B{batch}"
+        args = [q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0]]
+        best = None
+        for cfg in configs:
+            def step(carry, q, k, v, g, beta, cfg=cfg):
+                # The kernel is one custom call writing o and the state, so o needs no consumer to stay live.
+                o, s = recurrent_decode(q, k, v, g, beta, carry[1], lengths, scale=scale, **cfg)
+                return o, s
+            t = time_jax_loop(step, (jnp.zeros_like(v[:, 0]), jnp.array(state)), args, iters=50)
+            rows.append(row(f"decode {tag} ours loop", t, nbytes, flops, ceilings, config=cfg))
+            if best is None or t < best[0]:
+                best = (t, cfg, rows[-1])
+        best[2]["best"] = True
+        call = jax.jit(
+            lambda q, k, v, g, b, s, cfg=best[1]: recurrent_decode(q, k, v, g, b, s, lengths, scale=scale, **cfg),
+            donate_argnums=5,
+        )
+        s_now = jnp.array(state)
+        jax.block_until_ready(call(*args, jnp.array(state)))
+        t0, calls = time.perf_counter(), 200
+        for _ in range(calls):
+            _, s_now = call(*args, s_now)
+        jax.block_until_ready(s_now)
+        rows.append(row(f"decode {tag} ours call", (time.perf_counter() - t0) / calls, nbytes, flops, ceilings,
+                        config=best[1]))
+
+        def xla_step(carry, q, k, v, g, beta):  # the sum keeps XLA from dropping the o computation
+            s, acc = carry
+            o, s = recurrent_gated_delta_rule_ref(q, k, v, g, beta, initial_state=s)
+            return s, acc + o.astype(jnp.float32).sum()
+        t = time_jax_loop(xla_step, (jnp.array(state), jnp.float32(0)), (q, k, v, g, beta), 50)
+        rows.append(row(f"decode {tag} xla loop", t, nbytes, flops, ceilings))
+        tq, tk, tv, tg, tb, ts = to_torch(q, k, v, g, beta, state)
+        fla = lambda: fla_recurrent(tq, tk, tv, g=tg, beta=tb, scale=scale, initial_state=ts,
+                                    output_final_state=True, use_qk_l2norm_in_kernel=True)
+        eager, graphed = time_torch(fla)
+        rows.append(row(f"decode {tag} fla eager", eager, nbytes, flops, ceilings))
+        rows.append(row(f"decode {tag} fla graph", graphed, nbytes, flops, ceilings))
+        o_ours, s_ours = recurrent_decode(*args, jnp.array(state), lengths, scale=scale, **best[1])
+        o_fla, s_fla = fla()
+        rows[-1]["rel_err_vs_fla_o"] = torch_rel(o_ours[:, None], o_fla)
+        rows[-1]["rel_err_vs_fla_state"] = torch_rel(s_ours, s_fla)
+        print_rows(rows[-4 - len(configs):])
+    return rows
+
+
+def bench_rotary(ceilings, shapes, configs) -> list[dict]:
+    rows = []
+    for num_tokens, num_heads, head_dim in shapes:
+        rng = np.random.default_rng(num_tokens)
+        q = jnp.asarray(rng.standard_normal((num_tokens, num_heads, head_dim)), jnp.bfloat16)
+        k = jnp.asarray(rng.standard_normal((num_tokens, num_heads, head_dim)), jnp.bfloat16)
+        side = int(np.sqrt(num_tokens)) + 1
+        pos_hw = jnp.asarray(np.stack(np.divmod(np.arange(num_tokens), side), -1), jnp.int32)
+        cos, sin = vision_rotary_tables(head_dim, side)
+        nbytes = 4 * q.size * 2 + pos_hw.size * 4
+        flops = 6 * 2 * q.size
+        tag = f"N{num_tokens}xH{num_heads}xD{head_dim}"
+        best = None
+        tables = (pos_hw, cos, sin)
+        for cfg in configs:
+            step = lambda c, *t, cfg=cfg: apply_vision_rotary_pallas(*c, *t, **cfg)
+            t = time_jax_loop(step, (jnp.array(q), jnp.array(k)), tables, 30)
+            rows.append(row(f"rotary {tag} ours loop", t, nbytes, flops, ceilings, config=cfg))
+            if best is None or t < best[0]:
+                best = (t, cfg, rows[-1])
+        best[2]["best"] = True
+        t = time_jax_loop(lambda c, *t: apply_vision_rotary_ref(*c, *t), (jnp.array(q), jnp.array(k)), tables, 30)
+        rows.append(row(f"rotary {tag} xla loop", t, nbytes, flops, ceilings))
+        print_rows(rows[-1 - len(configs):])
+    return rows
+
+
+def print_rows(rows):
+    for r in rows:
+        cfg = r.get("config", "")
+        print(f"{r['name']:<34} {r['us']:>10.1f} us {r['GBps']:>8.0f} GB/s {r['pct_copy_bw']:>5.0f}% copy  "
+              f"floor {r['floor_us']:>8.1f} us  x{r['x_floor']:>6.2f}  {cfg}", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="one shape per section, no sweep")
+    parser.add_argument("--sweep", default="", help="sections (chunk,decode,rotary) to try tile configurations in")
+    parser.add_argument("--only", default="chunk,decode,rotary")
+    parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
+    args = parser.parse_args()
+
+    device = jax.devices()[0]
+    ceilings = measure_ceilings()
+    print(f"{device.device_kind}  jax {jax.__version__}  copy {ceilings['copy_GBps']:.0f} GB/s  "
+          f"bf16 mm {ceilings['bf16_matmul_TFLOPs']:.0f} TFLOP/s", flush=True)
+    # {} = the kernels' defaults; the sweeps keep what measured close in earlier runs (see KERNELS_NOTES.md).
+    chunk_cfgs, decode_cfgs, rotary_cfgs = [{}], [{}], [{}]
+    if "chunk" in args.sweep:
+        chunk_cfgs += [dict(block_v=16), dict(block_v=64), dict(num_stages=3), dict(prep_warps=8)]
+    if "decode" in args.sweep:
+        decode_cfgs += [dict(block_v=bv) for bv in (32, 64, 128)]
+    if "rotary" in args.sweep:
+        rotary_cfgs += [dict(block_elems=1024), dict(block_elems=4096), dict(num_warps=8)]
+    sections = args.only.split(",")
+    rows = []
+    if "decode" in sections:
+        rows += bench_decode(ceilings, DECODE_BATCHES[1:3] if args.quick else DECODE_BATCHES, decode_cfgs)
+    if "rotary" in sections:
+        rows += bench_rotary(ceilings, ROTARY_SHAPES[1:2] if args.quick else ROTARY_SHAPES, rotary_cfgs)
+    if "chunk" in sections:
+        rows += bench_chunk(ceilings, CHUNK_SHAPES[1:2] if args.quick else CHUNK_SHAPES, chunk_cfgs)
+
+    commit = os.environ.get("BENCH_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
+    result = {
+        "device": device.device_kind, "jax": jax.__version__, "python": platform.python_version(),
+        "commit": commit, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "shapes": {"Hk": HK, "Hv": HV, "Dk": DK, "Dv": DV, "dtype": "bf16 in, fp32 state"},
+        "ceilings": ceilings, "rows": rows,
+    }
+    try:
+        import fla
+        import torch
+        result["fla"], result["torch"] = fla.__version__, torch.__version__
+    except ImportError:
+        pass
+    out_dir = pathlib.Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"kernels-{device.device_kind.replace(' ', '_')}.json"
+    path.write_text(json.dumps(result, indent=1))
+    print("\nsummary")
+    print_rows([r for r in rows if r.get("best") or not r["name"].endswith("ours loop")])
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
