@@ -96,3 +96,30 @@ def test_vision_rotary_matches_reference(dtype, num_tokens, num_heads, head_dim)
         assert o.dtype == dtype
         # fp32: identical formula, so only contraction of a*b+c*d into FMAs separates them.
         assert rel_err(o, r) < (1e-6 if dtype == jnp.float32 else 1e-2)
+
+
+def test_qwen3_5_logits_with_kernels_on_and_off(monkeypatch):
+    """The tiny Qwen3.5 decoder (Dk = Dv = 16, so the kernels apply) gives the same logits on every real
+    token whether its Gated DeltaNet layers run the Pallas kernels or the references."""
+    from flax import nnx
+
+    from qwenvl_jax.config import parse_config
+    from qwenvl_jax.models import gated_deltanet
+    from qwenvl_jax.models.model import QwenVLModel
+    from qwenvl_jax.tiny_model import TINY_CONFIGS, hf_config_dict
+
+    cfg = parse_config(hf_config_dict("qwen3_5", *TINY_CONFIGS["qwen3_5"]))
+    model = QwenVLModel(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    batch, seq_len = 2, 150
+    ids = jax.random.randint(jax.random.key(0), (batch, seq_len), 0, cfg.text.vocab_size)
+    positions = jnp.broadcast_to(jnp.arange(seq_len), (3, batch, seq_len))
+    lengths = jnp.array([seq_len, 77], jnp.int32)
+
+    def logits(impl):
+        monkeypatch.setattr(gated_deltanet, "gated_delta_rule", functools.partial(gated_delta_rule, impl=impl))
+        with jax.default_matmul_precision("highest"):
+            return np.asarray(model.text_logits(ids, positions, lengths))
+
+    on, off = logits("pallas"), logits("reference")
+    for b, length in enumerate(np.asarray(lengths)):
+        assert rel_err(on[b, :length], off[b, :length]) < 1e-4
