@@ -52,16 +52,18 @@ def _inverse_norm(x_ck, use_qk_l2norm):
     return lax.rsqrt(jnp.sum(x_ck * x_ck, axis=1) + L2NORM_EPS)
 
 
-def _unit_lower_inverse(a_cc, precision):
+def _unit_lower_inverse(a_cc, low_precision):
     """(I + A)^-1 for strictly lower A: A is nilpotent (A^C = 0), so the series sum_n (-A)^n is finite and
     factors into log2(C) doublings, (I - A)(I + A^2)(I + A^4)... Entries of A are bounded by 1 (unit keys,
-    beta <= 1, decays <= 1), so tf32 products stay near 1e-3 relative, inside the bf16 tolerance."""
+    beta <= 1, decays <= 1). On the bf16 path the products take bf16 operands: the inverse is rounded to bf16
+    for W and U anyway, and on random Qwen3.5-sized inputs the output error did not move (4.29e-3 both ways,
+    CPU interpreter), while the ten products cost half of what tf32 ones do."""
     chunk = a_cc.shape[0]
     rows, cols = lax.broadcasted_iota(jnp.int32, a_cc.shape, 0), lax.broadcasted_iota(jnp.int32, a_cc.shape, 1)
     inverse_cc, power_cc = jnp.where(rows == cols, 1.0, 0.0) - a_cc, a_cc
     for _ in range(int(math.log2(chunk)) - 1):
-        power_cc = jnp.dot(power_cc, power_cc, precision=precision, preferred_element_type=jnp.float32)
-        inverse_cc = inverse_cc + jnp.dot(inverse_cc, power_cc, precision=precision, preferred_element_type=jnp.float32)
+        power_cc = _dot(power_cc, power_cc, low_precision=low_precision)
+        inverse_cc = inverse_cc + _dot(inverse_cc, power_cc, low_precision=low_precision)
     return inverse_cc
 
 
@@ -91,7 +93,7 @@ def _prep_kernel(
     kk_cc = dot(k_ck, k_ck, contract_b=1)
     a_cc = jnp.where(i_cc > j_cc, beta_c[:, None] * kk_cc * decay_cc, 0.0)
     scores_cc = jnp.where(i_cc >= j_cc, dot(q_ck, k_ck, contract_b=1) * decay_cc, 0.0)
-    inverse_cc = _unit_lower_inverse(a_cc, lax.Precision.DEFAULT if low_precision else lax.Precision.HIGHEST)
+    inverse_cc = _unit_lower_inverse(a_cc, low_precision)
 
     w_ref[...] = dot(inverse_cc, k_ck * (beta_c * jnp.exp(gcum_c))[:, None]).astype(w_ref.dtype)
     u_ref[...] = dot(inverse_cc, v_cv * beta_c[:, None]).astype(u_ref.dtype)
