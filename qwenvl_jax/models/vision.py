@@ -30,6 +30,15 @@ ROTARY_THETA = 10000.0
 NORM_EPS = 1e-6
 
 
+class AttentionLayout(NamedTuple):
+    """Attention segments (contiguous runs of tokens) laid out as a padded batch [S, L]: attention runs per
+    segment with key lengths, so no [N, N] mask exists and no work crosses a segment."""
+
+    gather_sl: np.ndarray  # int32 token of each slot (padding slots repeat the segment's last token)
+    lengths_s: np.ndarray  # int32 tokens in each segment
+    scatter_n: np.ndarray  # int32 flat slot (s * L + j) of each token
+
+
 class VisionInputs(NamedTuple):
     """Index tables of one packed vision call, in the tower's token order (window order for Qwen2.5-VL).
 
@@ -37,8 +46,8 @@ class VisionInputs(NamedTuple):
     """
 
     pos_hw_n2: np.ndarray  # int32 (row, col) of each patch in its frame: the 2D rotary positions
-    segment_n: np.ndarray  # int32 full-attention segment: one per frame of each image/video
-    window_segment_n: np.ndarray | None  # int32 attention window (Qwen2.5-VL)
+    full: AttentionLayout  # one segment per frame of each image/video
+    window: AttentionLayout | None  # Qwen2.5-VL attention windows
     window_index_m: np.ndarray | None  # int32 merged-token gather: packed order -> window order (Qwen2.5-VL)
     reverse_index_m: np.ndarray | None  # int32 its inverse, applied to the merger output (Qwen2.5-VL)
     interp_index_n4: np.ndarray | None  # int32 four taps into the learned position table (Qwen3-VL / 3.5)
@@ -71,7 +80,8 @@ def _bilinear_axis(index: np.ndarray, size: int, side: int) -> tuple[np.ndarray,
 
 def _window_order(t: int, h: int, w: int, cfg: VisionConfig) -> tuple[np.ndarray, np.ndarray]:
     """Qwen2.5-VL windows of one grid (HF ``get_vision_window_index``): the merged tokens in window order and
-    the window id of each of them, windows of ``window_size`` pixels tiled per frame, clipped at the edges."""
+    the number of merged tokens in each window, windows of ``window_size`` pixels tiled per frame, clipped at the
+    edges (windows left empty by the clipping are dropped)."""
     merge = cfg.spatial_merge_size
     side = cfg.window_size // merge // cfg.patch_size  # window side in merged tokens
     lh, lw = h // merge, w // merge
@@ -80,18 +90,16 @@ def _window_order(t: int, h: int, w: int, cfg: VisionConfig) -> tuple[np.ndarray
     index[:, :lh, :lw] = np.arange(t * lh * lw).reshape(t, lh, lw)
     windows = index.reshape(t, n_wh, side, n_ww, side).transpose(0, 1, 3, 2, 4).reshape(-1, side * side)
     sizes = (windows >= 0).sum(axis=1)
-    return windows[windows >= 0], np.repeat(np.arange(len(windows)), sizes)
+    return windows[windows >= 0], sizes[sizes > 0]
 
 
 class _GridTables(NamedTuple):
     pos_hw_n2: np.ndarray
-    segment_n: np.ndarray
-    window_segment_n: np.ndarray | None
+    frame_lengths: np.ndarray  # tokens of each full-attention segment
+    window_lengths: np.ndarray | None  # tokens of each attention window
     window_index_m: np.ndarray | None
     interp_index_n4: np.ndarray | None
     interp_weight_n4: np.ndarray | None
-    num_segments: int
-    num_windows: int
 
 
 @functools.lru_cache(maxsize=4096)
@@ -100,26 +108,33 @@ def _grid_tables(cfg: VisionConfig, t: int, h: int, w: int) -> _GridTables:
     merge = cfg.spatial_merge_size
     unit = merge * merge
     pos_hw = np.tile(_block_major_hw(h, w, merge), (t, 1))
-    segment = np.repeat(np.arange(t), h * w)
-    window_segment = window_index = interp_index = interp_weight = None
-    num_windows = 0
+    window_lengths = window_index = interp_index = interp_weight = None
     if cfg.window_size:
-        window_index, window_of_token = _window_order(t, h, w, cfg)
+        # Window order keeps frames contiguous (windows tile each frame), so the frame segments survive it.
+        window_index, window_sizes = _window_order(t, h, w, cfg)
         pos_hw = pos_hw.reshape(-1, unit, 2)[window_index].reshape(-1, 2)
-        segment = np.repeat(window_index // ((h // merge) * (w // merge)), unit)
-        window_segment = np.repeat(window_of_token, unit)
-        num_windows = int(window_of_token[-1]) + 1
+        window_lengths = window_sizes * unit
     if cfg.num_position_embeddings:
         side = int(round(cfg.num_position_embeddings**0.5))
         h_taps, h_weights = _bilinear_axis(pos_hw[:, 0], h, side)
         w_taps, w_weights = _bilinear_axis(pos_hw[:, 1], w, side)
         interp_index = (h_taps[:, :, None] * side + w_taps[:, None, :]).reshape(-1, 4)
         interp_weight = (h_weights[:, :, None] * w_weights[:, None, :]).reshape(-1, 4)
-    tables = _GridTables(pos_hw, segment, window_segment, window_index, interp_index, interp_weight, t, num_windows)
+    tables = _GridTables(pos_hw, np.full(t, h * w), window_lengths, window_index, interp_index, interp_weight)
     for a in tables:
         if isinstance(a, np.ndarray):
             a.flags.writeable = False  # shared by every later call with this grid
     return tables
+
+
+def _layout(lengths_s: np.ndarray) -> AttentionLayout:
+    starts_s = np.cumsum(lengths_s) - lengths_s
+    width = int(lengths_s.max())
+    gather = starts_s[:, None] + np.minimum(np.arange(width)[None, :], lengths_s[:, None] - 1)
+    segment_n = np.repeat(np.arange(len(lengths_s)), lengths_s)
+    slot_n = np.arange(int(lengths_s.sum())) - np.repeat(starts_s, lengths_s)
+    return AttentionLayout(gather.astype(np.int32), lengths_s.astype(np.int32),
+                           (segment_n * width + slot_n).astype(np.int32))
 
 
 @functools.lru_cache(maxsize=None)
@@ -158,16 +173,14 @@ def prepare_vision_inputs(cfg: VisionConfig, grids_thw: np.ndarray) -> VisionInp
             arrays = [a + o for a, o in zip(arrays, offsets)]
         return np.concatenate(arrays).astype(dtype)
 
-    def starts(counts) -> np.ndarray:
-        return np.concatenate([[0], np.cumsum(counts)[:-1]])
-
-    window_index = cat("window_index_m", starts(tokens // unit))
+    window_index = cat("window_index_m", np.cumsum(tokens // unit) - tokens // unit)
+    window_lengths = cat("window_lengths")
     rows = int(grids[:, 1:].max())
     cos, sin = _rotary_tables(cfg.head_dim, max(64, 1 << (rows - 1).bit_length()))
     return VisionInputs(
         pos_hw_n2=cat("pos_hw_n2"),
-        segment_n=cat("segment_n", starts([p.num_segments for p in parts])),
-        window_segment_n=cat("window_segment_n", starts([p.num_windows for p in parts])),
+        full=_layout(cat("frame_lengths")),
+        window=None if window_lengths is None else _layout(window_lengths),
         window_index_m=window_index,
         reverse_index_m=None if window_index is None else np.argsort(window_index).astype(np.int32),
         interp_index_n4=cat("interp_index_n4"),
@@ -211,12 +224,23 @@ class VisionAttention(nnx.Module):
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
 
     def __call__(self, x_nd: jax.Array, pos_hw_n2: jax.Array, cos_table: jax.Array, sin_table: jax.Array,
-                 mask_nn: jax.Array) -> jax.Array:
+                 layout: AttentionLayout) -> jax.Array:
         n = x_nd.shape[0]
         q, k, v = jnp.unstack(self.qkv(x_nd).reshape(n, 3, self.num_heads, self.head_dim), axis=1)
         q, k = apply_vision_rotary(q, k, pos_hw_n2, cos_table, sin_table)
-        out_nhd = jax.nn.dot_product_attention(q[None], k[None], v[None], mask=mask_nn[None, None])[0]
+        out_nhd = segment_attention(q, k, v, layout)
         return self.proj(out_nhd.reshape(n, -1))
+
+
+def segment_attention(q_nhd: jax.Array, k_nhd: jax.Array, v_nhd: jax.Array, layout: AttentionLayout) -> jax.Array:
+    """Bidirectional attention within each segment of ``layout``. On a GPU in half precision this is cuDNN's
+    flash attention over the padded [S, L] batch; elsewhere XLA's, masked by key length."""
+    gather_sl, lengths_s, scatter_n = layout
+    q, k, v = (x[gather_sl] for x in (q_nhd, k_nhd, v_nhd))
+    flash = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+    out_slhd = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths_s,
+                                            implementation="cudnn" if flash else None)
+    return out_slhd.reshape(-1, *out_slhd.shape[2:])[scatter_n]
 
 
 class VisionBlock(nnx.Module):
@@ -233,8 +257,8 @@ class VisionBlock(nnx.Module):
         self.attn = VisionAttention(cfg, dtype=dtype, rngs=rngs)
 
     def __call__(self, x_nd: jax.Array, pos_hw_n2: jax.Array, cos_table: jax.Array, sin_table: jax.Array,
-                 mask_nn: jax.Array) -> jax.Array:
-        x_nd = x_nd + self.attn(self.norm1(x_nd), pos_hw_n2, cos_table, sin_table, mask_nn)
+                 layout: AttentionLayout) -> jax.Array:
+        x_nd = x_nd + self.attn(self.norm1(x_nd), pos_hw_n2, cos_table, sin_table, layout)
         return x_nd + self.mlp(self.norm2(x_nd))
 
 
@@ -274,10 +298,6 @@ def _stacked(count: int, make_one, rngs: nnx.Rngs):
     return make(rngs)
 
 
-def _segment_mask(segment_n: jax.Array) -> jax.Array:
-    return segment_n[:, None] == segment_n[None, :]
-
-
 class VisionModel(nnx.Module):
     """HF: ``model.visual``. Blocks are stacked (leading axis = block index) and scanned."""
 
@@ -292,18 +312,21 @@ class VisionModel(nnx.Module):
             n_deep, lambda r: PatchMerger(cfg, postshuffle=True, dtype=dtype, rngs=r), rngs) if n_deep else None
         self.cfg = cfg
 
-    def _scan_blocks(self, x_nd: jax.Array, lo: int, hi: int, inputs: VisionInputs, masks: tuple) -> jax.Array:
-        """Blocks lo..hi-1; each picks full or window attention by a per-block flag fed through the scan."""
+    def _scan_blocks(self, x_nd: jax.Array, lo: int, hi: int, inputs: VisionInputs) -> jax.Array:
+        """Blocks lo..hi-1; Qwen2.5-VL's pick full or window attention by a per-block flag fed through the scan."""
         graphdef, state = nnx.split(self.blocks)
         if (lo, hi) != (0, self.cfg.depth):
             state = jax.tree.map(lambda a: a[lo:hi], state)
-        full = jnp.asarray([i in self.cfg.fullatt_block_indexes or not self.cfg.window_size for i in range(lo, hi)])
+        full = jnp.asarray([i in self.cfg.fullatt_block_indexes for i in range(lo, hi)])
+        rotary = (inputs.pos_hw_n2, inputs.cos_table, inputs.sin_table)
 
         def body(x: jax.Array, xs: tuple) -> tuple[jax.Array, None]:
             block_state, is_full = xs
-            mask = masks[0] if len(masks) == 1 else jnp.where(is_full, masks[0], masks[1])
-            return nnx.merge(graphdef, block_state)(x, inputs.pos_hw_n2, inputs.cos_table, inputs.sin_table,
-                                                    mask), None
+            block = nnx.merge(graphdef, block_state)
+            if inputs.window is None:
+                return block(x, *rotary, inputs.full), None
+            return jax.lax.cond(is_full, lambda: block(x, *rotary, inputs.full),
+                                lambda: block(x, *rotary, inputs.window)), None
 
         return jax.lax.scan(body, x_nd, (state, full))[0]
 
@@ -317,19 +340,16 @@ class VisionModel(nnx.Module):
         unit = self.cfg.spatial_merge_size**2
         if inputs.window_index_m is not None:
             x = x.reshape(-1, unit, x.shape[-1])[inputs.window_index_m].reshape(x.shape)
-        masks = (_segment_mask(inputs.segment_n),)
-        if inputs.window_segment_n is not None:
-            masks += (_segment_mask(inputs.window_segment_n),)
 
         taps = self.cfg.deepstack_visual_indexes
         features, lo = [], 0
         for tap in sorted(taps):  # HF collects the features in block order
-            x = self._scan_blocks(x, lo, tap + 1, inputs, masks)
+            x = self._scan_blocks(x, lo, tap + 1, inputs)
             merger_state = jax.tree.map(lambda a: a[taps.index(tap)], nnx.state(self.deepstack_merger_list))
             features.append(nnx.merge(nnx.graphdef(self.deepstack_merger_list), merger_state)(x))
             lo = tap + 1
         if lo < self.cfg.depth:
-            x = self._scan_blocks(x, lo, self.cfg.depth, inputs, masks)
+            x = self._scan_blocks(x, lo, self.cfg.depth, inputs)
 
         merged_md = self.merger(x)
         if inputs.reverse_index_m is not None:
