@@ -17,8 +17,9 @@ from qwenvl_jax.models.multimodal import prepare_multimodal
 from qwenvl_jax.models.rope_index import get_rope_index
 from qwenvl_jax.processing import Processor
 
-# Per image or video; the largest the hub processors make is ~16k patches (Qwen2.5-VL's 12.8 MP at 14 px).
-DEFAULT_MAX_VISION_PATCHES = 32768
+# Per image or video. The hub processors' limits reach 65536 (Qwen2.5-VL: max_pixels 12845056 at 14 px) and 49152
+# (Qwen3-VL video: 25165824 px over all frames at 16 px, 2 frames a patch).
+DEFAULT_MAX_VISION_PATCHES = 65536
 
 
 def _right_align(mask_bt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
