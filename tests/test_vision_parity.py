@@ -82,7 +82,7 @@ def _hf_inputs(inputs) -> dict:
 
 def test_vision_tower_matches_hf(setup):
     """Two images and a video packed into one call of our tower vs HF's tower run on images and video apart,
-    merged tokens and DeepStack features."""
+    merged tokens and DeepStack features; also padded to a patch bucket, where the real tokens must not move."""
     hf, ours, processor = setup
     inputs = processor([_user(IMAGE_A, IMAGE_B, VIDEO, "?")])
     refs = []
@@ -94,14 +94,27 @@ def test_vision_tower_matches_hf(setup):
     ref = [np.concatenate(parts) for parts in zip(*refs)]
 
     grids = np.concatenate([inputs.image_grid_thw, inputs.video_grid_thw])
+    patches = np.concatenate([inputs.pixel_values, inputs.pixel_values_videos])
     tower = jax.jit(lambda params, *args: nnx.merge(ours.graphdef, params).visual(*args))
-    merged, deepstack = tower(ours.params, np.concatenate([inputs.pixel_values, inputs.pixel_values_videos]),
-                              prepare_vision_inputs(ours.config.vision, grids))
-    got = [np.asarray(merged)] + ([] if deepstack is None else list(np.asarray(deepstack)))
-    assert len(got) == 1 + len(ours.config.vision.deepstack_visual_indexes) == len(ref)
-    for name, g, r in zip(["merger"] + [f"deepstack[{i}]" for i in range(len(got) - 1)], got, ref):
-        assert g.shape == r.shape, name
-        assert _relative_error(g, r) < 1e-4, f"{name}: max |ours - HF| / max |HF| = {_relative_error(g, r):.2e}"
+    bucket = 1 << len(patches).bit_length()  # at least one more patch than needed
+    padded = np.concatenate([patches, np.zeros((bucket - len(patches), patches.shape[1]), patches.dtype)])
+    for name, call in (("packed", (patches, prepare_vision_inputs(ours.config.vision, grids))),
+                       ("padded", (padded, prepare_vision_inputs(ours.config.vision, grids, pad_to=bucket)))):
+        merged, deepstack = tower(ours.params, *call)
+        got = [np.asarray(merged)] + ([] if deepstack is None else list(np.asarray(deepstack)))
+        assert len(got) == 1 + len(ours.config.vision.deepstack_visual_indexes) == len(ref)
+        for what, g, r in zip(["merger"] + [f"deepstack[{i}]" for i in range(len(got) - 1)], got, ref):
+            g = g[: len(r)]
+            assert _relative_error(g, r) < 1e-4, f"{name} {what}: {_relative_error(g, r):.2e}"
+
+
+def test_bucketed_calls_share_shapes(setup):
+    """Padded to one bucket, images of different sizes in one width class give identically shaped inputs: one
+    compiled tower serves them all."""
+    cfg = setup[1].config.vision
+    shapes = {str(jax.tree.map(np.shape, prepare_vision_inputs(cfg, np.array(grid), pad_to=256)))
+              for grid in ([[1, 4, 6]], [[1, 4, 8]], [[1, 6, 4]], [[1, 8, 4]])}
+    assert len(shapes) == 1, shapes
 
 
 def test_logits_match_hf(setup):

@@ -127,12 +127,34 @@ def _grid_tables(cfg: VisionConfig, t: int, h: int, w: int) -> _GridTables:
     return tables
 
 
-def _layout(lengths_s: np.ndarray) -> AttentionLayout:
-    starts_s = np.cumsum(lengths_s) - lengths_s
+def _pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def _layout(lengths_s: np.ndarray, pad_to: int | None) -> AttentionLayout:
+    """The padded batch [S, L] of segments of these lengths.
+
+    With ``pad_to`` (a patch bucket) the tokens after the real ones, up to ``pad_to``, become segments of width L,
+    L is rounded up to a power of two and S to (a power of two >= the real segments) + pad_to / L, spare rows
+    holding one token: the shape then depends on the bucket, L and the rounded segment count only, so a few
+    programs per bucket serve every request.
+    """
+    real = len(lengths_s)
+    n = total = int(lengths_s.sum())
     width = int(lengths_s.max())
-    gather = starts_s[:, None] + np.minimum(np.arange(width)[None, :], lengths_s[:, None] - 1)
-    segment_n = np.repeat(np.arange(len(lengths_s)), lengths_s)
-    slot_n = np.arange(int(lengths_s.sum())) - np.repeat(starts_s, lengths_s)
+    if pad_to is not None:
+        width = _pow2(width)
+        pad, total = pad_to - n, pad_to
+        chunks = np.full(-(-pad // width), width)
+        if pad % width:
+            chunks[-1] = pad % width
+        rows = _pow2(real) + -(-pad_to // width)
+        lengths_s = np.concatenate([lengths_s, chunks, np.ones(rows - real - len(chunks), np.int64)])
+    starts_s = np.cumsum(lengths_s) - lengths_s
+    # Spare rows start past the last token: they read (and never write back) the last one.
+    gather = np.minimum(starts_s[:, None] + np.minimum(np.arange(width)[None, :], lengths_s[:, None] - 1), total - 1)
+    segment_n = np.repeat(np.arange(len(lengths_s)), lengths_s)[:total]
+    slot_n = np.arange(len(segment_n)) - starts_s[segment_n]
     return AttentionLayout(gather.astype(np.int32), lengths_s.astype(np.int32),
                            (segment_n * width + slot_n).astype(np.int32))
 
@@ -158,29 +180,49 @@ def check_grids(cfg: VisionConfig, grids_thw: np.ndarray, what: str, max_patches
     return grids.astype(np.int64)
 
 
-def prepare_vision_inputs(cfg: VisionConfig, grids_thw: np.ndarray) -> VisionInputs:
-    """Packs the per-grid tables of ``grids_thw`` [n, 3] (images then videos, as their patches are packed)."""
+def prepare_vision_inputs(cfg: VisionConfig, grids_thw: np.ndarray, *, pad_to: int | None = None,
+                          table_rows: int | None = None) -> VisionInputs:
+    """Packs the per-grid tables of ``grids_thw`` [n, 3] (images then videos, as their patches are packed).
+
+    ``pad_to``: total patches after padding (a patch bucket; the caller appends that many zero patches). Padding
+    patches attend only among themselves, come out as the last merged tokens, and the attention layouts are
+    rounded up to powers of two, so one program serves many requests. ``table_rows``: rotary table rows (at least
+    the longest grid side); by default the next power of two >= 64, so few programs see different tables.
+    """
     grids = check_grids(cfg, grids_thw, "grid_thw")
     parts = [_grid_tables(cfg, t, h, w) for t, h, w in grids.tolist()]
     tokens = np.array([len(p.pos_hw_n2) for p in parts])
     unit = cfg.spatial_merge_size**2
+    n = int(tokens.sum())
+    pad = 0 if pad_to is None else pad_to - n
+    if pad < 0 or pad % unit:
+        raise ValueError(f"pad_to={pad_to} must be >= the {n} patches of grid_thw and a multiple of {unit}")
+    rows = int(grids[:, 1:].max())
+    if table_rows is not None and table_rows < rows:
+        raise ValueError(f"table_rows={table_rows} is less than the longest grid side {rows}")
 
-    def cat(field: str, offsets: np.ndarray | None = None, dtype=np.int32) -> np.ndarray | None:
+    def cat(field: str, offsets: np.ndarray | None = None, pad_value: int | None = 0,
+            dtype: type = np.int32) -> np.ndarray | None:
+        """One field over all grids (local indices shifted by ``offsets``), padded by ``pad`` rows."""
         arrays = [getattr(p, field) for p in parts]
         if arrays[0] is None:
             return None
         if offsets is not None:
             arrays = [a + o for a, o in zip(arrays, offsets)]
-        return np.concatenate(arrays).astype(dtype)
+        out = np.concatenate(arrays)
+        if pad_value is not None:
+            out = np.pad(out, [(0, pad)] + [(0, 0)] * (out.ndim - 1), constant_values=pad_value)
+        return out.astype(dtype)
 
-    window_index = cat("window_index_m", np.cumsum(tokens // unit) - tokens // unit)
-    window_lengths = cat("window_lengths")
-    rows = int(grids[:, 1:].max())
-    cos, sin = _rotary_tables(cfg.head_dim, max(64, 1 << (rows - 1).bit_length()))
+    window_index = cat("window_index_m", np.cumsum(tokens // unit) - tokens // unit, pad_value=None)
+    if window_index is not None:  # padding units stay last, in place
+        window_index = np.concatenate([window_index, np.arange(n // unit, (n + pad) // unit, dtype=np.int32)])
+    window_lengths = cat("window_lengths", pad_value=None, dtype=np.int64)
+    cos, sin = _rotary_tables(cfg.head_dim, table_rows or max(64, _pow2(rows)))
     return VisionInputs(
         pos_hw_n2=cat("pos_hw_n2"),
-        full=_layout(cat("frame_lengths")),
-        window=None if window_lengths is None else _layout(window_lengths),
+        full=_layout(cat("frame_lengths", pad_value=None, dtype=np.int64), pad_to),
+        window=None if window_lengths is None else _layout(window_lengths, pad_to),
         window_index_m=window_index,
         reverse_index_m=None if window_index is None else np.argsort(window_index).astype(np.int32),
         interp_index_n4=cat("interp_index_n4"),
@@ -238,7 +280,7 @@ def segment_attention(q_nhd: jax.Array, k_nhd: jax.Array, v_nhd: jax.Array, layo
     gather_sl, lengths_s, scatter_n = layout
     q, k, v = (x[gather_sl] for x in (q_nhd, k_nhd, v_nhd))
     flash = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
-    out_slhd = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths_s,
+    out_slhd = jax.nn.dot_product_attention(q, k, v, query_seq_lengths=lengths_s, key_value_seq_lengths=lengths_s,
                                             implementation="cudnn" if flash else None)
     return out_slhd.reshape(-1, *out_slhd.shape[2:])[scatter_n]
 
