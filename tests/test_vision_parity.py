@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -16,6 +17,7 @@ from flax import nnx
 import qwenvl_jax as qj
 from qwenvl_jax import tiny_checkpoint_assets
 from qwenvl_jax.models.model import multimodal_logits_fn
+from qwenvl_jax.models.multimodal import fuse_vision
 from qwenvl_jax.models.vision import prepare_vision_inputs
 from qwenvl_jax.processing import Processor
 from tests.hf_tiny import build_hf_model
@@ -189,3 +191,15 @@ def test_bad_inputs_raise_clear_errors(setup):
             ours.logits(ids, **vision)
     finally:
         ours.max_vision_patches = qj.qwenvl.DEFAULT_MAX_VISION_PATCHES
+
+
+def test_fuse_vision_places_tokens_and_drops_out_of_range_ones():
+    embeds_btd = jnp.zeros((2, 3, 4), jnp.float32)
+    visual_md = np.arange(12, dtype=np.float32).reshape(3, 4) + 1
+    deepstack_kmd = np.stack([visual_md, -visual_md])
+    dest_m = np.array([4, 0, 6])  # row 1 position 1, row 0 position 0, past the batch (a padding token)
+    embeds, deep = fuse_vision(embeds_btd, visual_md, deepstack_kmd, dest_m)
+    expected = np.zeros((6, 4), np.float32)
+    expected[[4, 0]] = visual_md[:2]
+    np.testing.assert_array_equal(np.asarray(embeds).reshape(6, 4), expected)
+    np.testing.assert_array_equal(np.asarray(deep).reshape(2, 6, 4), np.stack([expected, -expected]))

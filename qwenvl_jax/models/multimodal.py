@@ -91,11 +91,14 @@ def prepare_multimodal(
 def fuse_vision(embeds_btd: jax.Array, visual_md: jax.Array, deepstack_kmd: jax.Array | None,
                 dest_m: jax.Array) -> tuple[jax.Array, jax.Array | None]:
     """(token embeddings with the vision tokens in place, DeepStack features as the decoder's ``deepstack_lbtd``:
-    [k, B, T, D], zero away from vision tokens; None without DeepStack)."""
+    [k, B, T, D], zero away from vision tokens; None without DeepStack). Tokens whose destination is out of range
+    (>= B * T: bucket padding, or tokens of another prefill chunk) are dropped."""
     b, t, d = embeds_btd.shape
-    embeds = embeds_btd.reshape(b * t, d).at[dest_m].set(visual_md.astype(embeds_btd.dtype)).reshape(b, t, d)
+    embeds = embeds_btd.reshape(b * t, d).at[dest_m].set(visual_md.astype(embeds_btd.dtype), mode="drop")
+    embeds = embeds.reshape(b, t, d)
     if deepstack_kmd is None:
         return embeds, None
     k = deepstack_kmd.shape[0]
-    deep = jnp.zeros((k, b * t, d), embeds_btd.dtype).at[:, dest_m].set(deepstack_kmd.astype(embeds_btd.dtype))
+    deep = jnp.zeros((k, b * t, d), embeds_btd.dtype).at[:, dest_m].set(deepstack_kmd.astype(embeds_btd.dtype),
+                                                                          mode="drop")
     return embeds, deep.reshape(k, b, t, d)
