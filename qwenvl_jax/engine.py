@@ -23,8 +23,7 @@ from qwenvl_jax.cache import AttnCache, DecodeState, init_layer_caches, tree_byt
 from qwenvl_jax.models.context import ForwardContext
 from qwenvl_jax.models.model import QwenVLModel
 from qwenvl_jax.models.multimodal import fuse_vision
-from pallas_kernels.vision_rotary import vision_rotary_tables
-from qwenvl_jax.models.vision import ROTARY_THETA, prepare_vision_inputs
+from qwenvl_jax.models.vision import prepare_vision_inputs
 from qwenvl_jax.models.rope import mrope_cos_sin
 from qwenvl_jax.sampling import SamplingArrays, SamplingParams, mark_seen, request_keys, sample, sampling_arrays
 
@@ -261,16 +260,25 @@ class Engine:
             variants += [(big, True, False), (big, False, False), (big, False, True)]
         scratch = Request(np.zeros(1, np.int32), np.zeros((3, 1), np.int32), 0, SamplingParams(), 1)
         requests = [(scratch, v) for v in variants]
+        vision_only = []  # extra vision-program shapes: prefill programs depend on the bucket alone
         if self.vision_cfg is not None and vision:
             merge = self.vision_cfg.spatial_merge_size
             for n in cfg.vision_buckets:
-                tokens = n // merge**2
-                payload = VisionPayload(np.zeros((n, self.vision_cfg.patch_dim), np.float32),
-                                        np.array([[tokens, merge, merge]]), np.arange(tokens, dtype=np.int32))
-                with_vision = dataclasses.replace(scratch, vision=payload)
+                # One frame of every power-of-two width up to the bucket: the attention layouts of single
+                # images. Other layouts (several images, video frames, windows) compile once on first sight.
+                payloads = [VisionPayload(np.zeros((n, self.vision_cfg.patch_dim), np.float32),
+                                          np.array([[1, merge, width // merge]]),
+                                          np.arange(width // merge**2, dtype=np.int32))
+                            for width in (1 << i for i in range(merge.bit_length() * 2 - 1, n.bit_length()))]
+                with_vision = dataclasses.replace(scratch, vision=payloads[-1])
                 # A prompt holds all its vision tokens, so only buckets that fit them (or chunking) can occur.
-                requests += [(with_vision, v) for v in variants if v[0] >= tokens or v[0] == big]
-        bar = tqdm(total=len(requests) + len(cfg.decode_buckets), desc="warm-up", disable=not progress)
+                requests += [(with_vision, v) for v in variants if v[0] >= n // merge**2 or v[0] == big]
+                vision_only += payloads[:-1]
+        bar = tqdm(total=len(requests) + len(vision_only) + len(cfg.decode_buckets), desc="warm-up",
+                   disable=not progress)
+        for payload in vision_only:
+            self._vision_embeds(payload)
+            bar.update()
         for req, (bucket, fresh, final) in requests:
             embeds = self._vision_embeds(req.vision) if req.vision is not None else None
             self._run_prefill(req, self.scratch_slot, 0, bucket, fresh, final, embeds)
@@ -291,23 +299,18 @@ class Engine:
         self._cancelled.add(request_index)
 
     def _vision_embeds(self, payload: VisionPayload) -> tuple:
-        """Runs the vision tower on a request's patches, padded to a patch bucket by an extra grid of
-        merge x merge frames: it attends only to itself and its tokens are dropped at the scatter."""
+        """Runs the vision tower on a request's patches padded to a patch bucket (padding patches attend only
+        among themselves and their merged tokens are dropped at the scatter)."""
         v = self.vision_cfg
         n = len(payload.pixel_patches)
         bucket = next((b for b in sorted(self.config.vision_buckets) if b >= n), 1 << (n - 1).bit_length())
-        unit = v.spatial_merge_size ** 2
         grids = np.asarray(payload.grids_thw)
-        if bucket > n:
-            grids = np.concatenate([grids, [[(bucket - n) // unit, v.spatial_merge_size, v.spatial_merge_size]]])
-        vision_inputs = prepare_vision_inputs(v, grids)
         rows = max(self.config.vision_table_rows, 1 << (int(grids[:, 1:].max()) - 1).bit_length())
-        cos, sin = vision_rotary_tables(v.head_dim, rows, ROTARY_THETA)
-        vision_inputs = vision_inputs._replace(cos_table=cos, sin_table=sin)
+        vision_inputs = prepare_vision_inputs(v, grids, pad_to=bucket, table_rows=rows)
         patches = np.zeros((bucket, v.patch_dim), np.float32)
         patches[:n] = payload.pixel_patches
         visual_md, deepstack_kmd = self._vision(self.graphdef, self.params, patches, vision_inputs)
-        dest = np.full(bucket // unit, np.iinfo(np.int32).max, np.int64)
+        dest = np.full(bucket // v.spatial_merge_size**2, np.iinfo(np.int32).max, np.int64)
         dest[: len(payload.dest_t)] = payload.dest_t
         return visual_md, deepstack_kmd, dest
 

@@ -13,6 +13,7 @@ import pytest
 import qwenvl_jax as qj
 from qwenvl_jax import tiny_checkpoint_assets
 from qwenvl_jax.engine import Engine, EngineConfig, Request
+from qwenvl_jax.generate import build_requests
 from qwenvl_jax.sampling import SamplingParams
 from tests.hf_tiny import build_hf_model
 
@@ -171,11 +172,19 @@ class _TransferRecorder:
 def test_steady_state_compiles_nothing_and_moves_only_tokens(qwen3_5):
     _, ours = qwen3_5
     engine = _engine(ours, prompt_buckets=(16, 64), chunked_prefill=True, max_batch=2)
-    engine.warmup(progress=False, vision=False)
+    ours._engine = engine  # build_requests below reads the model's processor; the engine is this one
+    engine.warmup(progress=False)
     compiled = engine.compiled_programs()
     rng = np.random.default_rng(7)
     mixed = [_text_request(rng.integers(0, 400, n), max_new=m, temperature=t, top_p=0.9, seed=1)
              for n, m, t in ((5, 9, 0.0), (40, 17, 0.7), (100, 4, 0.0), (12, 30, 1.0))]
+    for size in ((50, 90), (100, 36), (64, 64)):  # single images of different sizes, between text requests
+        image = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+        request, _ = build_requests(ours, [{"role": "user", "content": [{"type": "image", "image": image},
+                                                                        {"type": "text", "text": "Hm?"}]}],
+                                    images=None, videos=None, input_ids=None, vision_arrays={},
+                                    sampling=SamplingParams(), max_new_tokens=6)
+        mixed.insert(2, request[0])
     recorder = _TransferRecorder(engine)
     with recorder.watching():
         _run(engine, mixed)
@@ -183,6 +192,7 @@ def test_steady_state_compiles_nothing_and_moves_only_tokens(qwen3_5):
     steps = engine.config.decode_steps
     reads = [shape for kind, shape in recorder.events if kind == "read"]
     assert reads and set(reads) <= {(1,), (steps, 1), (steps, 2)}, reads  # first tokens and decode tokens only
+    assert sum(shape == (1,) for shape in reads) == len(mixed)
     # The host reads a decode call's tokens only after dispatching the next call.
     first_decode_read = next(i for i, (kind, shape) in enumerate(recorder.events) if shape in {(steps, 1), (steps, 2)})
     assert sum(kind == "dispatch" for kind, _ in recorder.events[:first_decode_read]) >= 2
