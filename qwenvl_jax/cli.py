@@ -19,11 +19,16 @@ def _convert(args: argparse.Namespace) -> None:
 
 def _load_for_generation(args: argparse.Namespace):
     import qwenvl_jax as qj
+    from qwenvl_jax.engine import EngineConfig
 
     model = qj.load(args.model, dtype=args.dtype)
-    model.configure(max_batch=1, max_len=args.max_len, decode_steps=args.decode_steps)
-    print(f"warm-up: compiling ... ", end="", flush=True, file=sys.stderr)
-    print(f"{model.warmup(progress=False):.1f} s", file=sys.stderr)
+    buckets = tuple(b for b in EngineConfig.prompt_buckets if b < args.max_len) or (args.max_len // 2,)
+    model.configure(max_batch=1, max_len=args.max_len, decode_steps=args.decode_steps, prompt_buckets=buckets)
+    engine = model.engine()
+    print(f"decode state: {engine.state_bytes / 2**20:.1f} MiB; programs compile on first use "
+          f"(--warmup compiles every bucket first)", file=sys.stderr)
+    if args.warmup:
+        print(f"warm-up: {model.warmup():.1f} s", file=sys.stderr)
     return model
 
 
@@ -53,7 +58,7 @@ def _generate(args: argparse.Namespace) -> None:
                                           **_sampling_kwargs(args)))
     s = result.stats
     print(f"[{result.finish_reason}; {s.prompt_tokens} prompt + {s.new_tokens} new tokens; TTFT {s.ttft_s * 1e3:.1f} ms, "
-          f"decode {s.decode_tok_s:.1f} tok/s]", file=sys.stderr)
+          f"decode {s.decode_tok_s:.1f} tok/s; compile {s.compile_s:.1f} s]", file=sys.stderr)
 
 
 def _chat(args: argparse.Namespace) -> None:
@@ -102,7 +107,8 @@ def _demo(args: argparse.Namespace) -> None:
         model = qj.load(out_dir)
         model.configure(max_batch=1, max_len=128, prompt_buckets=(64,), decode_steps=8, vision_buckets=(64,),
                         chunked_prefill=False)
-        print(f"warm-up compiled every bucket in {model.warmup():.1f} s")
+        print(f"decode state {model.engine().state_bytes / 1024:.0f} KiB; warm-up compiled every bucket in "
+              f"{model.warmup():.1f} s")
         image = np.random.default_rng(args.seed).integers(0, 256, (56, 84, 3), dtype=np.uint8)
         runs = [("text", model.generate("Tell me a story.", max_new_tokens=24)),
                 ("image", model.generate("Describe this image.", images=[image], max_new_tokens=24))]
@@ -148,6 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--dtype", choices=["bfloat16", "float32"], help="compute dtype (default: as converted)")
         p.add_argument("--max-len", type=int, default=4096)
         p.add_argument("--decode-steps", type=int, default=16)
+        p.add_argument("--warmup", action="store_true", help="compile every prompt/vision/decode bucket up front")
         p.set_defaults(func=_generate if name == "generate" else _chat)
 
     p = sub.add_parser("demo", help="build a tiny random checkpoint, convert it and run it")

@@ -90,18 +90,8 @@ class TokenEvent:
 # ----------------------------------------------------------------------------------------------- device programs
 
 
-def _set_rows(x: jax.Array, rows: jax.Array | int, value: jax.Array) -> jax.Array:
-    index = slice(0, rows) if isinstance(rows, int) else rows
-    return x.at[index].set(value)
-
-
 def _get_rows(x: jax.Array, rows: jax.Array | int) -> jax.Array:
     return x[:rows] if isinstance(rows, int) else x[rows]
-
-
-def _select(pred_s: jax.Array, new, old):
-    return jax.tree_util.tree_map(
-        lambda n, o: jnp.where(pred_s.reshape(pred_s.shape + (1,) * (n.ndim - 1)), n, o), new, old)
 
 
 def _step_keys(state: DecodeState, rows: jax.Array | int, step_s: jax.Array) -> jax.Array:
@@ -235,7 +225,6 @@ class Engine:
         self._decode = jax.jit(decode_program, static_argnums=0, static_argnames=("steps", "rows"), donate_argnums=2)
         self._vision = jax.jit(vision_program, static_argnums=0)
         self._cancelled: set[int] = set()
-        self.warm = False
         self.vision_cfg = model.cfg.vision
         self.compile_seconds = 0.0
 
@@ -291,7 +280,6 @@ class Engine:
         jax.block_until_ready(self.state)
         bar.close()
         self.compile_seconds = time.perf_counter() - t0
-        self.warm = True
         return self.compile_seconds
 
     def cancel(self, request_index: int) -> None:

@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import jax
 import numpy as np
 
 from qwenvl_jax.detokenize import StreamingDetokenizer
@@ -22,6 +23,18 @@ from qwenvl_jax.sampling import SamplingParams
 if TYPE_CHECKING:
     from qwenvl_jax.qwenvl import QwenVL
 
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+_compile_seconds = [0.0]  # process-wide total, read before and after a call
+
+
+def _count_compile(event: str, seconds: float, **_) -> None:
+    if event in _COMPILE_EVENTS:
+        _compile_seconds[0] += seconds
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compile)
+
 
 @dataclasses.dataclass
 class GenerationStats:
@@ -30,7 +43,7 @@ class GenerationStats:
     ttft_s: float  # request submitted -> first token on the host
     prefill_tok_s: float  # prompt tokens / time to first token
     decode_tok_s: float  # new tokens after the first / time after the first token
-    compile_s: float  # warm-up compilation spent inside this call (0 once warm)
+    compile_s: float  # tracing + compilation inside this call (0 once every bucket it used was compiled)
     total_s: float
 
 
@@ -148,7 +161,7 @@ def _run(model: QwenVL, requests: list[Request], stop: list[str]) -> Iterator:
     """Yields (request index, text delta) as tokens arrive, then the list of GenerationResults."""
     engine = model.engine()
     t0 = time.perf_counter()
-    compile_s = 0.0 if engine.warm else engine.warmup(progress=False)
+    compiled_before = _compile_seconds[0]
     for req in requests:
         engine.validate(req)
     start = time.perf_counter()
@@ -190,6 +203,6 @@ def _run(model: QwenVL, requests: list[Request], stop: list[str]) -> Iterator:
             prompt_tokens=len(req.input_ids), new_tokens=len(ids[i]), ttft_s=ttft,
             prefill_tok_s=len(req.input_ids) / ttft if ttft > 0 else float("inf"),
             decode_tok_s=(len(ids[i]) - 1) / decode_s if decode_s > 0 else 0.0,
-            compile_s=compile_s, total_s=time.perf_counter() - t0)
+            compile_s=_compile_seconds[0] - compiled_before, total_s=time.perf_counter() - t0)
         results.append(GenerationResult(texts[i], ids[i], reasons[i] or "length", stats))
     yield results
