@@ -14,6 +14,7 @@ host by :func:`prepare_vision_inputs` and cached per grid; the device only gathe
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -332,7 +333,8 @@ class PatchMerger(nnx.Module):
         return self.linear_fc2(gelu(self.linear_fc1(x)))
 
 
-def _stacked(count: int, make_one, rngs: nnx.Rngs):
+def _stacked(count: int, make_one: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs) -> nnx.Module:
+    """``count`` modules stacked on a leading axis (the converter fills it from HF's list of that name)."""
     @nnx.split_rngs(splits=count)
     @nnx.vmap(in_axes=0, out_axes=0)
     def make(r: nnx.Rngs):
@@ -377,9 +379,9 @@ class VisionModel(nnx.Module):
         """Packed patches [N, patch_dim] -> (merged tokens [M, out_hidden], DeepStack features [k, M, out_hidden]
         in tap order, or None), M in packed order."""
         x = self.patch_embed(pixel_patches_np)
-        if self.pos_embed is not None:
-            taps_nkd = self.pos_embed(inputs.interp_index_n4)
-            x = x + jnp.sum(taps_nkd * inputs.interp_weight_n4[..., None].astype(taps_nkd.dtype), axis=1)
+        if self.pos_embed is not None:  # weighted in float32 as HF (its weights are float32), then cast
+            taps_nkd = self.pos_embed(inputs.interp_index_n4).astype(jnp.float32)
+            x = x + jnp.sum(taps_nkd * inputs.interp_weight_n4[..., None], axis=1).astype(x.dtype)
         unit = self.cfg.spatial_merge_size**2
         if inputs.window_index_m is not None:
             x = x.reshape(-1, unit, x.shape[-1])[inputs.window_index_m].reshape(x.shape)
