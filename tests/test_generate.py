@@ -231,3 +231,17 @@ def test_generate_api_errors_and_stop_strings(qwen3_5):
     assert stopped.finish_reason == "stop" and stopped.text == full.text[: full.text.index(cut)]
     sampled = [ours.generate("Say something.", max_new_tokens=8, temperature=1.0, seed=s).token_ids for s in (1, 1, 2)]
     assert sampled[0] == sampled[1] != sampled[2]
+
+
+def test_image_prompt_prefilled_in_chunks_matches_hf(qwen3_5):
+    """Vision tokens straddling chunk boundaries land in the right chunk, with their mRoPE positions."""
+    hf, ours = qwen3_5
+    out = ours.processor([[{"role": "user", "content": [{"type": "image", "image": IMAGE},
+                                                        {"type": "text", "text": "Describe it."}]}]])
+    vision = dict(pixel_values=out.pixel_values, image_grid_thw=out.image_grid_thw)
+    want = _hf_greedy(hf, ours, out.input_ids, mm_token_type_ids=out.mm_token_type_ids, **vision)[0]
+    request, _ = build_requests(ours, None, images=None, videos=None, input_ids=out.input_ids[0].tolist(),
+                                vision_arrays=vision, sampling=SamplingParams(), max_new_tokens=NEW_TOKENS)
+    engine = _engine(ours, prompt_buckets=(8,), chunked_prefill=True, max_batch=1)
+    assert len(request[0].input_ids) > 3 * 8 and request[0].vision is not None
+    assert _run(engine, request)[0] == want
