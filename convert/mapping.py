@@ -18,7 +18,7 @@ from typing import Literal
 
 import numpy as np
 
-from convert.safetensors_io import CheckpointError, TensorInfo
+from convert.safetensors_io import TensorInfo
 from qwenvl_jax.models.decoder import TextModel
 
 Transform = Literal["copy", "linear", "swap_last2"]

@@ -68,16 +68,14 @@ def build_requests(model: QwenVL, prompts: Any, *, images: Sequence | None, vide
                    input_ids: Sequence[Sequence[int]] | None, vision_arrays: Mapping[str, Any],
                    sampling: SamplingParams, max_new_tokens: int) -> tuple[list[Request], bool]:
     """(requests, batched): one request per prompt / conversation / row of ``input_ids``."""
-    cfg = model.config
     if input_ids is not None:
         if prompts is not None or images or videos:
             raise ValueError("pass either input_ids (with HF-named vision arrays) or prompts/messages, not both")
-        rows = [np.asarray(r) for r in input_ids] if len(input_ids) and np.ndim(input_ids[0]) else [
-            np.asarray(input_ids)]
+        batched = len(input_ids) > 0 and np.ndim(input_ids[0]) > 0
+        rows = [np.asarray(r) for r in input_ids] if batched else [np.asarray(input_ids)]
         if len(rows) != 1 and any(v is not None for v in vision_arrays.values()):
             raise ValueError("vision arrays with input_ids are supported for a single row")
-        return [_request(model, r, vision_arrays, sampling, max_new_tokens) for r in rows], len(rows) > 1 or \
-            (len(input_ids) > 0 and np.ndim(input_ids[0]) > 0)
+        return [_request(model, r, vision_arrays, sampling, max_new_tokens) for r in rows], batched
 
     if prompts is None:
         raise ValueError("nothing to generate from: pass a prompt, chat messages or input_ids")

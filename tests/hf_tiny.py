@@ -7,7 +7,12 @@ that does not divide the depth.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+from qwenvl_jax import tiny_checkpoint_assets
+from qwenvl_jax.config import load_config
+from qwenvl_jax.tiny_model import HF_CONFIG_CLASSES
 
 VISION_QWEN2_5 = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
@@ -71,17 +76,11 @@ VARIANTS: dict[str, tuple[str, dict, dict, bool]] = {
                                           rope_parameters=_rope([2, 1, 1], True, 0.25)), VISION_QWEN3, True),
 }
 
-CONFIG_CLASSES = {
-    "qwen2_5_vl": "Qwen2_5_VLConfig", "qwen3_vl": "Qwen3VLConfig", "qwen3_vl_moe": "Qwen3VLMoeConfig",
-    "qwen3_5": "Qwen3_5Config", "qwen3_5_moe": "Qwen3_5MoeConfig",
-}
-
-
 def hf_config(variant: str):
     import transformers
 
     model_type, text, vision, tie = VARIANTS[variant]
-    cls = getattr(transformers, CONFIG_CLASSES[model_type])
+    cls = getattr(transformers, HF_CONFIG_CLASSES[model_type])
     return cls(text_config=dict(text), vision_config=dict(vision), tie_word_embeddings=tie)
 
 
@@ -98,3 +97,18 @@ def build_hf_model(variant: str, out_dir: Path, seed: int = 0, max_shard_size: s
                 p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(out_dir, max_shard_size=max_shard_size)
     return model
+
+
+def build_hf_checkpoint(variant: str, out_dir: Path, vocab_size: int = 512):
+    """``build_hf_model`` plus tokenizer, chat template and processor files, with the vision token ids moved into
+    the vocabulary (HF's tiny defaults point past it) in config.json and in the returned HF model's config."""
+    hf = build_hf_model(variant, out_dir)
+    cfg = json.loads((out_dir / "config.json").read_text())
+    ids = tiny_checkpoint_assets.save(out_dir, load_config(out_dir).family, vocab_size=vocab_size,
+                                      patch_size=cfg["vision_config"]["patch_size"])
+    tokens = {"image_token_id": ids["<|image_pad|>"], "video_token_id": ids["<|video_pad|>"],
+              "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"]}
+    (out_dir / "config.json").write_text(json.dumps({**cfg, **tokens}))
+    for key, value in tokens.items():  # HF reads these at forward time
+        setattr(hf.config, key, value)
+    return hf

@@ -4,18 +4,16 @@ prefill, padding isolation, zero recompilation and no device->host traffic but t
 from __future__ import annotations
 
 import contextlib
-import json
 
 import jax
 import numpy as np
 import pytest
 
 import qwenvl_jax as qj
-from qwenvl_jax import tiny_checkpoint_assets
 from qwenvl_jax.engine import Engine, EngineConfig, Request
 from qwenvl_jax.generate import build_requests
 from qwenvl_jax.sampling import SamplingParams
-from tests.hf_tiny import build_hf_model
+from tests.hf_tiny import build_hf_checkpoint
 
 torch = pytest.importorskip("torch")
 
@@ -28,16 +26,7 @@ IMAGE = np.random.default_rng(1).integers(0, 256, (50, 90, 3), dtype=np.uint8)
 
 def tiny_checkpoint(variant: str, directory):
     """(HF model, our model) over a tiny random checkpoint with tokenizer and processor files."""
-    hf = build_hf_model(variant, directory)
-    cfg = json.loads((directory / "config.json").read_text())
-    ids = tiny_checkpoint_assets.save(directory, qj.load_config(directory).family, vocab_size=512,
-                                      patch_size=cfg["vision_config"]["patch_size"])
-    tokens = {"image_token_id": ids["<|image_pad|>"], "video_token_id": ids["<|video_pad|>"],
-              "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"]}
-    (directory / "config.json").write_text(json.dumps({**cfg, **tokens}))
-    for key, value in tokens.items():
-        setattr(hf.config, key, value)
-    return hf, qj.load(directory, dtype="float32")
+    return build_hf_checkpoint(variant, directory), qj.load(directory, dtype="float32")
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

@@ -6,7 +6,6 @@ whole path (chat messages, images, videos -> logits) is compared; HF gets the ve
 
 from __future__ import annotations
 
-import json
 
 import jax
 import jax.numpy as jnp
@@ -15,12 +14,11 @@ import pytest
 from flax import nnx
 
 import qwenvl_jax as qj
-from qwenvl_jax import tiny_checkpoint_assets
 from qwenvl_jax.models.model import multimodal_logits_fn
 from qwenvl_jax.models.multimodal import fuse_vision
 from qwenvl_jax.models.vision import prepare_vision_inputs
 from qwenvl_jax.processing import Processor
-from tests.hf_tiny import build_hf_model
+from tests.hf_tiny import build_hf_checkpoint
 
 torch = pytest.importorskip("torch")
 
@@ -59,16 +57,7 @@ BATCH = {
 def setup(request, tmp_path_factory):
     """(HF model, our model, processor) over one tiny random checkpoint with tokenizer and processor files."""
     directory = tmp_path_factory.mktemp(request.param)
-    hf = build_hf_model(request.param, directory)
-    cfg = json.loads((directory / "config.json").read_text())
-    family = qj.load_config(directory).family
-    patch = cfg["vision_config"]["patch_size"]
-    ids = tiny_checkpoint_assets.save(directory, family, vocab_size=VOCAB, patch_size=patch)
-    tokens = {"image_token_id": ids["<|image_pad|>"], "video_token_id": ids["<|video_pad|>"],
-              "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"]}
-    (directory / "config.json").write_text(json.dumps({**cfg, **tokens}))
-    for key, value in tokens.items():  # HF reads these at forward time
-        setattr(hf.config, key, value)
+    hf = build_hf_checkpoint(request.param, directory, vocab_size=VOCAB)
     return hf, qj.load(directory, dtype="float32"), Processor.from_pretrained(directory)
 
 
