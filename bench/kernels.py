@@ -1,12 +1,16 @@
 """Kernel benchmark on one GPU: ours (Pallas/Triton) vs FLA (eager and CUDA-graph) vs the XLA/pure-JAX paths.
 
-    python bench/kernels.py [--quick] [--sweep] [--out bench/results]
+    python bench/kernels.py [--quick] [--only decode,rotary,chunk] [--sweep chunk,rotary,decode] [--out DIR]
+
+A full run takes more than the device tool's 10 minutes per command on an H100 (compiles of the unrolled
+timing programs and the XLA references dominate): run it one section at a time with --only.
 
 Prints a table and writes bench/results/kernels-<device>.json with every figure. Each row gives the time,
 the achieved GB/s over the bytes that must move (inputs read once, outputs and state written once) against the
 copy bandwidth measured in the same run, and the floor max(bytes / copy GB/s, FLOPs / measured bf16 rate).
-Our kernels are timed two ways: `loop` = device time per call from a lax.fori_loop of calls inside one jit
-(no dispatch), `call` = back-to-back jitted calls (what a caller pays, dispatch included).
+Our kernels are timed two ways: `loop` = device time per call from many calls unrolled inside one jit
+(no dispatch), `call` = back-to-back jitted calls (what a caller pays, dispatch included; a state that is not
+donated is copied first, because the kernels update it in place).
 FLA is timed eagerly (triton do_bench, launch overhead included) and as a replayed torch.cuda.CUDAGraph.
 """
 
@@ -222,7 +226,7 @@ def bench_decode(ceilings, batches, configs) -> list[dict]:
                 # The kernel is one custom call writing o and the state, so o needs no consumer to stay live.
                 o, s = recurrent_decode(q, k, v, g, beta, carry[1], lengths, scale=scale, **cfg)
                 return o, s
-            t = time_jax_loop(step, (jnp.zeros_like(v[:, 0]), jnp.array(state)), args, iters=50)
+            t = time_jax_loop(step, (jnp.zeros_like(v[:, 0]), jnp.array(state)), args, iters=20)
             rows.append(row(f"decode {tag} ours loop", t, nbytes, flops, ceilings, config=cfg))
             if best is None or t < best[0]:
                 best = (t, cfg, rows[-1])
@@ -244,7 +248,7 @@ def bench_decode(ceilings, batches, configs) -> list[dict]:
             s, acc = carry
             o, s = recurrent_gated_delta_rule_ref(q, k, v, g, beta, initial_state=s)
             return s, acc + o.astype(jnp.float32).sum()
-        t = time_jax_loop(xla_step, (jnp.array(state), jnp.float32(0)), (q, k, v, g, beta), 50)
+        t = time_jax_loop(xla_step, (jnp.array(state), jnp.float32(0)), (q, k, v, g, beta), 20)
         rows.append(row(f"decode {tag} xla loop", t, nbytes, flops, ceilings))
         tq, tk, tv, tg, tb, ts = to_torch(q, k, v, g, beta, state)
         fla = lambda: fla_recurrent(tq, tk, tv, g=tg, beta=tb, scale=scale, initial_state=ts,
