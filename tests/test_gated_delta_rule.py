@@ -25,7 +25,7 @@ def make_inputs(seed, batch, seq_len, num_k_heads, num_v_heads, head_k, head_v, 
     g = -jnp.exp(0.3 * jax.random.normal(ks[3], (num_v_heads,))) * jax.nn.softplus(
         jax.random.normal(ks[4], (batch, seq_len, num_v_heads))
     )
-    beta = jax.nn.sigmoid(jax.random.normal(ks[5], (batch, seq_len, num_v_heads)))
+    beta = jax.nn.sigmoid(jax.random.normal(ks[5], (batch, seq_len, num_v_heads))).astype(dtype)
     state = jax.random.normal(jax.random.fold_in(ks[5], 1), (batch, num_v_heads, head_k, head_v))
     return q, k, v, g, beta, state
 

@@ -15,25 +15,7 @@ from pallas_kernels.gated_delta_rule import (
     recurrent_gated_delta_rule_ref,
 )
 from pallas_kernels.vision_rotary import apply_vision_rotary, vision_rotary_tables
-
-
-def make_inputs(seed, batch, seq_len, num_k_heads, num_v_heads, head_k, head_v, dtype):
-    ks = jax.random.split(jax.random.key(seed), 6)
-    q = jax.random.normal(ks[0], (batch, seq_len, num_k_heads, head_k), dtype)
-    k = jax.random.normal(ks[1], (batch, seq_len, num_k_heads, head_k), dtype)
-    v = jax.random.normal(ks[2], (batch, seq_len, num_v_heads, head_v), dtype)
-    g = -jnp.exp(0.3 * jax.random.normal(ks[3], (num_v_heads,))) * jax.nn.softplus(
-        jax.random.normal(ks[4], (batch, seq_len, num_v_heads))
-    )
-    beta = jax.nn.sigmoid(jax.random.normal(ks[5], (batch, seq_len, num_v_heads))).astype(dtype)
-    state = jax.random.normal(jax.random.fold_in(ks[5], 1), (batch, num_v_heads, head_k, head_v))
-    return q, k, v, g, beta, state
-
-
-def rel_err(out, ref):
-    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-    assert np.all(np.isfinite(out)), "non-finite values (unwritten output?)"
-    return np.linalg.norm(out - ref) / np.linalg.norm(ref)
+from tests.test_gated_delta_rule import make_inputs, rel_err
 
 
 CASES = [  # batch, seq_len, Hk, Hv, ragged
