@@ -112,6 +112,12 @@ def test_ties_at_the_top_k_and_min_p_thresholds_match_hf():
         ours_sv = np.asarray(process_logits_jit(jnp.asarray(logits_sv), sampling_arrays([params] * 3)))
         for row in range(3):
             assert_same_processed(ours_sv[row], hf_process(logits_sv[row], params, []))
+    # -0.0 and +0.0 are one value to HF's comparisons.
+    signed_zeros_sv = np.array([[-0.0, 0.0, -1.0, 1.0, -2.0]], np.float32)
+    params = SamplingParams(temperature=1.0, top_k=2)
+    ours_v = np.asarray(process_logits_jit(jnp.asarray(signed_zeros_sv), sampling_arrays([params])))[0]
+    assert_same_processed(ours_v, hf_process(signed_zeros_sv[0], params, []))
+    assert np.isfinite(ours_v).sum() == 3
 
 
 def test_mixed_batch_rows_equal_each_row_alone():
