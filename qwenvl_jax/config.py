@@ -219,11 +219,8 @@ def _parse_text(raw: dict[str, Any], family: Family, is_moe: bool, tie_default: 
         raise ValueError(f"config field '{w}rope_parameters.rope_theta' is missing")
     partial = float(rope.get("partial_rotary_factor", raw.get("partial_rotary_factor",
                                                                0.25 if family == "qwen3_5" else 1.0)))
-    default_section = {"qwen3_5": [11, 11, 10], "qwen3_vl": [24, 20, 20]}.get(family)
-    section = rope.get("mrope_section", default_section)
-    if section is None:
-        raise ValueError(f"config field '{w}rope_parameters.mrope_section' is missing")
-    section = tuple(int(s) for s in section)
+    default_section = {"qwen3_5": [11, 11, 10], "qwen3_vl": [24, 20, 20], "qwen2_5_vl": [16, 24, 24]}[family]
+    section = tuple(int(s) for s in rope.get("mrope_section", default_section))  # HF's per-family defaults
     rotary_half = int(head_dim * partial) // 2
     if len(section) != 3 or sum(section) != rotary_half:
         raise ValueError(
