@@ -15,7 +15,6 @@ Prints a table and writes bench/results/decode-<device>.json (device, jax versio
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
