@@ -160,8 +160,6 @@ def _run(model: QwenVL, requests: list[Request], stop: list[str]) -> Iterator:
     engine = model.engine()
     t0 = time.perf_counter()
     compiled_before = _compile_seconds[0]
-    for req in requests:
-        engine.validate(req)
     start = time.perf_counter()
     tokenizer = model.tokenizer
     detok = [StreamingDetokenizer(tokenizer) for _ in requests]
