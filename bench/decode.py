@@ -179,7 +179,7 @@ def main() -> None:
     for batch in batches:
         config = EngineConfig(max_batch=batch, max_len=args.prompt + args.new + 8, prompt_buckets=(args.prompt,),
                               decode_steps=args.decode_steps, chunked_prefill=False)
-        engine = Engine(graphdef, params, nnx.merge(graphdef, params), config, eos_ids=())
+        engine = Engine(graphdef, params, config, eos_ids=())
         compile_s = engine.warmup(progress=False, vision=False)
         row = dict(batch=batch, compile_s=compile_s, state_mb=engine.state_bytes / 2**20,
                    roofline_tok_s=batch * bandwidth / decode_bytes,

@@ -197,8 +197,8 @@ def decode_program(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState
 class Engine:
     """Owns the decode state and the compiled programs of one model; runs requests to completion."""
 
-    def __init__(self, graphdef: nnx.GraphDef, params: nnx.State, model: QwenVLModel,
-                 config: EngineConfig = EngineConfig(), eos_ids: Sequence[int] = ()):
+    def __init__(self, graphdef: nnx.GraphDef, params: nnx.State, config: EngineConfig = EngineConfig(),
+                 eos_ids: Sequence[int] = ()):
         self.config = config
         if len(eos_ids) > 8:
             raise ValueError(f"at most 8 end-of-sequence ids, got {list(eos_ids)}")
@@ -206,6 +206,7 @@ class Engine:
         # Fixed length so the stop set is data, not shape.
         self._eos = np.array(list(self.eos_ids) + [-1] * (8 - len(self.eos_ids)), np.int32)
         self.graphdef, self.params = graphdef, params
+        model: QwenVLModel = nnx.merge(graphdef, params)
         text = model.language_model
         self.vocab_size = text.cfg.vocab_size
         self.scratch_slot = config.max_batch  # warm-up writes here, never into a request's slot

@@ -86,7 +86,7 @@ class QwenVL:
 
     def engine(self) -> Engine:
         if self._engine is None:
-            self._engine = Engine(self.graphdef, self.params, nnx.merge(self.graphdef, self.params),
+            self._engine = Engine(self.graphdef, self.params,
                                   self._engine_config, eos_ids=self.eos_token_ids())
         return self._engine
 

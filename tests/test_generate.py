@@ -95,7 +95,7 @@ def _text_request(ids, max_new: int = NEW_TOKENS, **sampling) -> Request:
 
 def _engine(model, **options) -> Engine:
     config = EngineConfig(**{**ENGINE, **options})
-    return Engine(model.graphdef, model.params, __import__("flax").nnx.merge(model.graphdef, model.params), config,
+    return Engine(model.graphdef, model.params, config,
                   eos_ids=model.eos_token_ids())
 
 
