@@ -50,8 +50,15 @@ ROTARY_SHAPES = [(4096, 16, 80), (16384, 16, 80), (16384, 16, 72)]
 def time_jax_loop(step, carry, consts, iters: int, reps: int = 5) -> float:
     """Seconds per step: `iters` chained steps step(carry, *consts) unrolled in one compiled program (an XLA
     while loop costs ~10 us per trip on this GPU, more than a small kernel), median over reps. The inputs are
-    arguments, not closed-over constants, so they are not baked into the program."""
-    run = jax.jit(lambda c, *xs: lax.fori_loop(0, iters, lambda i, c: step(c, *xs), c, unroll=True),
+    arguments, not closed-over constants, so they are not baked into the program, and each step sees them
+    through an optimization barrier with the carry: otherwise XLA computes a kernel whose inputs are all
+    loop-invariant (the chunked prep) once for all steps, and the time per step reads low."""
+
+    def body(i, c, xs):
+        c, xs = lax.optimization_barrier((c, xs))
+        return step(c, *xs)
+
+    run = jax.jit(lambda c, *xs: lax.fori_loop(0, iters, lambda i, c: body(i, c, xs), c, unroll=True),
                   donate_argnums=0)
     carry = jax.block_until_ready(run(carry, *consts))
     times = []
@@ -181,8 +188,8 @@ def bench_chunk(ceilings, shapes, configs) -> list[dict]:
         call = jax.jit(lambda *a, cfg=best[1]: chunk_prefill(*a, lengths, scale=scale, **cfg))
         rows.append(row(f"chunk {tag} ours call", time_jax_calls(call, (q, k, v, g, beta, state)), nbytes, flops,
                         ceilings, config=best[1]))
-        prep = jax.jit(lambda *a, w=best[1].get("prep_warps", 4): chunk_prep(*a, lengths, scale=scale, num_warps=w))
-        rows.append(row(f"chunk {tag} ours prep-only call", time_jax_calls(prep, (q, k, v, g, beta)), nbytes, flops,
+        prep = jax.jit(lambda *a, w=best[1].get("prep_warps", 2): chunk_prep(*a, lengths, scale=scale, num_warps=w))
+        rows.append(row(f"chunk {tag} ours prep-only call", time_jax_calls(prep, (q, k, g, beta)), nbytes, flops,
                         ceilings))
         ref = jax.jit(lambda *a: chunk_gated_delta_rule_ref(*a[:5], initial_state=a[5]))
         rows.append(row(f"chunk {tag} xla-ref call", time_jax_calls(ref, (q, k, v, g, beta, state), calls=5), nbytes,

@@ -1,20 +1,22 @@
 """Pallas chunked (WY/UT) gated delta rule for prefill: two kernels.
 
 1. `_prep_kernel`, grid (B, Hv, chunks), fully parallel: per 64-token chunk it L2-normalises q/k, takes the
-   cumulative log-decay G, and solves the chunk's unit-lower-triangular system (I + A) once, writing
-   W = (I + A)^-1 (beta exp(G) k), U = (I + A)^-1 (beta v), the masked intra-chunk scores
-   tril(q k^T exp(G_i - G_j)), G, and per-row factors that turn raw q/k rows into normalised, decayed ones
-   (so the serial scan does no row reductions or exponentials). The inverse comes from the nilpotent product
-   (I + A)^-1 = (I - A)(I + A^2)(I + A^4)...(I + A^32): ten 64x64 matrix products on the tensor cores
-   instead of a 64-step serial substitution.
+   cumulative log-decay G, and inverts the chunk's unit-lower-triangular system, T = (I + A)^-1 with
+   A = tril(diag(beta) k k^T exp(G_i - G_j), -1), writing T, the masked intra-chunk scores
+   P = tril(q k^T exp(G_i - G_j)), G, and per-row factors that turn raw q/k/v rows into normalised,
+   decayed, beta-weighted ones (so the serial scan does no row reductions or exponentials). The inverse is
+   blocked in two 32-row halves, each half's from the nilpotent product (I + A)^-1 = (I - A)(I + A^2)...,
+   i.e. matrix products on the tensor cores instead of a 64-step serial substitution.
 2. `_scan_kernel`, grid (B, Hv, Dv / block_v): walks the chunks in order with the [Dk, block_v] state tile in
    registers (Dv tiles are independent, and narrow ones give B=1 enough programs to fill the GPU):
-   v_new = U - W S, o = (q exp(G)) S + scores v_new, S <- exp(G_C) S + (k exp(G_C - G))^T v_new.
-   The state is read once from the (aliased) initial state and written once.
+   r = diag(beta) (v - diag(exp(G)) k S), v_new = T r, o = (q exp(G)) S + P v_new,
+   S <- exp(G_C) S + (k exp(G_C - G))^T v_new. W = T diag(beta exp(G)) k and U = T diag(beta) v are never
+   stored: the scan reads raw q, k, v and the two 64-wide matrices. The state is read once from the
+   (aliased) initial state and written once.
 
 bf16 inputs run their large products with bf16 operands and fp32 accumulation, as FLA does; fp32 inputs use
 full-precision products so the interpreter and GPU tests can hold 1e-5. Lowered through Triton on GPU.
-Measured on an H100 against FLA: bench/KERNELS_NOTES.md.
+Measured on an H100 against FLA, with the variants tried: bench/KERNELS_NOTES.md.
 """
 
 from __future__ import annotations
@@ -33,6 +35,14 @@ from pallas_kernels.gated_delta_rule.reference import L2NORM_EPS
 CHUNK = 64
 
 
+HALF = CHUNK // 2
+
+
+def _multiprocessors() -> int:
+    """SMs of the default device (132 on an H100 SXM when the backend does not say)."""
+    return getattr(jax.devices()[0], "core_count", None) or 132
+
+
 def _dot(a, b, *, low_precision: bool, contract_a: int = 1, contract_b: int = 0):
     """fp32-accumulated product; bf16 operands on the fast path, IEEE fp32 otherwise."""
     if low_precision:
@@ -43,9 +53,9 @@ def _dot(a, b, *, low_precision: bool, contract_a: int = 1, contract_b: int = 0)
     return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
-def _masked_rows(ref, rows, valid_c):
-    """Rows of q/k/v in fp32 with pad rows zeroed by `where`, so whatever they hold (even NaN) stays out."""
-    return jnp.where(valid_c[:, None], ref[rows, :].astype(jnp.float32), 0.0)
+def _masked(x, valid_rows):
+    """Pad rows zeroed by `where` (in the input's dtype), so whatever they hold (even NaN) stays out."""
+    return jnp.where(valid_rows[:, None], x, jnp.zeros((), x.dtype))
 
 
 def _inverse_norm(x_ck, use_qk_l2norm):
@@ -54,62 +64,86 @@ def _inverse_norm(x_ck, use_qk_l2norm):
     return lax.rsqrt(jnp.sum(x_ck * x_ck, axis=1) + L2NORM_EPS)
 
 
-def _unit_lower_inverse(a_cc, low_precision):
-    """(I + A)^-1 for strictly lower A: A is nilpotent (A^C = 0), so the series sum_n (-A)^n is finite and
-    factors into log2(C) doublings, (I - A)(I + A^2)(I + A^4)... Entries of A are bounded by 1 (unit keys,
-    beta <= 1, decays <= 1). On the bf16 path the products take bf16 operands: the inverse is rounded to bf16
-    for W and U anyway, and on random Qwen3.5-sized inputs the output error did not move (4.29e-3 both ways,
-    CPU interpreter), while the ten products cost half of what tf32 ones do."""
-    chunk = a_cc.shape[0]
-    rows, cols = lax.broadcasted_iota(jnp.int32, a_cc.shape, 0), lax.broadcasted_iota(jnp.int32, a_cc.shape, 1)
-    inverse_cc, power_cc = jnp.where(rows == cols, 1.0, 0.0) - a_cc, a_cc
-    for _ in range(int(math.log2(chunk)) - 1):
-        power_cc = _dot(power_cc, power_cc, low_precision=low_precision)
-        inverse_cc = inverse_cc + _dot(inverse_cc, power_cc, low_precision=low_precision)
-    return inverse_cc
+def _unit_lower_inverse(a_nn, low_precision):
+    """(I + A)^-1 for strictly lower A: A is nilpotent (A^n = 0), so the series sum_i (-A)^i is finite and
+    factors into log2(n) doublings, (I - A)(I + A^2)(I + A^4)... Entries of A are bounded by 1 (unit keys,
+    beta <= 1, decays <= 1). On the bf16 path the products take bf16 operands, as the inverse is rounded to
+    bf16 where it is used anyway."""
+    size = a_nn.shape[0]
+    rows, cols = lax.broadcasted_iota(jnp.int32, a_nn.shape, 0), lax.broadcasted_iota(jnp.int32, a_nn.shape, 1)
+    inverse_nn, power_nn = jnp.where(rows == cols, 1.0, 0.0) - a_nn, a_nn
+    for _ in range(int(math.log2(size)) - 1):
+        power_nn = _dot(power_nn, power_nn, low_precision=low_precision)
+        inverse_nn = inverse_nn + _dot(inverse_nn, power_nn, low_precision=low_precision)
+    return inverse_nn
 
 
 def _prep_kernel(
-    lengths_ref, q_ref, k_ref, v_ref, g_ref, beta_ref, w_ref, u_ref, scores_ref, gcum_ref, q_scale_ref, k_scale_ref,
+    lengths_ref, q_ref, k_ref, g_ref, beta_ref,
+    t_ref, scores_ref, gcum_ref, q_fac_ref, k_fac_ref, w_fac_ref, u_fac_ref,
     *, scale, use_qk_l2norm, low_precision,
 ):
+    """One (row, value head, chunk). The chunk is handled as two 32-row halves: the system (I + A) is block
+    lower-triangular, so its inverse needs two 32x32 inverses and one off-diagonal block,
+    X10 = -X11 A10 X00 (ten 32^3 products instead of ten 64^3 ones), and the upper-right blocks of the
+    inverse and of the scores are zero by construction."""
     b, c = pl.program_id(0), pl.program_id(2)
-    chunk = q_ref.shape[0]
-    t_c = c * chunk + lax.broadcasted_iota(jnp.int32, (chunk,), 0)
-    valid_c = t_c < lengths_ref[b]
-    q_ck, k_ck = _masked_rows(q_ref, slice(None), valid_c), _masked_rows(k_ref, slice(None), valid_c)
-    q_inv_c, k_inv_c = _inverse_norm(q_ck, use_qk_l2norm), _inverse_norm(k_ck, use_qk_l2norm)
-    q_ck, k_ck = q_ck * (q_inv_c * scale)[:, None], k_ck * k_inv_c[:, None]
-    v_cv = _masked_rows(v_ref, slice(None), valid_c)
-    # g = beta = 0 on padding: the pad rows of W, U and the scores come out exactly 0.
-    g_c = jnp.where(valid_c, g_ref[...].astype(jnp.float32), 0.0)
-    beta_c = jnp.where(valid_c, beta_ref[...].astype(jnp.float32), 0.0)
-    gcum_c = jnp.cumsum(g_c)
-    glast = jnp.sum(jnp.where(t_c == c * chunk + chunk - 1, gcum_c, 0.0))
-
-    i_cc = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
-    j_cc = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
-    # Masked before exp: G_i - G_j <= 0 for i >= j, so no overflow; the upper half is discarded.
-    decay_cc = jnp.exp(jnp.where(i_cc >= j_cc, gcum_c[:, None] - gcum_c[None, :], 0.0))
     dot = functools.partial(_dot, low_precision=low_precision)
-    kk_cc = dot(k_ck, k_ck, contract_b=1)
-    a_cc = jnp.where(i_cc > j_cc, beta_c[:, None] * kk_cc * decay_cc, 0.0)
-    scores_cc = jnp.where(i_cc >= j_cc, dot(q_ck, k_ck, contract_b=1) * decay_cc, 0.0)
-    inverse_cc = _unit_lower_inverse(a_cc, low_precision)
+    halves = []
+    g_before = jnp.float32(0.0)
+    for i in range(2):
+        rows = pl.ds(i * HALF, HALF)
+        t_n = c * CHUNK + i * HALF + lax.broadcasted_iota(jnp.int32, (HALF,), 0)
+        valid_n = t_n < lengths_ref[b]
+        q_nk = _masked(q_ref[rows, :], valid_n).astype(jnp.float32)
+        k_nk = _masked(k_ref[rows, :], valid_n).astype(jnp.float32)
+        q_inv_n, k_inv_n = _inverse_norm(q_nk, use_qk_l2norm), _inverse_norm(k_nk, use_qk_l2norm)
+        # g = beta = 0 on padding: pad rows of the system, the scores and the row factors come out neutral.
+        g_n = jnp.where(valid_n, g_ref[rows].astype(jnp.float32), 0.0)
+        beta_n = jnp.where(valid_n, beta_ref[rows].astype(jnp.float32), 0.0)
+        gcum_n = g_before + jnp.cumsum(g_n)
+        g_before = g_before + jnp.sum(g_n)
+        halves.append((rows, q_nk * (q_inv_n * scale)[:, None], k_nk * k_inv_n[:, None], gcum_n, beta_n,
+                       q_inv_n, k_inv_n))
 
-    w_ref[...] = dot(inverse_cc, k_ck * (beta_c * jnp.exp(gcum_c))[:, None]).astype(w_ref.dtype)
-    u_ref[...] = dot(inverse_cc, v_cv * beta_c[:, None]).astype(u_ref.dtype)
-    scores_ref[...] = scores_cc.astype(scores_ref.dtype)
-    gcum_ref[...] = gcum_c
-    # Per-row factors that turn raw q/k rows into the decayed, normalised rows the scan multiplies with:
-    # the scan then needs no row reductions or exponentials on its serial path.
-    q_scale_ref[...] = q_inv_c * scale * jnp.exp(gcum_c)
-    k_scale_ref[...] = k_inv_c * jnp.exp(glast - gcum_c)
+    i_nn = lax.broadcasted_iota(jnp.int32, (HALF, HALF), 0)
+    j_nn = lax.broadcasted_iota(jnp.int32, (HALF, HALF), 1)
+    blocks = {}
+    for i in range(2):
+        for j in range(i + 1):
+            _, q_i, k_i, g_i, beta_i, _, _ = halves[i]
+            _, _, k_j, g_j, _, _, _ = halves[j]
+            causal = i_nn >= j_nn if i == j else i_nn >= 0
+            # Masked before exp: G_r - G_s <= 0 for r >= s, so no overflow; the masked part is discarded.
+            decay_nn = jnp.exp(jnp.where(causal, g_i[:, None] - g_j[None, :], 0.0))
+            strict = i_nn > j_nn if i == j else causal
+            a_nn = jnp.where(strict, beta_i[:, None] * dot(k_i, k_j, contract_b=1) * decay_nn, 0.0)
+            scores_nn = jnp.where(causal, dot(q_i, k_j, contract_b=1) * decay_nn, 0.0)
+            blocks[i, j] = (a_nn, scores_nn)
+
+    x00 = _unit_lower_inverse(blocks[0, 0][0], low_precision)
+    x11 = _unit_lower_inverse(blocks[1, 1][0], low_precision)
+    x10 = -dot(x11, dot(blocks[1, 0][0], x00))
+    zeros = jnp.zeros((HALF, HALF), t_ref.dtype)
+    for (i, j), x_nn in {(0, 0): x00, (1, 0): x10, (1, 1): x11}.items():
+        t_ref[pl.ds(i * HALF, HALF), pl.ds(j * HALF, HALF)] = x_nn.astype(t_ref.dtype)
+        scores_ref[pl.ds(i * HALF, HALF), pl.ds(j * HALF, HALF)] = blocks[i, j][1].astype(scores_ref.dtype)
+    t_ref[pl.ds(0, HALF), pl.ds(HALF, HALF)] = zeros
+    scores_ref[pl.ds(0, HALF), pl.ds(HALF, HALF)] = zeros
+
+    # Row factors that let the scan multiply raw (unnormalised, undecayed) q, k, v rows: it then needs no
+    # row reductions or exponentials on its serial path.
+    for rows, _, _, gcum_n, beta_n, q_inv_n, k_inv_n in halves:
+        gcum_ref[rows] = gcum_n
+        q_fac_ref[rows] = q_inv_n * scale * jnp.exp(gcum_n)
+        k_fac_ref[rows] = k_inv_n * jnp.exp(g_before - gcum_n)
+        w_fac_ref[rows] = beta_n * k_inv_n * jnp.exp(gcum_n)
+        u_fac_ref[rows] = beta_n
 
 
 def _scan_kernel(
-    lengths_ref, q_ref, k_ref, w_ref, u_ref, scores_ref, gcum_ref, q_scale_ref, k_scale_ref, state_in_ref,
-    o_ref, state_ref, *, low_precision, chunk,
+    lengths_ref, q_ref, k_ref, v_ref, t_ref, scores_ref, gcum_ref, q_fac_ref, k_fac_ref, w_fac_ref, u_fac_ref,
+    state_in_ref, o_ref, state_ref, *, low_precision, chunk,
 ):
     length = lengths_ref[pl.program_id(0)]
     dot = functools.partial(_dot, low_precision=low_precision)
@@ -118,12 +152,15 @@ def _scan_kernel(
         start = pl.multiple_of(c * chunk, chunk)
         rows = pl.ds(start, chunk)
         valid_c = start + lax.broadcasted_iota(jnp.int32, (chunk,), 0) < length
-        q_ck = _masked_rows(q_ref, rows, valid_c) * q_scale_ref[rows][:, None]
-        k_ck = _masked_rows(k_ref, rows, valid_c) * k_scale_ref[rows][:, None]
-        vnew_cv = u_ref[rows, :].astype(jnp.float32) - dot(w_ref[rows, :], s_kv)
-        o_cv = dot(q_ck, s_kv) + dot(scores_ref[rows, :], vnew_cv)
+        q_ck, k_ck = _masked(q_ref[rows, :], valid_c), _masked(k_ref[rows, :], valid_c)
+        v_cv = _masked(v_ref[rows, :], valid_c).astype(jnp.float32)
+        # v_new = T diag(beta) (v - diag(exp(G)) k_normalised S): the WY form with W and U never stored.
+        residual_cv = u_fac_ref[rows][:, None] * v_cv - w_fac_ref[rows][:, None] * dot(k_ck, s_kv)
+        vnew_cv = dot(t_ref[rows, :], residual_cv)
+        o_cv = q_fac_ref[rows][:, None] * dot(q_ck, s_kv) + dot(scores_ref[rows, :], vnew_cv)
         o_ref[rows, :] = o_cv.astype(o_ref.dtype)
-        return s_kv * jnp.exp(gcum_ref[start + chunk - 1]) + dot(k_ck, vnew_cv, contract_a=0)
+        return s_kv * jnp.exp(gcum_ref[start + chunk - 1]) + dot(k_ck, k_fac_ref[rows][:, None] * vnew_cv,
+                                                                 contract_a=0)
 
     num_chunks = q_ref.shape[0] // chunk
     state_ref[...] = lax.fori_loop(0, num_chunks, one_chunk, state_in_ref[...])
@@ -133,47 +170,40 @@ def _scan_kernel(
 def chunk_prep(
     q_btk: jax.Array,
     k_btk: jax.Array,
-    v_btv: jax.Array,
     g_bth: jax.Array,
     beta_bth: jax.Array,
     lengths_b: jax.Array,
     *,
     scale: float,
     use_qk_l2norm: bool = True,
-    num_warps: int = 4,
+    num_warps: int = 2,
     interpret: bool = False,
 ) -> tuple[jax.Array, ...]:
-    """The parallel stage on whole chunks (T a multiple of 64): W [B, Hv, T, Dk], U [B, Hv, T, Dv],
-    scores [B, Hv, T, 64] (bf16 for bf16 inputs, else fp32), and fp32 [B, Hv, T] G, q row scales, k row scales."""
+    """The parallel stage on whole chunks (T a multiple of 64): per chunk the inverse T = (I + A)^-1 and the
+    masked scores, each [B, Hv, T, 64] (bf16 for bf16 inputs, else fp32), and fp32 [B, Hv, T] G and the q, k,
+    w, u row factors."""
     batch, padded_len, num_k_heads, head_k = q_btk.shape
-    num_v_heads, head_v = v_btv.shape[2:]
+    num_v_heads = g_bth.shape[2]
     group = num_v_heads // num_k_heads
-    low_precision = v_btv.dtype == jnp.bfloat16
+    low_precision = q_btk.dtype == jnp.bfloat16
     inter_dtype = jnp.bfloat16 if low_precision else jnp.float32
     qk_chunk = pl.BlockSpec((None, CHUNK, None, head_k), lambda b, h, c: (b, c, h // group, 0))
     gate_chunk = pl.BlockSpec((None, CHUNK, None), lambda b, h, c: (b, c, h))
-    per_head = lambda width: pl.BlockSpec((None, None, CHUNK, width), lambda b, h, c: (b, h, c, 0))
+    square = pl.BlockSpec((None, None, CHUNK, CHUNK), lambda b, h, c: (b, h, c, 0))
     row_spec = pl.BlockSpec((None, None, CHUNK), lambda b, h, c: (b, h, c))
-    per_head_shape = lambda width, dtype: jax.ShapeDtypeStruct((batch, num_v_heads, padded_len, width), dtype)
+    square_shape = jax.ShapeDtypeStruct((batch, num_v_heads, padded_len, CHUNK), inter_dtype)
+    row_shape = jax.ShapeDtypeStruct((batch, num_v_heads, padded_len), jnp.float32)
     kernel = functools.partial(_prep_kernel, scale=scale, use_qk_l2norm=use_qk_l2norm, low_precision=low_precision)
     return pl.pallas_call(
         kernel,
         grid=(batch, num_v_heads, padded_len // CHUNK),
-        in_specs=[
-            pl.BlockSpec(memory_space=None), qk_chunk, qk_chunk,
-            pl.BlockSpec((None, CHUNK, None, head_v), lambda b, h, c: (b, c, h, 0)), gate_chunk, gate_chunk,
-        ],
-        out_specs=[
-            per_head(head_k), per_head(head_v), per_head(CHUNK), *[row_spec] * 3,
-        ],
-        out_shape=[
-            per_head_shape(head_k, inter_dtype), per_head_shape(head_v, inter_dtype),
-            per_head_shape(CHUNK, inter_dtype), *[jax.ShapeDtypeStruct((batch, num_v_heads, padded_len), jnp.float32)] * 3,
-        ],
+        in_specs=[pl.BlockSpec(memory_space=None), qk_chunk, qk_chunk, gate_chunk, gate_chunk],
+        out_specs=[square, square, *[row_spec] * 5],
+        out_shape=[square_shape, square_shape, *[row_shape] * 5],
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name="gdr_chunk_prep",
-    )(lengths_b, q_btk, k_btk, v_btv, g_bth, beta_bth)
+    )(lengths_b, q_btk, k_btk, g_bth, beta_bth)
 
 
 @functools.partial(
@@ -193,53 +223,49 @@ def chunk_prefill(
     use_qk_l2norm: bool = True,
     block_v: int = 32,
     num_warps: int = 4,
-    num_stages: int = 2,
-    prep_warps: int = 4,
+    num_stages: int | None = None,
+    prep_warps: int = 2,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """q/k [B, T, Hk, Dk], v [B, T, Hv, Dv], g/beta [B, T, Hv], state [B, Hv, Dk, Dv] fp32 (aliased to the
     returned state), lengths [B]. Returns (o [B, T, Hv, Dv] v.dtype, final state).
-    block_v, num_warps, num_stages tune the sequential scan, prep_warps the parallel stage."""
+    block_v, num_warps, num_stages tune the sequential scan, prep_warps the parallel stage. num_stages None:
+    3 (deeper prefetch of the next chunks) while the scan's programs fit on the SMs at once, else 2 (the
+    deeper pipeline's shared memory then costs more in occupancy than it hides); measured on an H100."""
     batch, seq_len, num_k_heads, head_k = q_btk.shape
     num_v_heads, head_v = v_btv.shape[2:]
     group = num_v_heads // num_k_heads
     block_v = min(block_v, head_v)
+    if num_stages is None:
+        num_stages = 3 if batch * num_v_heads * (head_v // block_v) <= _multiprocessors() else 2
     pad = -seq_len % CHUNK
     if pad:  # whole chunks only; the pad tokens sit past every row's length, so they are neutral
         q_btk, k_btk, v_btv = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q_btk, k_btk, v_btv))
         g_bth, beta_bth = (jnp.pad(x, ((0, 0), (0, pad), (0, 0))) for x in (g_bth, beta_bth))
     padded_len = seq_len + pad
-    w, u, scores, gcum, q_scale, k_scale = chunk_prep(
-        q_btk, k_btk, v_btv, g_bth, beta_bth, lengths_b,
+    prepared = chunk_prep(
+        q_btk, k_btk, g_bth, beta_bth, lengths_b,
         scale=scale, use_qk_l2norm=use_qk_l2norm, num_warps=prep_warps, interpret=interpret,
     )
 
-    whole = pl.BlockSpec(memory_space=None)
     qk_all = pl.BlockSpec((None, padded_len, None, head_k), lambda b, h, j: (b, 0, h // group, 0))
+    v_tile = pl.BlockSpec((None, padded_len, None, block_v), lambda b, h, j: (b, 0, h, j))
+    square = pl.BlockSpec((None, None, padded_len, CHUNK), lambda b, h, j: (b, h, 0, 0))
+    per_row = pl.BlockSpec((None, None, padded_len), lambda b, h, j: (b, h, 0))
     state_spec = pl.BlockSpec((None, None, head_k, block_v), lambda b, h, j: (b, h, 0, j))
     kernel = functools.partial(_scan_kernel, low_precision=v_btv.dtype == jnp.bfloat16, chunk=CHUNK)
-    per_row = pl.BlockSpec((None, None, padded_len), lambda b, h, j: (b, h, 0))
     o_btv, state_bhkv = pl.pallas_call(
         kernel,
         grid=(batch, num_v_heads, head_v // block_v),
-        in_specs=[
-            whole, qk_all, qk_all,
-            pl.BlockSpec((None, None, padded_len, head_k), lambda b, h, j: (b, h, 0, 0)),
-            pl.BlockSpec((None, None, padded_len, block_v), lambda b, h, j: (b, h, 0, j)),
-            pl.BlockSpec((None, None, padded_len, CHUNK), lambda b, h, j: (b, h, 0, 0)),
-            per_row, per_row, per_row, state_spec,
-        ],
-        out_specs=[
-            pl.BlockSpec((None, padded_len, None, block_v), lambda b, h, j: (b, 0, h, j)),
-            state_spec,
-        ],
+        in_specs=[pl.BlockSpec(memory_space=None), qk_all, qk_all, v_tile, square, square, *[per_row] * 5, state_spec],
+        out_specs=[v_tile, state_spec],
         out_shape=[
             jax.ShapeDtypeStruct((batch, padded_len, num_v_heads, head_v), v_btv.dtype),
             jax.ShapeDtypeStruct(state_bhkv.shape, jnp.float32),
         ],
-        input_output_aliases={9: 1},
+        input_output_aliases={11: 1},
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="gdr_chunk_scan",
-    )(lengths_b, q_btk, k_btk, w, u, scores, gcum, q_scale, k_scale, state_bhkv)
+    )(lengths_b, q_btk, k_btk, v_btv, *prepared, state_bhkv)
     return o_btv[:, :seq_len], state_bhkv
