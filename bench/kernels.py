@@ -5,12 +5,14 @@
 A full run takes more than the device tool's 10 minutes per command on an H100 (compiles of the unrolled
 timing programs and the XLA references dominate): run it one section at a time with --only.
 
-Prints a table and writes bench/results/kernels-<device>.json with every figure. Each row gives the time,
-the achieved GB/s over the bytes that must move (inputs read once, outputs and state written once) against the
-copy bandwidth measured in the same run, and the floor max(bytes / copy GB/s, FLOPs / measured bf16 rate).
-Our kernels are timed two ways: `loop` = device time per call from many calls unrolled inside one jit
-(no dispatch), `call` = back-to-back jitted calls (what a caller pays, dispatch included; a state that is not
-donated is copied first, because the kernels update it in place).
+Prints a table and writes bench/results/kernels-<device>.json with every figure (rows of sections not run
+this time are kept when the file is from the same commit and device; `runs` lists each call's ceilings).
+Each row gives the time, the achieved GB/s over the bytes that must move (inputs read once, outputs and
+state written once) against the copy bandwidth measured in the same run, and the floor
+max(bytes / copy GB/s, FLOPs / measured bf16 rate). Our kernels are timed two ways: `loop` = device time
+per call from many calls unrolled inside one jit (no dispatch), `call` = back-to-back jitted calls (what a
+caller pays, dispatch included; a state that is not donated is copied first, because the kernels update it
+in place).
 FLA is timed eagerly (triton do_bench, launch overhead included) and as a replayed torch.cuda.CUDAGraph.
 """
 
@@ -347,7 +349,14 @@ def main():
         "rotary": lambda: bench_rotary(ceilings, ROTARY_SHAPES[1:2] if args.quick else ROTARY_SHAPES, rotary_cfgs),
         "chunk": lambda: bench_chunk(ceilings, CHUNK_SHAPES[1:2] if args.quick else CHUNK_SHAPES, chunk_cfgs),
     }
-    for name in args.only.split(","):
+    # Sections are run one device call at a time: rows of the other sections measured at this commit stay.
+    run_sections = args.only.split(",")
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    if previous.get("commit") == commit and previous.get("device") == result["device"]:
+        result["rows"] = [r for r in previous["rows"] if r["name"].split()[0] not in run_sections]
+        result["runs"] = [r for r in previous.get("runs", []) if not set(r["sections"]) & set(run_sections)]
+    result.setdefault("runs", []).append({"sections": run_sections, "date": result["date"], "ceilings": ceilings})
+    for name in run_sections:
         result["rows"] += sections[name]()
         path.write_text(json.dumps(result, indent=1))  # after each section: a cut-off run keeps what it measured
     rows = result["rows"]
