@@ -164,10 +164,9 @@ def to_torch(*xs):
 
 
 # ----------------------------------------------------------------------------------------------- benches
-def bench_chunk(ceilings, shapes, configs) -> list[dict]:
+def bench_chunk(ceilings, shapes, configs, rows: list[dict], save) -> None:
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
 
-    rows = []
     for batch, seq_len in shapes:
         q, k, v, g, beta, state = gdr_inputs(batch, seq_len)
         nbytes, flops = gdr_bytes(batch, seq_len), chunk_flops(batch, seq_len)
@@ -208,7 +207,7 @@ def bench_chunk(ceilings, shapes, configs) -> list[dict]:
         rows[-1]["rel_err_vs_fla_o"] = float((torch_rel(o_ours, o_fla)))
         rows[-1]["rel_err_vs_fla_state"] = float((torch_rel(s_ours, s_fla)))
         print_rows(rows[-5 - len(configs):])
-    return rows
+        save()  # after each shape: a run cut off by its time limit keeps what it measured
 
 
 def torch_rel(ours, theirs) -> float:
@@ -217,10 +216,9 @@ def torch_rel(ours, theirs) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def bench_decode(ceilings, batches, configs) -> list[dict]:
+def bench_decode(ceilings, batches, configs, rows: list[dict], save) -> None:
     from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as fla_recurrent
 
-    rows = []
     for batch in batches:
         q, k, v, g, beta, state = gdr_inputs(batch, 1, seed=batch)
         nbytes = gdr_bytes(batch, 1)
@@ -270,11 +268,10 @@ def bench_decode(ceilings, batches, configs) -> list[dict]:
         rows[-1]["rel_err_vs_fla_o"] = torch_rel(o_ours[:, None], o_fla)
         rows[-1]["rel_err_vs_fla_state"] = torch_rel(s_ours, s_fla)
         print_rows(rows[-4 - len(configs):])
-    return rows
+        save()  # after each shape: a run cut off by its time limit keeps what it measured
 
 
-def bench_rotary(ceilings, shapes, configs) -> list[dict]:
-    rows = []
+def bench_rotary(ceilings, shapes, configs, rows: list[dict], save) -> None:
     for num_tokens, num_heads, head_dim in shapes:
         rng = np.random.default_rng(num_tokens)
         q = jnp.asarray(rng.standard_normal((num_tokens, num_heads, head_dim)), jnp.bfloat16)
@@ -297,7 +294,7 @@ def bench_rotary(ceilings, shapes, configs) -> list[dict]:
         t = time_jax_loop(lambda c, *t: apply_vision_rotary_ref(*c, *t), (jnp.array(q), jnp.array(k)), tables, 30)
         rows.append(row(f"rotary {tag} xla loop", t, nbytes, flops, ceilings))
         print_rows(rows[-1 - len(configs):])
-    return rows
+        save()  # after each shape: a run cut off by its time limit keeps what it measured
 
 
 def print_rows(rows):
@@ -322,7 +319,7 @@ def main():
     # {} = the kernels' defaults; the sweeps keep what measured close in earlier runs (see KERNELS_NOTES.md).
     chunk_cfgs, decode_cfgs, rotary_cfgs = [{}], [{}], [{}]
     if "chunk" in args.sweep:
-        chunk_cfgs += [dict(block_v=16), dict(num_stages=3)]
+        chunk_cfgs += [dict(block_v=16), dict(num_stages=2), dict(num_stages=3)]
     if "decode" in args.sweep:
         decode_cfgs += [dict(block_v=32), dict(block_v=128)]
     if "rotary" in args.sweep:
@@ -344,11 +341,6 @@ def main():
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"kernels-{device.device_kind.replace(' ', '_')}.json"
-    sections = {
-        "decode": lambda: bench_decode(ceilings, DECODE_BATCHES[1:3] if args.quick else DECODE_BATCHES, decode_cfgs),
-        "rotary": lambda: bench_rotary(ceilings, ROTARY_SHAPES[1:2] if args.quick else ROTARY_SHAPES, rotary_cfgs),
-        "chunk": lambda: bench_chunk(ceilings, CHUNK_SHAPES[1:2] if args.quick else CHUNK_SHAPES, chunk_cfgs),
-    }
     # Sections are run one device call at a time: rows of the other sections measured at this commit stay.
     run_sections = args.only.split(",")
     previous = json.loads(path.read_text()) if path.exists() else {}
@@ -356,10 +348,21 @@ def main():
         result["rows"] = [r for r in previous["rows"] if r["name"].split()[0] not in run_sections]
         result["runs"] = [r for r in previous.get("runs", []) if not set(r["sections"]) & set(run_sections)]
     result.setdefault("runs", []).append({"sections": run_sections, "date": result["date"], "ceilings": ceilings})
-    for name in run_sections:
-        result["rows"] += sections[name]()
-        path.write_text(json.dumps(result, indent=1))  # after each section: a cut-off run keeps what it measured
+
+    def save():
+        path.write_text(json.dumps(result, indent=1))
+
     rows = result["rows"]
+    sections = {
+        "decode": lambda: bench_decode(ceilings, DECODE_BATCHES[1:3] if args.quick else DECODE_BATCHES, decode_cfgs,
+                                       rows, save),
+        "rotary": lambda: bench_rotary(ceilings, ROTARY_SHAPES[1:2] if args.quick else ROTARY_SHAPES, rotary_cfgs,
+                                       rows, save),
+        "chunk": lambda: bench_chunk(ceilings, CHUNK_SHAPES[1:2] if args.quick else CHUNK_SHAPES, chunk_cfgs,
+                                     rows, save),
+    }
+    for name in run_sections:
+        sections[name]()
     print("\nsummary")
     print_rows([r for r in rows if r.get("best") or not r["name"].endswith("ours loop")])
     print(f"wrote {path}")
