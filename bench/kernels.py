@@ -6,7 +6,7 @@ A full run takes more than the device tool's 10 minutes per command on an H100 (
 timing programs and the XLA references dominate): run it one section at a time with --only.
 
 Prints a table and writes bench/results/kernels-<device>.json with every figure (rows of sections not run
-this time are kept when the file is from the same commit and device; `runs` lists each call's ceilings).
+this time are kept from the file's earlier runs on the same device, each row with its commit).
 Each row gives the time, the achieved GB/s over the bytes that must move (inputs read once, outputs and
 state written once) against the copy bandwidth measured in the same run, and the floor
 max(bytes / copy GB/s, FLOPs / measured bf16 rate). Our kernels are timed two ways: `loop` = device time
@@ -49,18 +49,20 @@ ROTARY_SHAPES = [(4096, 16, 80), (16384, 16, 80), (16384, 16, 72)]
 
 
 # ----------------------------------------------------------------------------------------------- timing
-def time_jax_loop(step, carry, consts, iters: int, reps: int = 5) -> float:
+def time_jax_loop(step, carry, consts, iters: int, reps: int = 5, tie_inputs: bool = False) -> float:
     """Seconds per step: `iters` chained steps step(carry, *consts) unrolled in one compiled program (an XLA
     while loop costs ~10 us per trip on this GPU, more than a small kernel), median over reps. The inputs are
-    arguments, not closed-over constants, so they are not baked into the program, and each step sees them
-    through an optimization barrier with the carry: otherwise XLA computes a kernel whose inputs are all
-    loop-invariant (the chunked prep) once for all steps, and the time per step reads low."""
+    arguments, not closed-over constants, so they are not baked into the program. tie_inputs passes them
+    through an optimization barrier with the carry at every step: needed when a kernel of the step reads
+    only loop-invariant inputs (the chunked prep), which XLA would otherwise compute once for all steps; not
+    used where every kernel reads the carry, as the barrier costs small kernels a few microseconds."""
 
-    def body(i, c, xs):
-        c, xs = lax.optimization_barrier((c, xs))
+    def body(c, xs):
+        if tie_inputs:
+            c, xs = lax.optimization_barrier((c, xs))
         return step(c, *xs)
 
-    run = jax.jit(lambda c, *xs: lax.fori_loop(0, iters, lambda i, c: body(i, c, xs), c, unroll=True),
+    run = jax.jit(lambda c, *xs: lax.fori_loop(0, iters, lambda i, c: body(c, xs), c, unroll=True),
                   donate_argnums=0)
     carry = jax.block_until_ready(run(carry, *consts))
     times = []
@@ -181,7 +183,7 @@ def bench_chunk(ceilings, shapes, configs, rows: list[dict], save) -> None:
                 # A strided sum keeps every output live (XLA would drop unused ones) at ~1% extra bytes.
                 return s, acc + o[:, :: max(1, seq_len // 8)].astype(jnp.float32).sum()
             iters = 5 if seq_len * batch > 8192 else 20
-            t = time_jax_loop(step, (jnp.array(state), jnp.float32(0)), (q, k, v, g, beta), iters)
+            t = time_jax_loop(step, (jnp.array(state), jnp.float32(0)), (q, k, v, g, beta), iters, tie_inputs=True)
             rows.append(row(f"chunk {tag} ours loop", t, nbytes, flops, ceilings, config=cfg))
             if best is None or t < best[0]:
                 best = (t, cfg, rows[-1])
@@ -341,15 +343,19 @@ def main():
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"kernels-{device.device_kind.replace(' ', '_')}.json"
-    # Sections are run one device call at a time: rows of the other sections measured at this commit stay.
+    # Sections are run one device call at a time: rows of the other sections from earlier runs on this device
+    # stay, each with the commit it was measured at (`runs` lists every call's commit, date and ceilings).
     run_sections = args.only.split(",")
     previous = json.loads(path.read_text()) if path.exists() else {}
-    if previous.get("commit") == commit and previous.get("device") == result["device"]:
+    if previous.get("device") == result["device"]:
         result["rows"] = [r for r in previous["rows"] if r["name"].split()[0] not in run_sections]
         result["runs"] = [r for r in previous.get("runs", []) if not set(r["sections"]) & set(run_sections)]
-    result.setdefault("runs", []).append({"sections": run_sections, "date": result["date"], "ceilings": ceilings})
+    result.setdefault("runs", []).append(
+        {"sections": run_sections, "commit": commit, "date": result["date"], "ceilings": ceilings})
 
     def save():
+        for r in result["rows"]:
+            r.setdefault("commit", commit)
         path.write_text(json.dumps(result, indent=1))
 
     rows = result["rows"]
