@@ -5,8 +5,8 @@
 A full run takes more than the device tool's 10 minutes per command on an H100 (compiles of the unrolled
 timing programs and the XLA references dominate): run it one section at a time with --only.
 
-Prints a table and writes bench/results/kernels-<device>.json with every figure (rows of sections not run
-this time are kept from the file's earlier runs on the same device, each row with its commit).
+Prints a table and writes bench/results/kernels-<device>.json with every figure (rows not measured this time
+are kept from the file's earlier runs on the same device; each row names its commit).
 Each row gives the time, the achieved GB/s over the bytes that must move (inputs read once, outputs and
 state written once) against the copy bandwidth measured in the same run, and the floor
 max(bytes / copy GB/s, FLOPs / measured bf16 rate). Our kernels are timed two ways: `loop` = device time
@@ -49,28 +49,33 @@ ROTARY_SHAPES = [(4096, 16, 80), (16384, 16, 80), (16384, 16, 72)]
 
 
 # ----------------------------------------------------------------------------------------------- timing
-def time_jax_loop(step, carry, consts, iters: int, reps: int = 5, tie_inputs: bool = False) -> float:
-    """Seconds per step: `iters` chained steps step(carry, *consts) unrolled in one compiled program (an XLA
-    while loop costs ~10 us per trip on this GPU, more than a small kernel), median over reps. The inputs are
+def time_jax_loop(step, carry, consts, iters: int, reps: int = 7, tie_inputs: bool = False) -> float:
+    """Seconds per step: chained steps step(carry, *consts) unrolled in one compiled program (an XLA while
+    loop costs ~10 us per trip on this GPU, more than a small kernel), timed with `iters` and 2 x `iters`
+    steps; the difference over `iters` removes the program's fixed cost (launch, sync: tens of microseconds,
+    which divided by 20 steps once read as 5 us of a 6 us decode step). Medians over reps. The inputs are
     arguments, not closed-over constants, so they are not baked into the program. tie_inputs passes them
     through an optimization barrier with the carry at every step: needed when a kernel of the step reads
-    only loop-invariant inputs (the chunked prep), which XLA would otherwise compute once for all steps; not
-    used where every kernel reads the carry, as the barrier costs small kernels a few microseconds."""
+    only loop-invariant inputs (the chunked prep), which XLA would otherwise compute once for all steps."""
 
     def body(c, xs):
         if tie_inputs:
             c, xs = lax.optimization_barrier((c, xs))
         return step(c, *xs)
 
-    run = jax.jit(lambda c, *xs: lax.fori_loop(0, iters, lambda i, c: body(c, xs), c, unroll=True),
-                  donate_argnums=0)
-    carry = jax.block_until_ready(run(carry, *consts))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
+    def program_seconds(n: int):
+        nonlocal carry
+        run = jax.jit(lambda c, *xs: lax.fori_loop(0, n, lambda i, c: body(c, xs), c, unroll=True),
+                      donate_argnums=0)
         carry = jax.block_until_ready(run(carry, *consts))
-        times.append((time.perf_counter() - t0) / iters)
-    return statistics.median(times)
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            carry = jax.block_until_ready(run(carry, *consts))
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    return (program_seconds(2 * iters) - program_seconds(iters)) / iters
 
 
 def time_jax_calls(fn, args, calls: int = 50, reps: int = 5) -> float:
@@ -311,6 +316,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="one shape per section, no sweep")
     parser.add_argument("--sweep", default="", help="sections (chunk,decode,rotary) to try tile configurations in")
     parser.add_argument("--only", default="decode,rotary,chunk")
+    parser.add_argument("--batches", default="", help="decode batch sizes, comma-separated (default: all)")
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
     args = parser.parse_args()
 
@@ -343,24 +349,26 @@ def main():
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"kernels-{device.device_kind.replace(' ', '_')}.json"
-    # Sections are run one device call at a time: rows of the other sections from earlier runs on this device
-    # stay, each with the commit it was measured at (`runs` lists every call's commit, date and ceilings).
+    # Sections are run one device call at a time: rows from earlier runs on this device that this run does not
+    # measure again stay, each with its commit (`runs` lists every call's sections, commit, date and ceilings).
     run_sections = args.only.split(",")
     previous = json.loads(path.read_text()) if path.exists() else {}
-    if previous.get("device") == result["device"]:
-        result["rows"] = [r for r in previous["rows"] if r["name"].split()[0] not in run_sections]
-        result["runs"] = [r for r in previous.get("runs", []) if not set(r["sections"]) & set(run_sections)]
-    result.setdefault("runs", []).append(
-        {"sections": run_sections, "commit": commit, "date": result["date"], "ceilings": ceilings})
+    same_device = previous.get("device") == result["device"]
+    result["runs"] = [*(previous.get("runs", []) if same_device else []),
+                      {"sections": run_sections, "commit": commit, "date": result["date"], "ceilings": ceilings}]
+    rows: list[dict] = []  # this run's
+    decode_batches = DECODE_BATCHES[1:3] if args.quick else DECODE_BATCHES
+    if args.batches:
+        decode_batches = [int(b) for b in args.batches.split(",")]
 
     def save():
-        for r in result["rows"]:
-            r.setdefault("commit", commit)
+        names = {r["name"] for r in rows}
+        kept = [r for r in previous.get("rows", []) if same_device and r["name"] not in names]
+        result["rows"] = kept + [dict(r, commit=commit) for r in rows]
         path.write_text(json.dumps(result, indent=1))
 
-    rows = result["rows"]
     sections = {
-        "decode": lambda: bench_decode(ceilings, DECODE_BATCHES[1:3] if args.quick else DECODE_BATCHES, decode_cfgs,
+        "decode": lambda: bench_decode(ceilings, decode_batches, decode_cfgs,
                                        rows, save),
         "rotary": lambda: bench_rotary(ceilings, ROTARY_SHAPES[1:2] if args.quick else ROTARY_SHAPES, rotary_cfgs,
                                        rows, save),
@@ -371,6 +379,7 @@ def main():
         sections[name]()
     print("\nsummary")
     print_rows([r for r in rows if r.get("best") or not r["name"].endswith("ours loop")])
+    save()
     print(f"wrote {path}")
 
 
