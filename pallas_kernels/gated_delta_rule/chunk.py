@@ -237,7 +237,11 @@ def chunk_prefill(
     group = num_v_heads // num_k_heads
     block_v = min(block_v, head_v)
     if num_stages is None:
-        num_stages = 3 if batch * num_v_heads * (head_v // block_v) <= _multiprocessors() else 2
+        one_wave = batch * num_v_heads * (head_v // block_v) <= _multiprocessors()
+        # Each stage buffers one chunk of q, k (bf16 or fp32), the v tile and the two 64-wide matrices; three
+        # must fit the H100's 227 KiB of shared memory with room for the compiler's own use.
+        stage_bytes = q_btk.dtype.itemsize * CHUNK * (2 * head_k + block_v + 2 * CHUNK)
+        num_stages = 3 if one_wave and 3 * stage_bytes <= 192 * 1024 else 2
     pad = -seq_len % CHUNK
     if pad:  # whole chunks only; the pad tokens sit past every row's length, so they are neutral
         q_btk, k_btk, v_btv = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q_btk, k_btk, v_btv))
