@@ -14,6 +14,7 @@ from pallas_kernels.gated_delta_rule.chunk import chunk_prefill
 from pallas_kernels.gated_delta_rule.recurrent import recurrent_decode
 from pallas_kernels.gated_delta_rule.reference import (
     chunk_gated_delta_rule_ref,
+    initial_state_fp32,
     recurrent_gated_delta_rule_ref,
 )
 
@@ -71,10 +72,7 @@ def gated_delta_rule(
         raise ValueError(f"the Pallas kernels need power-of-two head sizes >= 16, got Dk={head_k}, Dv={head_v}")
 
     scale = head_k**-0.5 if scale is None else float(scale)
-    if initial_state is None:
-        state = jnp.zeros((batch, num_v_heads, head_k, head_v), jnp.float32)
-    else:
-        state = initial_state.astype(jnp.float32)
+    state = initial_state_fp32(initial_state, batch, num_v_heads, head_k, head_v)
     lengths_b = jnp.full((batch,), seq_len, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
     common = dict(scale=scale, use_qk_l2norm=use_qk_l2norm, interpret=impl == "interpret")
     if seq_len == 1:

@@ -51,7 +51,8 @@ def prepare_inputs(q, k, v, g, beta, lengths, scale, use_qk_l2norm):
     return q_bthk, k_bthk, v_bthv, g_bth, beta_bth
 
 
-def _initial_state(initial_state, batch, num_v_heads, head_k, head_v):
+def initial_state_fp32(initial_state, batch, num_v_heads, head_k, head_v):
+    """The caller's state in fp32, or zeros [B, Hv, Dk, Dv] when there is none."""
     if initial_state is None:
         return jnp.zeros((batch, num_v_heads, head_k, head_v), jnp.float32)
     return initial_state.astype(jnp.float32)
@@ -73,7 +74,7 @@ def recurrent_gated_delta_rule_ref(
     batch, _, _, head_k = q.shape
     num_v_heads, head_v = v.shape[2:]
     q_bthk, k_bthk, v_bthv, g_bth, beta_bth = prepare_inputs(q, k, v, g, beta, lengths, scale, use_qk_l2norm)
-    state_bhkv = _initial_state(initial_state, batch, num_v_heads, head_k, head_v)
+    state_bhkv = initial_state_fp32(initial_state, batch, num_v_heads, head_k, head_v)
 
     def step(s_bhkv, xs):
         q_bhk, k_bhk, v_bhv, g_bh, beta_bh = xs
@@ -157,7 +158,7 @@ def chunk_gated_delta_rule_ref(
         )
         return s_bhkv, o_bhcv
 
-    state_bhkv = _initial_state(initial_state, batch, num_v_heads, head_k, head_v)
+    state_bhkv = initial_state_fp32(initial_state, batch, num_v_heads, head_k, head_v)
     xs = (u_nbhcv, w_nbhck, attn_nbhcc, qdecay_nbhck, kdecay_nbhck, last_nbh)
     state_bhkv, o_nbhcv = lax.scan(step, state_bhkv, xs)
     o_bthv = jnp.moveaxis(o_nbhcv, 3, 2).transpose(1, 0, 2, 3, 4).reshape(batch, -1, num_v_heads, head_v)
