@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -78,6 +79,18 @@ def _unit_lower_inverse(a_nn, low_precision):
     return inverse_nn
 
 
+class _Half(NamedTuple):
+    """32 rows of a chunk in the prep kernel: q, k L2-normalised (q also scaled), fp32."""
+
+    rows: pl.Slice
+    q_nk: jax.Array
+    k_nk: jax.Array
+    gcum_n: jax.Array  # G, the cumulative log-decay from the chunk's start
+    beta_n: jax.Array
+    q_inv_n: jax.Array  # inverse L2 norms
+    k_inv_n: jax.Array
+
+
 def _prep_kernel(
     lengths_ref, q_ref, k_ref, g_ref, beta_ref,
     t_ref, scores_ref, gcum_ref, q_fac_ref, k_fac_ref, w_fac_ref, u_fac_ref,
@@ -103,22 +116,21 @@ def _prep_kernel(
         beta_n = jnp.where(valid_n, beta_ref[rows].astype(jnp.float32), 0.0)
         gcum_n = g_before + jnp.cumsum(g_n)
         g_before = g_before + jnp.sum(g_n)
-        halves.append((rows, q_nk * (q_inv_n * scale)[:, None], k_nk * k_inv_n[:, None], gcum_n, beta_n,
-                       q_inv_n, k_inv_n))
+        halves.append(_Half(rows, q_nk * (q_inv_n * scale)[:, None], k_nk * k_inv_n[:, None], gcum_n, beta_n,
+                            q_inv_n, k_inv_n))
 
     i_nn = lax.broadcasted_iota(jnp.int32, (HALF, HALF), 0)
     j_nn = lax.broadcasted_iota(jnp.int32, (HALF, HALF), 1)
     blocks = {}
     for i in range(2):
         for j in range(i + 1):
-            _, q_i, k_i, g_i, beta_i, _, _ = halves[i]
-            _, _, k_j, g_j, _, _, _ = halves[j]
+            hi, hj = halves[i], halves[j]
             causal = i_nn >= j_nn if i == j else i_nn >= 0
             # Masked before exp: G_r - G_s <= 0 for r >= s, so no overflow; the masked part is discarded.
-            decay_nn = jnp.exp(jnp.where(causal, g_i[:, None] - g_j[None, :], 0.0))
+            decay_nn = jnp.exp(jnp.where(causal, hi.gcum_n[:, None] - hj.gcum_n[None, :], 0.0))
             strict = i_nn > j_nn if i == j else causal
-            a_nn = jnp.where(strict, beta_i[:, None] * dot(k_i, k_j, contract_b=1) * decay_nn, 0.0)
-            scores_nn = jnp.where(causal, dot(q_i, k_j, contract_b=1) * decay_nn, 0.0)
+            a_nn = jnp.where(strict, hi.beta_n[:, None] * dot(hi.k_nk, hj.k_nk, contract_b=1) * decay_nn, 0.0)
+            scores_nn = jnp.where(causal, dot(hi.q_nk, hj.k_nk, contract_b=1) * decay_nn, 0.0)
             blocks[i, j] = (a_nn, scores_nn)
 
     x00 = _unit_lower_inverse(blocks[0, 0][0], low_precision)
@@ -133,12 +145,12 @@ def _prep_kernel(
 
     # Row factors that let the scan multiply raw (unnormalised, undecayed) q, k, v rows: it then needs no
     # row reductions or exponentials on its serial path.
-    for rows, _, _, gcum_n, beta_n, q_inv_n, k_inv_n in halves:
-        gcum_ref[rows] = gcum_n
-        q_fac_ref[rows] = q_inv_n * scale * jnp.exp(gcum_n)
-        k_fac_ref[rows] = k_inv_n * jnp.exp(g_before - gcum_n)
-        w_fac_ref[rows] = beta_n * k_inv_n * jnp.exp(gcum_n)
-        u_fac_ref[rows] = beta_n
+    for h in halves:
+        gcum_ref[h.rows] = h.gcum_n
+        q_fac_ref[h.rows] = h.q_inv_n * scale * jnp.exp(h.gcum_n)
+        k_fac_ref[h.rows] = h.k_inv_n * jnp.exp(g_before - h.gcum_n)
+        w_fac_ref[h.rows] = h.beta_n * h.k_inv_n * jnp.exp(h.gcum_n)
+        u_fac_ref[h.rows] = h.beta_n
 
 
 def _scan_kernel(
