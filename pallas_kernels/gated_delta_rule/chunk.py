@@ -1,6 +1,6 @@
 """Pallas chunked (WY/UT) gated delta rule for prefill: two kernels.
 
-1. `_prep_kernel`, grid (B, Hv, chunks), fully parallel: per 64-token chunk it takes q/k's inverse L2 norms, the
+1. `_prep_kernel`, grid (B, Hv, chunks), fully parallel: per 64-token chunk it L2-normalises q/k, takes the
    cumulative log-decay G, and inverts the chunk's unit-lower-triangular system, T = (I + A)^-1 with
    A = tril(diag(beta) k k^T exp(G_i - G_j), -1), writing T, the masked intra-chunk scores
    P = tril(q k^T exp(G_i - G_j)), G, and per-row factors that turn raw q/k/v rows into normalised,
@@ -80,13 +80,11 @@ def _unit_lower_inverse(a_nn, low_precision):
 
 
 class _Half(NamedTuple):
-    """32 rows of a chunk in the prep kernel. q and k are not kept: each product re-reads its rows (cache
-    hits) and applies the inverse norms and the scale to its [32, 32] result, because holding normalised
-    copies of the four [32, 128] tiles across the products overflowed the registers (255 per thread and 2M
-    spill requests at B1xT16384 on an H100, per ncu)."""
+    """32 rows of a chunk in the prep kernel: q, k L2-normalised (q also scaled), fp32."""
 
     rows: pl.Slice
-    valid_n: jax.Array
+    q_nk: jax.Array
+    k_nk: jax.Array
     gcum_n: jax.Array  # G, the cumulative log-decay from the chunk's start
     beta_n: jax.Array
     q_inv_n: jax.Array  # inverse L2 norms
@@ -110,39 +108,38 @@ def _prep_kernel(
         rows = pl.ds(i * HALF, HALF)
         t_n = c * CHUNK + i * HALF + lax.broadcasted_iota(jnp.int32, (HALF,), 0)
         valid_n = t_n < lengths_ref[b]
-        q_inv_n = _inverse_norm(_masked(q_ref[rows, :], valid_n).astype(jnp.float32), use_qk_l2norm)
-        k_inv_n = _inverse_norm(_masked(k_ref[rows, :], valid_n).astype(jnp.float32), use_qk_l2norm)
+        q_nk = _masked(q_ref[rows, :], valid_n).astype(jnp.float32)
+        k_nk = _masked(k_ref[rows, :], valid_n).astype(jnp.float32)
+        q_inv_n, k_inv_n = _inverse_norm(q_nk, use_qk_l2norm), _inverse_norm(k_nk, use_qk_l2norm)
         # g = beta = 0 on padding: pad rows of the system, the scores and the row factors come out neutral.
         g_n = jnp.where(valid_n, g_ref[rows].astype(jnp.float32), 0.0)
         beta_n = jnp.where(valid_n, beta_ref[rows].astype(jnp.float32), 0.0)
         gcum_n = g_before + jnp.cumsum(g_n)
         g_before = g_before + jnp.sum(g_n)
-        halves.append(_Half(rows, valid_n, gcum_n, beta_n, q_inv_n, k_inv_n))
+        halves.append(_Half(rows, q_nk * (q_inv_n * scale)[:, None], k_nk * k_inv_n[:, None], gcum_n, beta_n,
+                            q_inv_n, k_inv_n))
 
     i_nn = lax.broadcasted_iota(jnp.int32, (HALF, HALF), 0)
     j_nn = lax.broadcasted_iota(jnp.int32, (HALF, HALF), 1)
-    a_blocks = {}
+    blocks = {}
     for i in range(2):
         for j in range(i + 1):
             hi, hj = halves[i], halves[j]
-            k_j = _masked(k_ref[hj.rows, :], hj.valid_n)
             causal = i_nn >= j_nn if i == j else i_nn >= 0
             # Masked before exp: G_r - G_s <= 0 for r >= s, so no overflow; the masked part is discarded.
-            decay_nn = jnp.exp(jnp.where(causal, hi.gcum_n[:, None] - hj.gcum_n[None, :], 0.0)) * hj.k_inv_n[None, :]
-            qk_nn = dot(_masked(q_ref[hi.rows, :], hi.valid_n), k_j, contract_b=1)
-            scores_ref[hi.rows, hj.rows] = jnp.where(
-                causal, qk_nn * (hi.q_inv_n * scale)[:, None] * decay_nn, 0.0
-            ).astype(scores_ref.dtype)
-            kk_nn = dot(_masked(k_ref[hi.rows, :], hi.valid_n), k_j, contract_b=1)
+            decay_nn = jnp.exp(jnp.where(causal, hi.gcum_n[:, None] - hj.gcum_n[None, :], 0.0))
             strict = i_nn > j_nn if i == j else causal
-            a_blocks[i, j] = jnp.where(strict, kk_nn * (hi.beta_n * hi.k_inv_n)[:, None] * decay_nn, 0.0)
+            a_nn = jnp.where(strict, hi.beta_n[:, None] * dot(hi.k_nk, hj.k_nk, contract_b=1) * decay_nn, 0.0)
+            scores_nn = jnp.where(causal, dot(hi.q_nk, hj.k_nk, contract_b=1) * decay_nn, 0.0)
+            blocks[i, j] = (a_nn, scores_nn)
 
-    x00 = _unit_lower_inverse(a_blocks[0, 0], low_precision)
-    x11 = _unit_lower_inverse(a_blocks[1, 1], low_precision)
-    x10 = -dot(x11, dot(a_blocks[1, 0], x00))
+    x00 = _unit_lower_inverse(blocks[0, 0][0], low_precision)
+    x11 = _unit_lower_inverse(blocks[1, 1][0], low_precision)
+    x10 = -dot(x11, dot(blocks[1, 0][0], x00))
+    zeros = jnp.zeros((HALF, HALF), t_ref.dtype)
     for (i, j), x_nn in {(0, 0): x00, (1, 0): x10, (1, 1): x11}.items():
         t_ref[pl.ds(i * HALF, HALF), pl.ds(j * HALF, HALF)] = x_nn.astype(t_ref.dtype)
-    zeros = jnp.zeros((HALF, HALF), t_ref.dtype)
+        scores_ref[pl.ds(i * HALF, HALF), pl.ds(j * HALF, HALF)] = blocks[i, j][1].astype(scores_ref.dtype)
     t_ref[pl.ds(0, HALF), pl.ds(HALF, HALF)] = zeros
     scores_ref[pl.ds(0, HALF), pl.ds(HALF, HALF)] = zeros
 
