@@ -113,14 +113,14 @@ def apply_vision_rotary_pallas(
 ) -> tuple[jax.Array, jax.Array]:
     """The fused kernel. q and k are rotated in place (aliased outputs): inside a jit where they are
     intermediates no memory is allocated, and a caller that still needs the originals gets a copy from XLA.
-    block_elems (a power of two) bounds the padded half-tile, heads x units x width, per program. None: 256
-    units, i.e. as many vector accesses in flight whatever the width (2048 elements at head_dim 80, 4096 at
-    72; on an H100 the 4096 tile beat 2048 at 72 by 4-12% and lost at 80 by 7-9%)."""
+    block_elems (a power of two) bounds the padded half-tile, heads x units x width, per program. None:
+    16384 / width, i.e. 2048 at head_dim 80 (16-byte units) and 4096 at 72 (8-byte units), the best of
+    1024 / 2048 / 4096 at each on an H100 (at 72, 4096 beat 2048 by 4-12%; at 80 it lost by 7-9%)."""
     num_tokens, num_heads, head_dim = q.shape
     if head_dim % 4 or k.shape != q.shape:
         raise ValueError(f"q and k must match and head_dim be divisible by 4, got {q.shape}, {k.shape}")
     width = _vector_width(head_dim)
-    block_elems = block_elems or 256 * width
+    block_elems = block_elems or 16384 // width
     num_units = q.size // width
     per_head = _next_pow2(head_dim // 2 // width) * width
     block_heads = max(1, min(block_elems // per_head, _next_pow2(num_tokens * num_heads)))
