@@ -110,6 +110,23 @@ def test_interpreted_kernels_match_reference(batch, seq_len, num_k, num_v, head_
     assert rel_err(s, s_ref) < 1e-5
 
 
+def test_interpreted_chunk_kernel_keeps_nan_pads_out():
+    """Rows ending on a chunk boundary (128) and inside one (70), a full row and an empty one: the scan's
+    unmasked loop must stop at the last whole chunk of each row and its masked loop keep NaN pads out."""
+    q, k, v, g, beta, state = make_inputs(5, 4, 200, 1, 2, 16, 32)
+    lengths = np.array([200, 128, 70, 0])
+    pad = (np.arange(200)[None, :] >= lengths[:, None])[:, :, None, None]
+    q_nan, k_nan, v_nan = (jnp.where(pad, jnp.nan, x) for x in (q, k, v))
+    o_ref, s_ref = chunk_gated_delta_rule_ref(q, k, v, g, beta, initial_state=state, lengths=jnp.asarray(lengths))
+    o, s = gated_delta_rule(q_nan, k_nan, v_nan, g, beta, initial_state=state, lengths=jnp.asarray(lengths),
+                            impl="interpret")
+    assert rel_err(s, s_ref) < 1e-5
+    for b, length in enumerate(lengths):
+        if length:
+            assert rel_err(o[b, :length], o_ref[b, :length]) < 1e-5
+        assert np.all(np.asarray(o[b, length:]) == 0.0)
+
+
 def test_dispatcher_jits_and_picks_reference_on_cpu():
     q, k, v, g, beta, state = make_inputs(11, 2, 1, 1, 2, 16, 32)
     step = jax.jit(lambda *a: gated_delta_rule(*a[:5], initial_state=a[5]), donate_argnums=5)
