@@ -12,7 +12,9 @@
    r = diag(beta) (v - diag(exp(G)) k S), v_new = T r, o = (q exp(G)) S + P v_new,
    S <- exp(G_C) S + (k exp(G_C - G))^T v_new. W = T diag(beta exp(G)) k and U = T diag(beta) v are never
    stored: the scan reads raw q, k, v and the two 64-wide matrices. The state is read once from the
-   (aliased) initial state and written once.
+   (aliased) initial state and written once. The step is latency-bound (a chain of dependent products per
+   chunk), so nothing else may sit on it: chunks wholly inside the row's length skip the pad masking, and
+   the row factors are read one chunk ahead.
 
 bf16 inputs run their large products with bf16 operands and fp32 accumulation, as FLA does; fp32 inputs use
 full-precision products so the interpreter and GPU tests can hold 1e-5. Lowered through Triton on GPU.
