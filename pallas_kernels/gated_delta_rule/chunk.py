@@ -176,7 +176,7 @@ def _scan_kernel(
         factors_next = row_factors(jnp.minimum(c + 1, num_chunks - 1))
         start = pl.multiple_of(c * chunk, chunk)
         rows = pl.ds(start, chunk)
-        valid_c = start + lax.broadcasted_iota(jnp.int32, (chunk,), 0) < length
+        valid_c = (start + lax.broadcasted_iota(jnp.int32, (chunk,), 0) < length) if masked else None
 
         def load(ref):
             return _masked(ref[rows, :], valid_c) if masked else ref[rows, :]
