@@ -15,11 +15,9 @@ Prints a table and writes bench/results/decode-<device>.json (device, jax versio
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import pathlib
-import subprocess
 import sys
 import time
 
@@ -31,6 +29,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from bench.run_info import run_info  # noqa: E402
 from qwenvl_jax.cache import tree_bytes  # noqa: E402
 from qwenvl_jax.config import parse_config  # noqa: E402
 from qwenvl_jax.engine import Engine, EngineConfig, Request  # noqa: E402
@@ -196,10 +195,8 @@ def main() -> None:
         print(f"{r['batch']:>5} {r['ours']['ttft_ms']:>13.1f} {r['ours']['decode_tok_s']:>11.1f} "
               f"{hf.get('ttft_ms', float('nan')):>11.1f} {hf.get('decode_tok_s', float('nan')):>9.1f} "
               f"{r['roofline_tok_s']:>9.1f}")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    result = dict(device=device, jax=jax.__version__, commit=commit or "unknown",
-                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  model_type=args.model_type, model=name, tiny=args.tiny, prompt=args.prompt, new=args.new,
+    result = dict(**run_info(), model_type=args.model_type, model=name, tiny=args.tiny, prompt=args.prompt,
+                  new=args.new,
                   decode_steps=args.decode_steps, text_param_bytes=text_bytes, decode_bytes_per_step=decode_bytes,
                   copy_bandwidth_bytes_s=bandwidth, rows=rows)
     out = pathlib.Path(args.out)

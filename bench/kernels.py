@@ -19,14 +19,11 @@ FLA is timed eagerly (triton do_bench, launch overhead included) and as a replay
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import json
 import os
 import pathlib
-import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -38,6 +35,7 @@ import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from bench.run_info import run_info  # noqa: E402
 from pallas_kernels.gated_delta_rule import chunk_gated_delta_rule_ref, recurrent_gated_delta_rule_ref  # noqa: E402
 from pallas_kernels.gated_delta_rule.chunk import chunk_prefill, chunk_prep  # noqa: E402
 from pallas_kernels.gated_delta_rule.recurrent import recurrent_decode  # noqa: E402
@@ -343,11 +341,8 @@ def main():
         decode_cfgs += [dict(block_v=32), dict(block_v=128)]
     if "rotary" in args.sweep:
         rotary_cfgs += [dict(block_elems=1024), dict(block_elems=4096), dict(num_warps=8)]
-    commit = os.environ.get("BENCH_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
     result = {
-        "device": device.device_kind, "jax": jax.__version__, "python": platform.python_version(),
-        "commit": commit, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **run_info(),
         "shapes": {"Hk": HK, "Hv": HV, "Dk": DK, "Dv": DV, "dtype": "bf16 in, fp32 state"},
         "ceilings": ceilings, "rows": [],
     }
@@ -366,7 +361,8 @@ def main():
     previous = json.loads(path.read_text()) if path.exists() else {}
     same_device = previous.get("device") == result["device"]
     result["runs"] = [*(previous.get("runs", []) if same_device else []),
-                      {"sections": run_sections, "commit": commit, "date": result["date"], "ceilings": ceilings}]
+                      {"sections": run_sections, "commit": result["commit"], "date": result["date"],
+                       "ceilings": ceilings}]
     rows: list[dict] = []  # this run's
     decode_batches = DECODE_BATCHES[1:3] if args.quick else DECODE_BATCHES
     if args.batches:
@@ -375,7 +371,7 @@ def main():
     def save():
         names = {r["name"] for r in rows}
         kept = [r for r in previous.get("rows", []) if same_device and r["name"] not in names]
-        result["rows"] = kept + [dict(r, commit=commit) for r in rows]
+        result["rows"] = kept + [dict(r, commit=result["commit"]) for r in rows]
         path.write_text(json.dumps(result, indent=1))
 
     sections = {

@@ -110,21 +110,26 @@ def test_interpreted_kernels_match_reference(batch, seq_len, num_k, num_v, head_
     assert rel_err(s, s_ref) < 1e-5
 
 
-def test_interpreted_chunk_kernel_keeps_nan_pads_out():
+def check_chunk_kernel_keeps_nan_pads_out(impl, head_k, head_v, dtype=jnp.float32, tol=1e-5):
     """Rows ending on a chunk boundary (128) and inside one (70), a full row and an empty one: the scan's
     unmasked loop must stop at the last whole chunk of each row and its masked loop keep NaN pads out."""
-    q, k, v, g, beta, state = make_inputs(5, 4, 200, 1, 2, 16, 32)
+    q, k, v, g, beta, state = make_inputs(5, 4, 200, 1, 2, head_k, head_v, dtype)
     lengths = np.array([200, 128, 70, 0])
     pad = (np.arange(200)[None, :] >= lengths[:, None])[:, :, None, None]
-    q_nan, k_nan, v_nan = (jnp.where(pad, jnp.nan, x) for x in (q, k, v))
-    o_ref, s_ref = chunk_gated_delta_rule_ref(q, k, v, g, beta, initial_state=state, lengths=jnp.asarray(lengths))
+    q_nan, k_nan, v_nan = (jnp.where(pad, jnp.nan, x).astype(dtype) for x in (q, k, v))
+    up = [x.astype(jnp.float32) for x in (q, k, v, g, beta)]
+    o_ref, s_ref = chunk_gated_delta_rule_ref(*up, initial_state=state, lengths=jnp.asarray(lengths))
     o, s = gated_delta_rule(q_nan, k_nan, v_nan, g, beta, initial_state=state, lengths=jnp.asarray(lengths),
-                            impl="interpret")
-    assert rel_err(s, s_ref) < 1e-5
+                            impl=impl)
+    assert rel_err(s, s_ref) < tol
     for b, length in enumerate(lengths):
         if length:
-            assert rel_err(o[b, :length], o_ref[b, :length]) < 1e-5
+            assert rel_err(o[b, :length], o_ref[b, :length]) < tol
         assert np.all(np.asarray(o[b, length:]) == 0.0)
+
+
+def test_interpreted_chunk_kernel_keeps_nan_pads_out():
+    check_chunk_kernel_keeps_nan_pads_out("interpret", 16, 32)
 
 
 def test_dispatcher_jits_and_picks_reference_on_cpu():

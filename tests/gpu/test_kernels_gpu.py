@@ -15,7 +15,7 @@ from pallas_kernels.gated_delta_rule import (
     recurrent_gated_delta_rule_ref,
 )
 from pallas_kernels.vision_rotary import apply_vision_rotary, vision_rotary_tables
-from tests.test_gated_delta_rule import make_inputs, rel_err
+from tests.test_gated_delta_rule import check_chunk_kernel_keeps_nan_pads_out, make_inputs, rel_err
 
 
 CASES = [  # batch, seq_len, Hk, Hv, ragged
@@ -44,6 +44,12 @@ def test_gated_delta_rule_matches_reference(dtype, tol, batch, seq_len, num_k, n
     assert o.dtype == dtype and s.dtype == jnp.float32
     assert rel_err(o, o_ref) < tol
     assert rel_err(s, s_ref) < tol
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
+def test_chunk_kernel_keeps_nan_pads_out(dtype, tol):
+    with jax.default_matmul_precision("highest"):
+        check_chunk_kernel_keeps_nan_pads_out("pallas", 128, 128, dtype, tol)
 
 
 @pytest.mark.parametrize("seq_len", [1, 128])
