@@ -363,6 +363,9 @@ class Engine:
         host_active = np.zeros(cfg.max_batch + 1, bool)
         inflight: collections.deque = collections.deque()
 
+        def ends_at_first_token(req: Request) -> bool:
+            return req.max_new_tokens <= 1 or len(req.input_ids) + 1 >= cfg.max_len
+
         def finish(slot: int) -> None:
             host_active[slot] = False
             del slot_req[slot]
@@ -401,13 +404,16 @@ class Engine:
                 slot_req[slot] = i
                 host_active[slot] = True
                 inflight.append(("first", self._prefill_request(req, slot), [slot]))
-            if slot_req:
+            # A request that ends with its first token needs no decode call: a max_new_tokens=1 batch would
+            # otherwise wait for a whole decode call (decode_steps tokens) queued behind its prefill.
+            decoding = [s for s, i in slot_req.items() if produced[i] > 0 or not ends_at_first_token(requests[i])]
+            if decoding:
                 rows = min(b for b in cfg.decode_buckets if b > max(slot_req))
                 self.state, out = self._decode(self.graphdef, self.params, self.state, host_active.copy(), self._eos,
                                                steps=cfg.decode_steps, rows=rows)
                 inflight.append(("decode", out, list(range(rows))))
-            # Keep one call queued on the device while the host reads the one before it.
-            while inflight and (len(inflight) > 1 or not slot_req):
+            # Keep one decode call queued on the device while the host reads the one before it.
+            while inflight and (len(inflight) > 1 or not decoding):
                 kind, out, slots = inflight.popleft()
                 with jax.transfer_guard_device_to_host("allow"):  # the one transfer steady state makes
                     tokens = jax.device_get(out)

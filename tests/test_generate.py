@@ -187,6 +187,22 @@ def test_steady_state_compiles_nothing_and_moves_only_tokens(qwen3_5):
     assert sum(kind == "dispatch" for kind, _ in recorder.events[:first_decode_read]) >= 2
 
 
+def test_requests_ending_at_their_first_token_run_no_decode_call(qwen3_5):
+    _, ours = qwen3_5
+    rng = np.random.default_rng(8)
+    prompts = [rng.integers(0, 400, n) for n in (7, 20, 33)]
+    engine = _engine(ours, max_batch=2)
+    longer = _run(engine, [_text_request(p, max_new=3) for p in prompts])
+    recorder = _TransferRecorder(engine)
+    with recorder.watching():
+        firsts = _run(engine, [_text_request(p, max_new=1) for p in prompts])
+    assert firsts == [row[:1] for row in longer]
+    assert not any(kind == "dispatch" for kind, _ in recorder.events)
+    # Mixed: the one-token request still ends after its first token; the other decodes as it would alone.
+    mixed = _run(engine, [_text_request(prompts[0], max_new=1), _text_request(prompts[1], max_new=3)])
+    assert mixed == [longer[0][:1], longer[1]]
+
+
 def test_warmup_leaves_real_slots_untouched(qwen3_5):
     _, ours = qwen3_5
     engine = _engine(ours, max_batch=2)
