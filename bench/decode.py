@@ -203,9 +203,8 @@ def main() -> None:
               f"{hf.get('ttft_ms', float('nan')):>11.1f} {hf.get('decode_tok_s', float('nan')):>9.1f} "
               f"{r['roofline_tok_s']:>9.1f}")
     result = dict(**run_info(), model_type=args.model_type, model=name, tiny=args.tiny, prompt=args.prompt,
-                  new=args.new,
-                  decode_steps=args.decode_steps, text_param_bytes=text_bytes, decode_bytes_per_step=decode_bytes,
-                  copy_bandwidth_bytes_s=bandwidth, rows=rows)
+                  new=args.new, decode_steps=args.decode_steps, text_param_bytes=text_bytes,
+                  decode_bytes_per_step=decode_bytes, copy_bandwidth_bytes_s=bandwidth, rows=rows)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = f"decode-{args.model_type}{'-tiny' if args.tiny else ''}-{device.replace(' ', '_')}.json"

@@ -363,8 +363,9 @@ class Engine:
         host_active = np.zeros(cfg.max_batch + 1, bool)
         inflight: collections.deque = collections.deque()
 
-        def ends_at_first_token(req: Request) -> bool:
-            return req.max_new_tokens <= 1 or len(req.input_ids) + 1 >= cfg.max_len
+        def at_length(req: Request, tokens: int) -> bool:
+            """Whether `tokens` new tokens end the request by length (max_new_tokens or the context)."""
+            return tokens >= req.max_new_tokens or len(req.input_ids) + tokens >= cfg.max_len
 
         def finish(slot: int) -> None:
             host_active[slot] = False
@@ -385,7 +386,7 @@ class Engine:
                     produced[i] += 1
                     if tok in self.eos_ids:
                         reason = "stop"
-                    elif produced[i] >= req.max_new_tokens or len(req.input_ids) + produced[i] >= cfg.max_len:
+                    elif at_length(req, produced[i]):
                         reason = "length"
                     if reason:
                         break
@@ -406,7 +407,7 @@ class Engine:
                 inflight.append(("first", self._prefill_request(req, slot), [slot]))
             # A request that ends with its first token needs no decode call: a max_new_tokens=1 batch would
             # otherwise wait for a whole decode call (decode_steps tokens) queued behind its prefill.
-            decoding = [s for s, i in slot_req.items() if produced[i] > 0 or not ends_at_first_token(requests[i])]
+            decoding = any(produced[i] > 0 or not at_length(requests[i], 1) for i in slot_req.values())
             if decoding:
                 rows = min(b for b in cfg.decode_buckets if b > max(slot_req))
                 self.state, out = self._decode(self.graphdef, self.params, self.state, host_active.copy(), self._eos,
