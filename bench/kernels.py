@@ -14,12 +14,16 @@ per call from many calls unrolled inside one jit (no dispatch), `call` = back-to
 caller pays, dispatch included; a state that is not donated is copied first, because the kernels update it
 in place).
 FLA is timed eagerly (triton do_bench, launch overhead included) and as a replayed torch.cuda.CUDAGraph.
+When importable, FlashQLA (QwenLM's TileLang Hopper kernels: warp-specialised, with intra-card sequence
+parallelism; the fastest public GDN prefill we know of) is timed the same way in the chunk section, as a
+second anchor. Neither is on the device machine: bench/carry_flashqla.sh packs FlashQLA for carrying.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import importlib.metadata
 import json
 import os
 import pathlib
@@ -170,8 +174,20 @@ def to_torch(*xs):
 
 
 # ----------------------------------------------------------------------------------------------- benches
+def import_flashqla():
+    """FlashQLA's chunk_gated_delta_rule, or None (with the reason printed) where it cannot load."""
+    try:
+        from flash_qla import chunk_gated_delta_rule
+    except (ImportError, OSError, ValueError) as err:  # TileLang raises ValueError on GPUs it does not target
+        print(f"FlashQLA not timed: {type(err).__name__}: {err}", flush=True)
+        return None
+    return chunk_gated_delta_rule
+
+
 def bench_chunk(ceilings, shapes, configs, rows: list[dict], save) -> None:
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
+
+    flashqla_chunk = import_flashqla()
 
     for batch, seq_len in shapes:
         q, k, v, g, beta, state = gdr_inputs(batch, seq_len)
@@ -202,17 +218,19 @@ def bench_chunk(ceilings, shapes, configs, rows: list[dict], save) -> None:
         rows.append(row(f"chunk {tag} xla-ref call", time_jax_calls(ref, (q, k, v, g, beta, state), calls=5), nbytes,
                         flops, ceilings))
         tq, tk, tv, tg, tb, ts = to_torch(q, k, v, g, beta, state)
-        fla = lambda: fla_chunk(tq, tk, tv, tg, tb, scale=scale, initial_state=ts, output_final_state=True,
-                                use_qk_l2norm_in_kernel=True)
-        eager, graphed = time_torch(fla)
-        rows.append(row(f"chunk {tag} fla eager", eager, nbytes, flops, ceilings))
-        rows.append(row(f"chunk {tag} fla graph", graphed, nbytes, flops, ceilings))
-        # Same inputs, so the two outputs must agree to bf16 accuracy: guards against timing a broken kernel.
+        # Same inputs, so the outputs must agree to bf16 accuracy: guards against timing a broken kernel.
         o_ours, s_ours = chunk_prefill(q, k, v, g, beta, state, lengths, scale=scale, **best[1])
-        o_fla, s_fla = fla()
-        rows[-1]["rel_err_vs_fla_o"] = float((torch_rel(o_ours, o_fla)))
-        rows[-1]["rel_err_vs_fla_state"] = float((torch_rel(s_ours, s_fla)))
-        print_rows(rows[-5 - len(configs):])
+        anchors = {"fla": fla_chunk} if flashqla_chunk is None else {"fla": fla_chunk, "flashqla": flashqla_chunk}
+        for anchor, chunk_fn in anchors.items():
+            call = functools.partial(chunk_fn, tq, tk, tv, tg, tb, scale=scale, initial_state=ts,
+                                     output_final_state=True, use_qk_l2norm_in_kernel=True)
+            eager, graphed = time_torch(call)
+            rows.append(row(f"chunk {tag} {anchor} eager", eager, nbytes, flops, ceilings))
+            rows.append(row(f"chunk {tag} {anchor} graph", graphed, nbytes, flops, ceilings))
+            o_theirs, s_theirs = call()
+            rows[-1][f"rel_err_vs_{anchor}_o"] = torch_rel(o_ours, o_theirs)
+            rows[-1][f"rel_err_vs_{anchor}_state"] = torch_rel(s_ours, s_theirs)
+        print_rows(rows[-3 - 2 * len(anchors) - len(configs):])
         save()  # after each shape: a run cut off by its time limit keeps what it measured
 
 
@@ -326,6 +344,7 @@ def main():
     parser.add_argument("--sweep", default="", help="sections (chunk,decode,rotary) to try tile configurations in")
     parser.add_argument("--only", default="decode,rotary,chunk")
     parser.add_argument("--batches", default="", help="decode batch sizes, comma-separated (default: all)")
+    parser.add_argument("--chunk-shapes", default="", help="chunk B x T, e.g. 1x16384,8x2048 (default: all)")
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
     args = parser.parse_args()
 
@@ -352,6 +371,10 @@ def main():
         result["fla"], result["torch"] = fla.__version__, torch.__version__
     except ImportError:
         pass
+    try:
+        result["flash_qla"] = importlib.metadata.version("flash-qla")
+    except importlib.metadata.PackageNotFoundError:
+        pass
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"kernels-{device.device_kind.replace(' ', '_')}.json"
@@ -367,6 +390,9 @@ def main():
     decode_batches = DECODE_BATCHES[1:3] if args.quick else DECODE_BATCHES
     if args.batches:
         decode_batches = [int(b) for b in args.batches.split(",")]
+    chunk_shapes = CHUNK_SHAPES[1:2] if args.quick else CHUNK_SHAPES
+    if args.chunk_shapes:
+        chunk_shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.chunk_shapes.split(",")]
 
     def save():
         names = {r["name"] for r in rows}
@@ -379,8 +405,7 @@ def main():
                                        rows, save),
         "rotary": lambda: bench_rotary(ceilings, ROTARY_SHAPES[1:2] if args.quick else ROTARY_SHAPES, rotary_cfgs,
                                        rows, save),
-        "chunk": lambda: bench_chunk(ceilings, CHUNK_SHAPES[1:2] if args.quick else CHUNK_SHAPES, chunk_cfgs,
-                                     rows, save),
+        "chunk": lambda: bench_chunk(ceilings, chunk_shapes, chunk_cfgs, rows, save),
     }
     for name in run_sections:
         sections[name]()
