@@ -188,6 +188,9 @@ def bench_chunk(ceilings, shapes, configs, rows: list[dict], save) -> None:
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
 
     flashqla_chunk = import_flashqla()
+    # FLA 0.6 hands chunk_gated_delta_rule to FlashQLA whenever that is installed (read at each call): the fla
+    # rows are FLA's own Triton kernels only with its FlashQLA backend off.
+    os.environ["FLA_FLASH_QLA"] = "0"
 
     for batch, seq_len in shapes:
         q, k, v, g, beta, state = gdr_inputs(batch, seq_len)
