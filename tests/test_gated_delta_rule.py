@@ -12,6 +12,7 @@ from pallas_kernels.gated_delta_rule import (
     gated_delta_rule,
     recurrent_gated_delta_rule_ref,
 )
+from pallas_kernels.gated_delta_rule.chunk import _multiprocessors, _scan_tiling, chunk_prefill
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -108,6 +109,29 @@ def test_interpreted_kernels_match_reference(batch, seq_len, num_k, num_v, head_
     assert o.shape == o_ref.shape and o.dtype == v.dtype and s.dtype == jnp.float32
     assert rel_err(o, o_ref) < 1e-5
     assert rel_err(s, s_ref) < 1e-5
+
+
+@pytest.mark.parametrize("block_v", [16, 64, 128])
+def test_interpreted_chunk_scan_matches_reference_at_every_tile_width(block_v):
+    """Tile widths other than the small cases' default: the wide tiles are what large batches get on a GPU."""
+    q, k, v, g, beta, state = make_inputs(7, 2, 65, 2, 4, 16, 128)
+    lengths = jnp.asarray([65, 40], jnp.int32)
+    o_ref, s_ref = chunk_gated_delta_rule_ref(q, k, v, g, beta, initial_state=state, lengths=lengths)
+    o, s = chunk_prefill(q, k, v, g, beta, state, lengths, scale=16**-0.5, block_v=block_v, interpret=True)
+    assert rel_err(s, s_ref) < 1e-5
+    assert rel_err(o[0], o_ref[0]) < 1e-5 and rel_err(o[1, :40], o_ref[1, :40]) < 1e-5
+
+
+def test_scan_tiling_widens_tiles_only_past_two_waves_of_narrow_ones():
+    sms = _multiprocessors()
+    narrow_programs_per_row = 32 * 128 // 32  # Qwen3.5: 32 value heads of 128
+    few, many = (2 * sms) // narrow_programs_per_row, (2 * sms) // narrow_programs_per_row + 1
+    assert _scan_tiling(few, 32, 128, 128, 2, None, None)[0] == 32
+    assert _scan_tiling(many, 32, 128, 128, 2, None, None) == (64, 3)
+    assert _scan_tiling(many, 32, 128, 128, 4, None, None)[0] == 32  # fp32 stages would not fit twice
+    assert _scan_tiling(many, 32, 128, 32, 2, None, None)[0] == 32  # head too narrow for a 64-wide tile
+    assert _scan_tiling(1, 32, 128, 128, 2, None, None) == (32, 3)  # one wave: deep prefetch
+    assert _scan_tiling(many, 32, 128, 128, 2, 32, None) == (32, 2)  # a caller's width is kept
 
 
 def check_chunk_kernel_keeps_nan_pads_out(impl, head_k, head_v, dtype=jnp.float32, tol=1e-5):

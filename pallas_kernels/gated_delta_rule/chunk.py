@@ -46,6 +46,34 @@ def _multiprocessors() -> int:
     return getattr(jax.devices()[0], "core_count", None) or 132
 
 
+def _scan_tiling(batch, num_v_heads, head_k, head_v, itemsize, block_v, num_stages) -> tuple[int, int]:
+    """(block_v, num_stages) for the scan where the caller leaves them None; measured on an H100
+    (bench/KERNELS_NOTES.md, fifth session). Up to two waves of 32-wide programs, each program's serial chain
+    is what counts, and more, narrower programs win (at B2xT8192, 356 us vs 398 us with 64-wide tiles). Past
+    two waves every SM is busy anyway and what counts is the work each program repeats for its tile (reading
+    q, k, T and the scores, applying the row factors): 64-wide tiles halve it, 13-23% faster from B3xT4096 to
+    B32xT1024. Three stages (deeper prefetch of the next chunks) while the programs fit the SMs at once or
+    when tiles are 64 wide; two for 32-wide tiles past one wave (three lost 9-10% there, plausibly because two
+    2-stage 32-wide programs share an SM's shared memory and three stages do not)."""
+    sms = _multiprocessors()
+
+    def stage_bytes(width):
+        """One stage buffers a chunk of q, k, the v tile and the two 64-wide matrices; the stages must fit the
+        H100's 227 KiB of shared memory with room for the compiler's own use."""
+        return itemsize * CHUNK * (2 * head_k + width + 2 * CHUNK)
+
+    if block_v is None:
+        many_waves = batch * num_v_heads * -(-head_v // 32) > 2 * sms
+        wide_fits = head_v % 64 == 0 and 2 * stage_bytes(64) <= 192 * 1024
+        block_v = 64 if many_waves and wide_fits else 32
+    block_v = min(block_v, head_v)
+    if num_stages is None:
+        one_wave = batch * num_v_heads * (head_v // block_v) <= sms
+        deep = one_wave or block_v >= 64
+        num_stages = 3 if deep and 3 * stage_bytes(block_v) <= 192 * 1024 else 2
+    return block_v, num_stages
+
+
 def _dot(a, b, *, low_precision: bool, contract_a: int = 1, contract_b: int = 0):
     """fp32-accumulated product; bf16 operands on the fast path, IEEE fp32 otherwise."""
     if low_precision:
@@ -254,7 +282,7 @@ def chunk_prefill(
     *,
     scale: float,
     use_qk_l2norm: bool = True,
-    block_v: int = 32,
+    block_v: int | None = None,
     num_warps: int = 4,
     num_stages: int | None = None,
     prep_warps: int = 2,
@@ -262,19 +290,12 @@ def chunk_prefill(
 ) -> tuple[jax.Array, jax.Array]:
     """q/k [B, T, Hk, Dk], v [B, T, Hv, Dv], g/beta [B, T, Hv], state [B, Hv, Dk, Dv] fp32 (aliased to the
     returned state), lengths [B]. Returns (o [B, T, Hv, Dv] v.dtype, final state).
-    block_v, num_warps, num_stages tune the sequential scan, prep_warps the parallel stage. num_stages None:
-    3 (deeper prefetch of the next chunks) while the scan's programs fit on the SMs at once, else 2 (the
-    deeper pipeline's shared memory then costs more in occupancy than it hides); measured on an H100."""
+    block_v, num_warps, num_stages tune the sequential scan, prep_warps the parallel stage; block_v and
+    num_stages None pick what measured fastest on an H100 for the grid (`_scan_tiling`)."""
     batch, seq_len, num_k_heads, head_k = q_btk.shape
     num_v_heads, head_v = v_btv.shape[2:]
     group = num_v_heads // num_k_heads
-    block_v = min(block_v, head_v)
-    if num_stages is None:
-        one_wave = batch * num_v_heads * (head_v // block_v) <= _multiprocessors()
-        # Each stage buffers one chunk of q, k (bf16 or fp32), the v tile and the two 64-wide matrices; three
-        # must fit the H100's 227 KiB of shared memory with room for the compiler's own use.
-        stage_bytes = q_btk.dtype.itemsize * CHUNK * (2 * head_k + block_v + 2 * CHUNK)
-        num_stages = 3 if one_wave and 3 * stage_bytes <= 192 * 1024 else 2
+    block_v, num_stages = _scan_tiling(batch, num_v_heads, head_k, head_v, q_btk.dtype.itemsize, block_v, num_stages)
     pad = -seq_len % CHUNK
     if pad:  # whole chunks only; the pad tokens sit past every row's length, so they are neutral
         q_btk, k_btk, v_btv = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q_btk, k_btk, v_btv))

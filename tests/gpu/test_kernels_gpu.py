@@ -14,6 +14,7 @@ from pallas_kernels.gated_delta_rule import (
     gated_delta_rule,
     recurrent_gated_delta_rule_ref,
 )
+from pallas_kernels.gated_delta_rule.chunk import _multiprocessors, _scan_tiling
 from pallas_kernels.vision_rotary import apply_vision_rotary, vision_rotary_tables
 from tests.test_gated_delta_rule import check_chunk_kernel_keeps_nan_pads_out, make_inputs, rel_err
 
@@ -44,6 +45,22 @@ def test_gated_delta_rule_matches_reference(dtype, tol, batch, seq_len, num_k, n
     assert o.dtype == dtype and s.dtype == jnp.float32
     assert rel_err(o, o_ref) < tol
     assert rel_err(s, s_ref) < tol
+
+
+def test_chunk_kernel_with_the_wide_tiles_of_large_batches():
+    """Past two waves of 32-wide programs the scan takes 64-wide tiles (bf16): Qwen3.5's heads, ragged rows."""
+    batch = 2 * _multiprocessors() // 128 + 1
+    assert _scan_tiling(batch, 32, 128, 128, 2, None, None)[0] == 64
+    q, k, v, g, beta, state = make_inputs(11, batch, 200, 16, 32, 128, 128, jnp.bfloat16)
+    lengths = jnp.asarray(np.random.default_rng(3).integers(0, 201, batch), jnp.int32)
+    with jax.default_matmul_precision("highest"):
+        up = [x.astype(jnp.float32) for x in (q, k, v, g, beta)]
+        o_ref, s_ref = chunk_gated_delta_rule_ref(*up, initial_state=state, lengths=lengths)
+        o, s = jax.jit(functools.partial(gated_delta_rule, impl="pallas"))(
+            q, k, v, g, beta, initial_state=state, lengths=lengths
+        )
+    assert rel_err(o, o_ref) < 1e-2
+    assert rel_err(s, s_ref) < 1e-2
 
 
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
