@@ -56,21 +56,22 @@ def _scan_tiling(batch, num_v_heads, head_k, head_v, itemsize, block_v, num_stag
     when tiles are 64 wide; two for 32-wide tiles past one wave (three lost 9-10% there, plausibly because two
     2-stage 32-wide programs share an SM's shared memory and three stages do not)."""
     sms = _multiprocessors()
+    # The H100's 227 KiB of shared memory per SM, less room for the compiler's own use.
+    shared_budget = 192 * 1024
 
-    def stage_bytes(width):
-        """One stage buffers a chunk of q, k, the v tile and the two 64-wide matrices; the stages must fit the
-        H100's 227 KiB of shared memory with room for the compiler's own use."""
+    def programs(width):
+        return batch * num_v_heads * -(-head_v // width)
+
+    def stage_bytes(width):  # one chunk of q, k, the v tile and the two 64-wide matrices
         return itemsize * CHUNK * (2 * head_k + width + 2 * CHUNK)
 
     if block_v is None:
-        many_waves = batch * num_v_heads * -(-head_v // 32) > 2 * sms
-        wide_fits = head_v % 64 == 0 and 2 * stage_bytes(64) <= 192 * 1024
-        block_v = 64 if many_waves and wide_fits else 32
+        wide_fits = head_v % 64 == 0 and 2 * stage_bytes(64) <= shared_budget
+        block_v = 64 if programs(32) > 2 * sms and wide_fits else 32
     block_v = min(block_v, head_v)
     if num_stages is None:
-        one_wave = batch * num_v_heads * (head_v // block_v) <= sms
-        deep = one_wave or block_v >= 64
-        num_stages = 3 if deep and 3 * stage_bytes(block_v) <= 192 * 1024 else 2
+        deep = programs(block_v) <= sms or block_v >= 64
+        num_stages = 3 if deep and 3 * stage_bytes(block_v) <= shared_budget else 2
     return block_v, num_stages
 
 
