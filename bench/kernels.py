@@ -214,7 +214,8 @@ def bench_chunk(ceilings, shapes, configs, rows: list[dict], save) -> None:
         call = jax.jit(lambda *a, cfg=best[1]: chunk_prefill(*a, lengths, scale=scale, **cfg))
         rows.append(row(f"chunk {tag} ours call", time_jax_calls(call, (q, k, v, g, beta, state)), nbytes, flops,
                         ceilings, config=best[1]))
-        prep = jax.jit(lambda *a, w=best[1].get("prep_warps", 2): chunk_prep(*a, lengths, scale=scale, num_warps=w))
+        prep = jax.jit(lambda *a, c=best[1]: chunk_prep(*a, lengths, scale=scale, num_warps=c.get("prep_warps", 2),
+                                                        heads_per_program=c.get("prep_heads")))
         rows.append(row(f"chunk {tag} ours prep-only call", time_jax_calls(prep, (q, k, g, beta)), nbytes, flops,
                         ceilings))
         ref = jax.jit(lambda *a: chunk_gated_delta_rule_ref(*a[:5], initial_state=a[5]))
@@ -358,7 +359,7 @@ def main():
     # {} = the kernels' defaults; the sweeps keep what measured close in earlier runs (see KERNELS_NOTES.md).
     chunk_cfgs, decode_cfgs, rotary_cfgs = [{}], [{}], [{}]
     if "chunk" in args.sweep:
-        chunk_cfgs += [dict(block_v=16), dict(num_stages=2), dict(num_stages=3)]
+        chunk_cfgs += [dict(prep_heads=1), dict(prep_warps=4)]
     if "decode" in args.sweep:
         decode_cfgs += [dict(block_v=32), dict(block_v=128)]
     if "rotary" in args.sweep:

@@ -122,6 +122,20 @@ def test_interpreted_chunk_scan_matches_reference_at_every_tile_width(block_v):
     assert rel_err(o[0], o_ref[0]) < 1e-5 and rel_err(o[1, :40], o_ref[1, :40]) < 1e-5
 
 
+@pytest.mark.parametrize("prep_heads", [1, 2, 4])
+def test_interpreted_chunk_prep_shares_key_heads_across_value_heads(prep_heads):
+    """Four value heads per key head, prepared one, two or four to a program: each value head must still get
+    its own gates and system (a program mixing up its heads' gates or output slots fails here)."""
+    q, k, v, g, beta, state = make_inputs(9, 2, 100, 2, 8, 16, 32)
+    lengths = jnp.asarray([100, 57], jnp.int32)
+    o_ref, s_ref = chunk_gated_delta_rule_ref(q, k, v, g, beta, initial_state=state, lengths=lengths)
+    o, s = chunk_prefill(q, k, v, g, beta, state, lengths, scale=16**-0.5, prep_heads=prep_heads, interpret=True)
+    assert rel_err(s, s_ref) < 1e-5
+    assert rel_err(o[0], o_ref[0]) < 1e-5 and rel_err(o[1, :57], o_ref[1, :57]) < 1e-5
+    with pytest.raises(ValueError, match="power of two dividing"):
+        chunk_prefill(q, k, v, g, beta, state, lengths, scale=1.0, prep_heads=3, interpret=True)
+
+
 def test_scan_tiling_widens_tiles_only_past_two_waves_of_narrow_ones():
     sms = _multiprocessors()
     narrow_programs_per_row = 32 * 128 // 32  # Qwen3.5: 32 value heads of 128

@@ -1,6 +1,7 @@
 """Pallas chunked (WY/UT) gated delta rule for prefill: two kernels.
 
-1. `_prep_kernel`, grid (B, Hv, chunks), fully parallel: per 64-token chunk it L2-normalises q/k, takes the
+1. `_prep_kernel`, grid (B, Hv / heads, chunks), fully parallel: per 64-token chunk it L2-normalises q/k and
+   forms q k^T, k k^T once for the value heads that share a key head; per value head it takes the
    cumulative log-decay G, and inverts the chunk's unit-lower-triangular system, T = (I + A)^-1 with
    A = tril(diag(beta) k k^T exp(G_i - G_j), -1), writing T, the masked intra-chunk scores
    P = tril(q k^T exp(G_i - G_j)), G, and per-row factors that turn raw q/k/v rows into normalised,
@@ -114,10 +115,9 @@ class _Half(NamedTuple):
     """32 rows of a chunk in the prep kernel: q, k L2-normalised (q also scaled), fp32."""
 
     rows: pl.Slice
+    valid_n: jax.Array
     q_nk: jax.Array
     k_nk: jax.Array
-    gcum_n: jax.Array  # G, the cumulative log-decay from the chunk's start
-    beta_n: jax.Array
     q_inv_n: jax.Array  # inverse L2 norms
     k_inv_n: jax.Array
 
@@ -127,14 +127,15 @@ def _prep_kernel(
     t_ref, scores_ref, gcum_ref, q_fac_ref, k_fac_ref, w_fac_ref, u_fac_ref,
     *, scale, use_qk_l2norm, low_precision,
 ):
-    """One (row, value head, chunk). The chunk is handled as two 32-row halves: the system (I + A) is block
-    lower-triangular, so its inverse needs two 32x32 inverses and one off-diagonal block,
-    X10 = -X11 A10 X00 (ten 32^3 products instead of ten 64^3 ones), and the upper-right blocks of the
-    inverse and of the scores are zero by construction."""
+    """One (row, group of value heads that read the same key head, chunk). q k^T and k k^T depend on the key
+    head only, so the group forms them once (they are ~80% of the prep's products) and reads q, k once; each
+    value head then applies its own gates and inverts its own system. The chunk is handled as two 32-row
+    halves: the system (I + A) is block lower-triangular, so its inverse needs two 32x32 inverses and one
+    off-diagonal block, X10 = -X11 A10 X00 (ten 32^3 products instead of ten 64^3 ones), and the upper-right
+    blocks of the inverse and of the scores are zero by construction."""
     b, c = pl.program_id(0), pl.program_id(2)
     dot = functools.partial(_dot, low_precision=low_precision)
     halves = []
-    g_before = jnp.float32(0.0)
     for i in range(2):
         rows = pl.ds(i * HALF, HALF)
         t_n = c * CHUNK + i * HALF + lax.broadcasted_iota(jnp.int32, (HALF,), 0)
@@ -142,46 +143,51 @@ def _prep_kernel(
         q_nk = _masked(q_ref[rows, :], valid_n).astype(jnp.float32)
         k_nk = _masked(k_ref[rows, :], valid_n).astype(jnp.float32)
         q_inv_n, k_inv_n = _inverse_norm(q_nk, use_qk_l2norm), _inverse_norm(k_nk, use_qk_l2norm)
-        # g = beta = 0 on padding: pad rows of the system, the scores and the row factors come out neutral.
-        g_n = jnp.where(valid_n, g_ref[rows].astype(jnp.float32), 0.0)
-        beta_n = jnp.where(valid_n, beta_ref[rows].astype(jnp.float32), 0.0)
-        gcum_n = g_before + jnp.cumsum(g_n)
-        g_before = g_before + jnp.sum(g_n)
-        halves.append(_Half(rows, q_nk * (q_inv_n * scale)[:, None], k_nk * k_inv_n[:, None], gcum_n, beta_n,
+        halves.append(_Half(rows, valid_n, q_nk * (q_inv_n * scale)[:, None], k_nk * k_inv_n[:, None],
                             q_inv_n, k_inv_n))
+    lower = [(0, 0), (1, 0), (1, 1)]
+    kk = {(i, j): dot(halves[i].k_nk, halves[j].k_nk, contract_b=1) for i, j in lower}
+    qk = {(i, j): dot(halves[i].q_nk, halves[j].k_nk, contract_b=1) for i, j in lower}
 
     i_nn = lax.broadcasted_iota(jnp.int32, (HALF, HALF), 0)
     j_nn = lax.broadcasted_iota(jnp.int32, (HALF, HALF), 1)
-    blocks = {}
-    for i in range(2):
-        for j in range(i + 1):
-            hi, hj = halves[i], halves[j]
+    zeros = jnp.zeros((HALF, HALF), t_ref.dtype)
+    for head in range(t_ref.shape[0]):
+        # g = beta = 0 on padding: pad rows of the system, the scores and the row factors come out neutral.
+        g_before = jnp.float32(0.0)
+        gcum, beta = [], []
+        for h in halves:
+            g_n = jnp.where(h.valid_n, g_ref[h.rows, head].astype(jnp.float32), 0.0)
+            beta.append(jnp.where(h.valid_n, beta_ref[h.rows, head].astype(jnp.float32), 0.0))
+            gcum.append(g_before + jnp.cumsum(g_n))
+            g_before = g_before + jnp.sum(g_n)
+
+        a, scores = {}, {}
+        for i, j in lower:
             causal = i_nn >= j_nn if i == j else i_nn >= 0
             # Masked before exp: G_r - G_s <= 0 for r >= s, so no overflow; the masked part is discarded.
-            decay_nn = jnp.exp(jnp.where(causal, hi.gcum_n[:, None] - hj.gcum_n[None, :], 0.0))
+            decay_nn = jnp.exp(jnp.where(causal, gcum[i][:, None] - gcum[j][None, :], 0.0))
             strict = i_nn > j_nn if i == j else causal
-            a_nn = jnp.where(strict, hi.beta_n[:, None] * dot(hi.k_nk, hj.k_nk, contract_b=1) * decay_nn, 0.0)
-            scores_nn = jnp.where(causal, dot(hi.q_nk, hj.k_nk, contract_b=1) * decay_nn, 0.0)
-            blocks[i, j] = (a_nn, scores_nn)
+            a[i, j] = jnp.where(strict, beta[i][:, None] * kk[i, j] * decay_nn, 0.0)
+            scores[i, j] = jnp.where(causal, qk[i, j] * decay_nn, 0.0)
 
-    x00 = _unit_lower_inverse(blocks[0, 0][0], low_precision)
-    x11 = _unit_lower_inverse(blocks[1, 1][0], low_precision)
-    x10 = -dot(x11, dot(blocks[1, 0][0], x00))
-    zeros = jnp.zeros((HALF, HALF), t_ref.dtype)
-    for (i, j), x_nn in {(0, 0): x00, (1, 0): x10, (1, 1): x11}.items():
-        t_ref[pl.ds(i * HALF, HALF), pl.ds(j * HALF, HALF)] = x_nn.astype(t_ref.dtype)
-        scores_ref[pl.ds(i * HALF, HALF), pl.ds(j * HALF, HALF)] = blocks[i, j][1].astype(scores_ref.dtype)
-    t_ref[pl.ds(0, HALF), pl.ds(HALF, HALF)] = zeros
-    scores_ref[pl.ds(0, HALF), pl.ds(HALF, HALF)] = zeros
+        x00 = _unit_lower_inverse(a[0, 0], low_precision)
+        x11 = _unit_lower_inverse(a[1, 1], low_precision)
+        inverse = {(0, 0): x00, (1, 0): -dot(x11, dot(a[1, 0], x00)), (1, 1): x11}
+        for i, j in lower:
+            t_ref[head, pl.ds(i * HALF, HALF), pl.ds(j * HALF, HALF)] = inverse[i, j].astype(t_ref.dtype)
+            scores_ref[head, pl.ds(i * HALF, HALF), pl.ds(j * HALF, HALF)] = scores[i, j].astype(scores_ref.dtype)
+        t_ref[head, pl.ds(0, HALF), pl.ds(HALF, HALF)] = zeros
+        scores_ref[head, pl.ds(0, HALF), pl.ds(HALF, HALF)] = zeros
 
-    # Row factors that let the scan multiply raw (unnormalised, undecayed) q, k, v rows: it then needs no
-    # row reductions or exponentials on its serial path.
-    for h in halves:
-        gcum_ref[h.rows] = h.gcum_n
-        q_fac_ref[h.rows] = h.q_inv_n * scale * jnp.exp(h.gcum_n)
-        k_fac_ref[h.rows] = h.k_inv_n * jnp.exp(g_before - h.gcum_n)
-        w_fac_ref[h.rows] = h.beta_n * h.k_inv_n * jnp.exp(h.gcum_n)
-        u_fac_ref[h.rows] = h.beta_n
+        # Row factors that let the scan multiply raw (unnormalised, undecayed) q, k, v rows: it then needs no
+        # row reductions or exponentials on its serial path.
+        for h, gcum_n, beta_n in zip(halves, gcum, beta):
+            gcum_ref[head, h.rows] = gcum_n
+            q_fac_ref[head, h.rows] = h.q_inv_n * scale * jnp.exp(gcum_n)
+            k_fac_ref[head, h.rows] = h.k_inv_n * jnp.exp(g_before - gcum_n)
+            w_fac_ref[head, h.rows] = beta_n * h.k_inv_n * jnp.exp(gcum_n)
+            u_fac_ref[head, h.rows] = beta_n
 
 
 def _scan_kernel(
@@ -228,7 +234,13 @@ def _scan_kernel(
     state_ref[...], _ = lax.fori_loop(full_chunks, num_chunks, functools.partial(one_chunk, masked=True), carry)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "use_qk_l2norm", "num_warps", "interpret"))
+def _heads_per_prep_program(group: int) -> int:
+    """Value heads per prep program: the largest power of two (a Triton block size) dividing the group of
+    value heads that read one key head, so each program's heads share their q, k and products."""
+    return group & -group
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "use_qk_l2norm", "heads_per_program", "num_warps", "interpret"))
 def chunk_prep(
     q_btk: jax.Array,
     k_btk: jax.Array,
@@ -238,27 +250,32 @@ def chunk_prep(
     *,
     scale: float,
     use_qk_l2norm: bool = True,
+    heads_per_program: int | None = None,
     num_warps: int = 2,
     interpret: bool = False,
 ) -> tuple[jax.Array, ...]:
     """The parallel stage on whole chunks (T a multiple of 64): per chunk the inverse T = (I + A)^-1 and the
     masked scores, each [B, Hv, T, 64] (bf16 for bf16 inputs, else fp32), and fp32 [B, Hv, T] G and the q, k,
-    w, u row factors."""
+    w, u row factors. heads_per_program (a power of two dividing Hv / Hk; None = the largest) value heads of
+    one key head share a program."""
     batch, padded_len, num_k_heads, head_k = q_btk.shape
     num_v_heads = g_bth.shape[2]
     group = num_v_heads // num_k_heads
+    heads = _heads_per_prep_program(group) if heads_per_program is None else heads_per_program
+    if group % heads or heads & (heads - 1):
+        raise ValueError(f"heads_per_program must be a power of two dividing Hv / Hk = {group}, got {heads}")
     low_precision = q_btk.dtype == jnp.bfloat16
     inter_dtype = jnp.bfloat16 if low_precision else jnp.float32
-    qk_chunk = pl.BlockSpec((None, CHUNK, None, head_k), lambda b, h, c: (b, c, h // group, 0))
-    gate_chunk = pl.BlockSpec((None, CHUNK, None), lambda b, h, c: (b, c, h))
-    square = pl.BlockSpec((None, None, CHUNK, CHUNK), lambda b, h, c: (b, h, c, 0))
-    row_spec = pl.BlockSpec((None, None, CHUNK), lambda b, h, c: (b, h, c))
+    qk_chunk = pl.BlockSpec((None, CHUNK, None, head_k), lambda b, h, c: (b, c, h * heads // group, 0))
+    gate_chunk = pl.BlockSpec((None, CHUNK, heads), lambda b, h, c: (b, c, h))
+    square = pl.BlockSpec((None, heads, CHUNK, CHUNK), lambda b, h, c: (b, h, c, 0))
+    row_spec = pl.BlockSpec((None, heads, CHUNK), lambda b, h, c: (b, h, c))
     square_shape = jax.ShapeDtypeStruct((batch, num_v_heads, padded_len, CHUNK), inter_dtype)
     row_shape = jax.ShapeDtypeStruct((batch, num_v_heads, padded_len), jnp.float32)
     kernel = functools.partial(_prep_kernel, scale=scale, use_qk_l2norm=use_qk_l2norm, low_precision=low_precision)
     return pl.pallas_call(
         kernel,
-        grid=(batch, num_v_heads, padded_len // CHUNK),
+        grid=(batch, num_v_heads // heads, padded_len // CHUNK),
         in_specs=[pl.BlockSpec(memory_space=None), qk_chunk, qk_chunk, gate_chunk, gate_chunk],
         out_specs=[square, square, *[row_spec] * 5],
         out_shape=[square_shape, square_shape, *[row_shape] * 5],
@@ -270,7 +287,9 @@ def chunk_prep(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("scale", "use_qk_l2norm", "block_v", "num_warps", "num_stages", "prep_warps", "interpret"),
+    static_argnames=(
+        "scale", "use_qk_l2norm", "block_v", "num_warps", "num_stages", "prep_heads", "prep_warps", "interpret",
+    ),
 )
 def chunk_prefill(
     q_btk: jax.Array,
@@ -286,13 +305,15 @@ def chunk_prefill(
     block_v: int | None = None,
     num_warps: int = 4,
     num_stages: int | None = None,
+    prep_heads: int | None = None,
     prep_warps: int = 2,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """q/k [B, T, Hk, Dk], v [B, T, Hv, Dv], g/beta [B, T, Hv], state [B, Hv, Dk, Dv] fp32 (aliased to the
     returned state), lengths [B]. Returns (o [B, T, Hv, Dv] v.dtype, final state).
-    block_v, num_warps, num_stages tune the sequential scan, prep_warps the parallel stage; block_v and
-    num_stages None pick what measured fastest on an H100 for the grid (`_scan_tiling`)."""
+    block_v, num_warps, num_stages tune the sequential scan, prep_heads (value heads per program) and prep_warps
+    the parallel stage; block_v and num_stages None pick what measured fastest on an H100 for the grid
+    (`_scan_tiling`), prep_heads None the whole power-of-two part of the group (`chunk_prep`)."""
     batch, seq_len, num_k_heads, head_k = q_btk.shape
     num_v_heads, head_v = v_btv.shape[2:]
     group = num_v_heads // num_k_heads
@@ -304,7 +325,8 @@ def chunk_prefill(
     padded_len = seq_len + pad
     prepared = chunk_prep(
         q_btk, k_btk, g_bth, beta_bth, lengths_b,
-        scale=scale, use_qk_l2norm=use_qk_l2norm, num_warps=prep_warps, interpret=interpret,
+        scale=scale, use_qk_l2norm=use_qk_l2norm, heads_per_program=prep_heads, num_warps=prep_warps,
+        interpret=interpret,
     )
 
     qk_all = pl.BlockSpec((None, padded_len, None, head_k), lambda b, h, j: (b, 0, h // group, 0))
