@@ -12,7 +12,7 @@ from pallas_kernels.gated_delta_rule import (
     gated_delta_rule,
     recurrent_gated_delta_rule_ref,
 )
-from pallas_kernels.gated_delta_rule.chunk import _multiprocessors, _scan_tiling, chunk_prefill
+from pallas_kernels.gated_delta_rule.chunk import _multiprocessors, _prep_heads, _scan_tiling, chunk_prefill
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -146,6 +146,15 @@ def test_scan_tiling_widens_tiles_only_past_two_waves_of_narrow_ones():
     assert _scan_tiling(many, 32, 128, 32, 2, None, None)[0] == 32  # head too narrow for a 64-wide tile
     assert _scan_tiling(1, 32, 128, 128, 2, None, None) == (32, 3)  # one wave: deep prefetch
     assert _scan_tiling(many, 32, 128, 128, 2, 32, None) == (32, 2)  # a caller's width is kept
+
+
+def test_prep_shares_key_heads_only_while_the_grid_fills_the_gpu():
+    sms = _multiprocessors()
+    assert _prep_heads(1, 32, 2, 4096 // 64) == 2  # Qwen3.5 at 1x4096: 1024 shared programs
+    assert _prep_heads(1, 32, 2, 512 // 64) == 1  # 1x512: sharing would leave 128 programs
+    assert _prep_heads(1, 32, 3, 4096 // 64) == 1  # three heads per key head: no power-of-two block of them
+    assert _prep_heads(1, 64, 4, 4 * sms) == 4
+    assert _prep_heads(1, 64, 4, -(-4 * sms // 32)) == 2  # 32 programs a chunk: enough at 2 heads, not 4
 
 
 def check_chunk_kernel_keeps_nan_pads_out(impl, head_k, head_v, dtype=jnp.float32, tol=1e-5):

@@ -234,10 +234,16 @@ def _scan_kernel(
     state_ref[...], _ = lax.fori_loop(full_chunks, num_chunks, functools.partial(one_chunk, masked=True), carry)
 
 
-def _heads_per_prep_program(group: int) -> int:
-    """Value heads per prep program: the largest power of two (a Triton block size) dividing the group of
-    value heads that read one key head, so each program's heads share their q, k and products."""
-    return group & -group
+def _prep_heads(batch: int, num_v_heads: int, group: int, num_chunks: int) -> int:
+    """Value heads per prep program: a power of two (a Triton block size) dividing the group of value heads
+    that read one key head, so the program's heads share their q, k and products. Sharing halves the grid,
+    which pays only while the grid still fills the GPU; measured on an H200 (bench/KERNELS_NOTES.md, sixth
+    session): two heads per program won by 5-8% from B1xT4096 (1024 programs) up and lost at B1xT512 (128
+    programs: 34.7 vs 29.3 us). So the largest power of two that leaves four (two-warp) programs per SM."""
+    heads = group & -group
+    while heads > 1 and batch * (num_v_heads // heads) * num_chunks < 4 * _multiprocessors():
+        heads //= 2
+    return heads
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "use_qk_l2norm", "heads_per_program", "num_warps", "interpret"))
@@ -261,7 +267,9 @@ def chunk_prep(
     batch, padded_len, num_k_heads, head_k = q_btk.shape
     num_v_heads = g_bth.shape[2]
     group = num_v_heads // num_k_heads
-    heads = _heads_per_prep_program(group) if heads_per_program is None else heads_per_program
+    heads = heads_per_program
+    if heads is None:
+        heads = _prep_heads(batch, num_v_heads, group, padded_len // CHUNK)
     if group % heads or heads & (heads - 1):
         raise ValueError(f"heads_per_program must be a power of two dividing Hv / Hk = {group}, got {heads}")
     low_precision = q_btk.dtype == jnp.bfloat16
@@ -313,7 +321,7 @@ def chunk_prefill(
     returned state), lengths [B]. Returns (o [B, T, Hv, Dv] v.dtype, final state).
     block_v, num_warps, num_stages tune the sequential scan, prep_heads (value heads per program) and prep_warps
     the parallel stage; block_v and num_stages None pick what measured fastest on an H100 for the grid
-    (`_scan_tiling`), prep_heads None the whole power-of-two part of the group (`chunk_prep`)."""
+    (`_scan_tiling`), prep_heads None by the prep grid's size (`_prep_heads`)."""
     batch, seq_len, num_k_heads, head_k = q_btk.shape
     num_v_heads, head_v = v_btv.shape[2:]
     group = num_v_heads // num_k_heads

@@ -14,7 +14,7 @@ from pallas_kernels.gated_delta_rule import (
     gated_delta_rule,
     recurrent_gated_delta_rule_ref,
 )
-from pallas_kernels.gated_delta_rule.chunk import _multiprocessors, _scan_tiling
+from pallas_kernels.gated_delta_rule.chunk import _multiprocessors, _scan_tiling, chunk_prefill
 from pallas_kernels.vision_rotary import apply_vision_rotary, vision_rotary_tables
 from tests.test_gated_delta_rule import check_chunk_kernel_keeps_nan_pads_out, make_inputs, rel_err
 
@@ -61,6 +61,23 @@ def test_chunk_kernel_with_the_wide_tiles_of_large_batches():
         )
     assert rel_err(o, o_ref) < 1e-2
     assert rel_err(s, s_ref) < 1e-2
+
+
+@pytest.mark.parametrize("dtype, tol, prep_heads", [(jnp.float32, 1e-5, 2), (jnp.bfloat16, 1e-2, 2),
+                                                    (jnp.float32, 1e-5, 4)])
+def test_chunk_prep_shared_by_value_heads_of_a_key_head(dtype, tol, prep_heads):
+    """Prep programs that serve two or four value heads of one key head (what large grids get), compiled."""
+    q, k, v, g, beta, state = make_inputs(13, 2, 200, 2, 8, 128, 128, dtype)
+    lengths = jnp.asarray([200, 131], jnp.int32)
+    with jax.default_matmul_precision("highest"):
+        up = [x.astype(jnp.float32) for x in (q, k, v, g, beta)]
+        o_ref, s_ref = chunk_gated_delta_rule_ref(*up, initial_state=state, lengths=lengths)
+        o, s = jax.jit(functools.partial(chunk_prefill, scale=128**-0.5, prep_heads=prep_heads))(
+            q, k, v, g, beta, state, lengths
+        )
+    assert rel_err(s, s_ref) < tol
+    assert rel_err(o[0], o_ref[0]) < tol and rel_err(o[1, :131], o_ref[1, :131]) < tol
+    assert np.all(np.asarray(o[1, 131:]) == 0.0)
 
 
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
