@@ -111,29 +111,34 @@ def test_interpreted_kernels_match_reference(batch, seq_len, num_k, num_v, head_
     assert rel_err(s, s_ref) < 1e-5
 
 
+def check_interpreted_chunk_prefill(seed, num_k, num_v, head_v, lengths, **tiling):
+    """chunk_prefill in the interpreter against the reference on two ragged rows (the first one full)."""
+    q, k, v, g, beta, state = make_inputs(seed, len(lengths), lengths[0], num_k, num_v, 16, head_v)
+    lengths = jnp.asarray(lengths, jnp.int32)
+    o_ref, s_ref = chunk_gated_delta_rule_ref(q, k, v, g, beta, initial_state=state, lengths=lengths)
+    o, s = chunk_prefill(q, k, v, g, beta, state, lengths, scale=16**-0.5, interpret=True, **tiling)
+    assert rel_err(s, s_ref) < 1e-5
+    for b, length in enumerate(np.asarray(lengths)):
+        assert rel_err(o[b, :length], o_ref[b, :length]) < 1e-5
+
+
 @pytest.mark.parametrize("block_v", [16, 64, 128])
 def test_interpreted_chunk_scan_matches_reference_at_every_tile_width(block_v):
     """Tile widths other than the small cases' default: the wide tiles are what large batches get on a GPU."""
-    q, k, v, g, beta, state = make_inputs(7, 2, 65, 2, 4, 16, 128)
-    lengths = jnp.asarray([65, 40], jnp.int32)
-    o_ref, s_ref = chunk_gated_delta_rule_ref(q, k, v, g, beta, initial_state=state, lengths=lengths)
-    o, s = chunk_prefill(q, k, v, g, beta, state, lengths, scale=16**-0.5, block_v=block_v, interpret=True)
-    assert rel_err(s, s_ref) < 1e-5
-    assert rel_err(o[0], o_ref[0]) < 1e-5 and rel_err(o[1, :40], o_ref[1, :40]) < 1e-5
+    check_interpreted_chunk_prefill(7, 2, 4, 128, [65, 40], block_v=block_v)
 
 
 @pytest.mark.parametrize("prep_heads", [1, 2, 4])
 def test_interpreted_chunk_prep_shares_key_heads_across_value_heads(prep_heads):
     """Four value heads per key head, prepared one, two or four to a program: each value head must still get
     its own gates and system (a program mixing up its heads' gates or output slots fails here)."""
-    q, k, v, g, beta, state = make_inputs(9, 2, 100, 2, 8, 16, 32)
-    lengths = jnp.asarray([100, 57], jnp.int32)
-    o_ref, s_ref = chunk_gated_delta_rule_ref(q, k, v, g, beta, initial_state=state, lengths=lengths)
-    o, s = chunk_prefill(q, k, v, g, beta, state, lengths, scale=16**-0.5, prep_heads=prep_heads, interpret=True)
-    assert rel_err(s, s_ref) < 1e-5
-    assert rel_err(o[0], o_ref[0]) < 1e-5 and rel_err(o[1, :57], o_ref[1, :57]) < 1e-5
+    check_interpreted_chunk_prefill(9, 2, 8, 32, [100, 57], prep_heads=prep_heads)
+
+
+def test_chunk_prep_refuses_a_head_count_that_does_not_divide_the_group():
+    q, k, v, g, beta, state = make_inputs(9, 1, 64, 2, 8, 16, 32)
     with pytest.raises(ValueError, match="power of two dividing"):
-        chunk_prefill(q, k, v, g, beta, state, lengths, scale=1.0, prep_heads=3, interpret=True)
+        chunk_prefill(q, k, v, g, beta, state, jnp.asarray([64], jnp.int32), scale=1.0, prep_heads=3, interpret=True)
 
 
 def test_scan_tiling_widens_tiles_only_past_two_waves_of_narrow_ones():
