@@ -262,8 +262,8 @@ def chunk_prep(
 ) -> tuple[jax.Array, ...]:
     """The parallel stage on whole chunks (T a multiple of 64): per chunk the inverse T = (I + A)^-1 and the
     masked scores, each [B, Hv, T, 64] (bf16 for bf16 inputs, else fp32), and fp32 [B, Hv, T] G and the q, k,
-    w, u row factors. heads_per_program (a power of two dividing Hv / Hk; None = the largest) value heads of
-    one key head share a program."""
+    w, u row factors. heads_per_program (a power of two dividing Hv / Hk) value heads of one key head share a
+    program; None picks by the grid's size (`_prep_heads`)."""
     batch, padded_len, num_k_heads, head_k = q_btk.shape
     num_v_heads = g_bth.shape[2]
     group = num_v_heads // num_k_heads
