@@ -22,7 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from pallas_kernels.gated_delta_rule.recurrent import _normalise, recurrent_decode  # noqa: E402
+from pallas_kernels.gated_delta_rule.recurrent import decode_tile, recurrent_decode  # noqa: E402
 from pallas_kernels.gated_delta_rule.reference import recurrent_gated_delta_rule_ref  # noqa: E402
 
 
@@ -39,16 +39,10 @@ def _kernel(lengths_ref, g_ref, beta_ref, q_ref, k_ref, v_ref, state_in_ref, o_r
                 v_ref[b, h, cols], g_ref[b, h], beta_ref[b, h], lengths_ref[b] > 0)
 
     def process(tile):
-        (b, h, cols), s_kv, q_k, k_k, v_v, g, beta, valid = tile
-        q_k = _normalise(q_k, use_qk_l2norm) * scale
-        k_k = _normalise(k_k, use_qk_l2norm)
-        decay = jnp.where(valid, jnp.exp(g.astype(jnp.float32)), 1.0)
-        s_kv = s_kv * decay
-        predicted_v = jnp.sum(s_kv * k_k[:, None], axis=0)
-        delta_v = jnp.where(valid, (v_v.astype(jnp.float32) - predicted_v) * beta.astype(jnp.float32), 0.0)
-        s_kv = s_kv + k_k[:, None] * delta_v[None, :]
+        (b, h, cols), *operands = tile
+        s_kv, o_v = decode_tile(*operands, scale=scale, use_qk_l2norm=use_qk_l2norm)
         state_ref[b, h, :, cols] = s_kv
-        o_ref[b, h, cols] = jnp.where(valid, jnp.sum(s_kv * q_k[:, None], axis=0), 0.0).astype(o_ref.dtype)
+        o_ref[b, h, cols] = o_v.astype(o_ref.dtype)
 
     def step(i, tile):
         following = load(i + 1)  # issued before this tile's reductions and stores

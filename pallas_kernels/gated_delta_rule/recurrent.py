@@ -27,23 +27,29 @@ def _normalise(x_k, use_qk_l2norm):
     return x_k
 
 
+def decode_tile(s_kv, q_k, k_k, v_v, g, beta, valid, *, scale, use_qk_l2norm):
+    """One head's [Dk, block_v] state tile advanced by one token: (new state tile fp32, output tile fp32)."""
+    q_k = _normalise(q_k, use_qk_l2norm) * scale
+    k_k = _normalise(k_k, use_qk_l2norm)
+    # A padded row must leave the state bit-identical, so gate with `where`: NaN/inf in pad slots stays out.
+    decay = jnp.where(valid, jnp.exp(g.astype(jnp.float32)), 1.0)
+    s_kv = s_kv * decay
+    predicted_v = jnp.sum(s_kv * k_k[:, None], axis=0)
+    delta_v = jnp.where(valid, (v_v.astype(jnp.float32) - predicted_v) * beta.astype(jnp.float32), 0.0)
+    s_kv = s_kv + k_k[:, None] * delta_v[None, :]
+    return s_kv, jnp.where(valid, jnp.sum(s_kv * q_k[:, None], axis=0), 0.0)
+
+
 def _decode_kernel(
     lengths_ref, g_ref, beta_ref, q_ref, k_ref, v_ref, state_in_ref, o_ref, state_ref, *, scale, use_qk_l2norm
 ):
     b, h = pl.program_id(0), pl.program_id(1)
-    valid = lengths_ref[b] > 0
-    q_k = _normalise(q_ref[...], use_qk_l2norm) * scale
-    k_k = _normalise(k_ref[...], use_qk_l2norm)
-    # A padded row must leave the state bit-identical, so gate with `where`: NaN/inf in pad slots stays out.
-    decay = jnp.where(valid, jnp.exp(g_ref[b, h].astype(jnp.float32)), 1.0)
-    beta = beta_ref[b, h].astype(jnp.float32)
-
-    s_kv = state_in_ref[...] * decay  # same buffer as state_ref on GPU (aliased)
-    predicted_v = jnp.sum(s_kv * k_k[:, None], axis=0)
-    delta_v = jnp.where(valid, (v_ref[...].astype(jnp.float32) - predicted_v) * beta, 0.0)
-    s_kv = s_kv + k_k[:, None] * delta_v[None, :]
+    # Read in the order the step uses them; state_in_ref is the same buffer as state_ref on GPU (aliased).
+    valid, q_k, k_k, g, beta = lengths_ref[b] > 0, q_ref[...], k_ref[...], g_ref[b, h], beta_ref[b, h]
+    s_kv, o_v = decode_tile(state_in_ref[...], q_k, k_k, v_ref[...], g, beta, valid,
+                            scale=scale, use_qk_l2norm=use_qk_l2norm)
     state_ref[...] = s_kv
-    o_ref[...] = jnp.where(valid, jnp.sum(s_kv * q_k[:, None], axis=0), 0.0).astype(o_ref.dtype)
+    o_ref[...] = o_v.astype(o_ref.dtype)
 
 
 @functools.partial(
