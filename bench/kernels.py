@@ -80,14 +80,23 @@ def time_jax_loop(step, carry, consts, iters: int, reps: int = 7, tie_inputs: bo
     return (statistics.median(times[2 * iters]) - statistics.median(times[iters])) / iters
 
 
-def time_jax_calls(fn, args, calls: int = 50, reps: int = 5) -> float:
-    """Seconds per call of a jitted fn dispatched back to back (dispatch included), median over reps."""
-    jax.block_until_ready(fn(*args))
+def time_jax_calls(fn, args, calls: int = 50, reps: int = 5, threaded: tuple[int, int] | None = None) -> float:
+    """Seconds per call of a jitted fn dispatched back to back (dispatch included), median over reps.
+    threaded=(i, j): fn donates argument i, and each call passes the previous call's output j in its place."""
+    args = list(args)
+
+    def call():
+        out = fn(*args)
+        if threaded is not None:
+            args[threaded[0]] = out[threaded[1]]
+        return out
+
+    jax.block_until_ready(call())
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         for _ in range(calls):
-            out = fn(*args)
+            out = call()
         jax.block_until_ready(out)
         times.append((time.perf_counter() - t0) / calls)
     return statistics.median(times)
@@ -273,14 +282,8 @@ def bench_decode(ceilings, batches, configs, rows: list[dict], save) -> None:
             lambda q, k, v, g, b, s, cfg=best[1]: recurrent_decode(q, k, v, g, b, s, lengths, scale=scale, **cfg),
             donate_argnums=5,
         )
-        s_now = jnp.array(state)
-        jax.block_until_ready(call(*args, jnp.array(state)))
-        t0, calls = time.perf_counter(), 200
-        for _ in range(calls):
-            _, s_now = call(*args, s_now)
-        jax.block_until_ready(s_now)
-        rows.append(row(f"decode {tag} ours call", (time.perf_counter() - t0) / calls, nbytes, flops, ceilings,
-                        config=best[1]))
+        t = time_jax_calls(call, (*args, jnp.array(state)), calls=100, threaded=(5, 1))
+        rows.append(row(f"decode {tag} ours call", t, nbytes, flops, ceilings, config=best[1]))
 
         def xla_step(carry, q, k, v, g, beta):  # the sum keeps XLA from dropping the o computation
             s, acc = carry
