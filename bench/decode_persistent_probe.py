@@ -2,6 +2,7 @@
 `tiles` state tiles (strided over the grid, so neighbouring programs touch neighbouring memory) and issues the
 next tile's loads before it reduces and stores the current one, so its memory requests never drain between
 tiles. Question: does that lift B64 on an H200 from 72-80% of copy bandwidth (one tile per program) to > 80%?
+Answer (2026-12-02, bench/KERNELS_NOTES.md item 13): no; one tile per program stays as fast or faster.
 
     python bench/decode_persistent_probe.py --check      # CPU: interpreter against the reference
     python bench/decode_persistent_probe.py              # GPU: times default vs persistent at B64, B256
@@ -39,8 +40,8 @@ def _kernel(lengths_ref, g_ref, beta_ref, q_ref, k_ref, v_ref, state_in_ref, o_r
                 v_ref[b, h, cols], g_ref[b, h], beta_ref[b, h], lengths_ref[b] > 0)
 
     def process(tile):
-        (b, h, cols), *operands = tile
-        s_kv, o_v = decode_tile(*operands, scale=scale, use_qk_l2norm=use_qk_l2norm)
+        (b, h, cols), state, *operands = tile
+        s_kv, o_v = decode_tile(lambda: state, *operands, scale=scale, use_qk_l2norm=use_qk_l2norm)
         state_ref[b, h, :, cols] = s_kv
         o_ref[b, h, cols] = o_v.astype(o_ref.dtype)
 

@@ -12,7 +12,9 @@ from pallas_kernels.gated_delta_rule import (
     gated_delta_rule,
     recurrent_gated_delta_rule_ref,
 )
-from pallas_kernels.gated_delta_rule.chunk import _multiprocessors, _prep_heads, _scan_tiling, chunk_prefill
+from pallas_kernels.device_info import multiprocessors
+from pallas_kernels.gated_delta_rule.chunk import _prep_heads, _scan_tiling, chunk_prefill
+from pallas_kernels.gated_delta_rule.recurrent import recurrent_decode, state_read_first
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -111,6 +113,25 @@ def test_interpreted_kernels_match_reference(batch, seq_len, num_k, num_v, head_
     assert rel_err(s, s_ref) < 1e-5
 
 
+@pytest.mark.parametrize("state_first", [False, True])
+def test_interpreted_decode_matches_reference_with_either_state_read_order(state_first):
+    q, k, v, g, beta, state = make_inputs(7, 3, 1, 2, 4, 16, 32)
+    lengths = jnp.asarray([1, 0, 1], jnp.int32)
+    o_ref, s_ref = recurrent_gated_delta_rule_ref(q, k, v, g, beta, initial_state=state, lengths=lengths)
+    o, s = recurrent_decode(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state, lengths, scale=16**-0.5,
+                            block_v=16, state_first=state_first, interpret=True)
+    assert rel_err(o, o_ref[:, 0]) < 1e-5 and rel_err(s, s_ref) < 1e-5
+    assert np.array_equal(np.asarray(s[1]), np.asarray(state[1]))  # the pad row's state is untouched
+
+
+def test_decode_reads_the_state_first_only_past_eight_programs_per_sm():
+    sms = multiprocessors()
+    assert not state_read_first(8 * sms) and state_read_first(8 * sms + 1)
+    # Qwen3.5 heads (Hv 32, Dv 128, 64-wide tiles: 64 programs per row) on an H200's 132 SMs: B8 not, B64 yes.
+    if sms == 132:
+        assert not state_read_first(8 * 64) and state_read_first(64 * 64)
+
+
 def check_interpreted_chunk_prefill(seed, num_k, num_v, head_v, lengths, **tiling):
     """chunk_prefill in the interpreter against the reference on two ragged rows (the first one full)."""
     q, k, v, g, beta, state = make_inputs(seed, len(lengths), lengths[0], num_k, num_v, 16, head_v)
@@ -142,7 +163,7 @@ def test_chunk_prep_refuses_a_head_count_that_does_not_divide_the_group():
 
 
 def test_scan_tiling_widens_tiles_only_past_two_waves_of_narrow_ones():
-    sms = _multiprocessors()
+    sms = multiprocessors()
     narrow_programs_per_row = 32 * 128 // 32  # Qwen3.5: 32 value heads of 128
     few, many = (2 * sms) // narrow_programs_per_row, (2 * sms) // narrow_programs_per_row + 1
     assert _scan_tiling(few, 32, 128, 128, 2, None, None)[0] == 32
@@ -154,7 +175,7 @@ def test_scan_tiling_widens_tiles_only_past_two_waves_of_narrow_ones():
 
 
 def test_prep_shares_key_heads_only_while_the_grid_fills_the_gpu():
-    sms = _multiprocessors()
+    sms = multiprocessors()
     assert _prep_heads(1, 32, 2, 4096 // 64) == 2  # Qwen3.5 at 1x4096: 1024 shared programs
     assert _prep_heads(1, 32, 2, 512 // 64) == 1  # 1x512: sharing would leave 128 programs
     assert _prep_heads(1, 32, 3, 4096 // 64) == 1  # three heads per key head: no power-of-two block of them

@@ -34,17 +34,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.device_info import multiprocessors
 from pallas_kernels.gated_delta_rule.reference import L2NORM_EPS
 
 CHUNK = 64
 
 
 HALF = CHUNK // 2
-
-
-def _multiprocessors() -> int:
-    """SMs of the default device (132 on an H100 SXM when the backend does not say)."""
-    return getattr(jax.devices()[0], "core_count", None) or 132
 
 
 def _scan_tiling(batch, num_v_heads, head_k, head_v, itemsize, block_v, num_stages) -> tuple[int, int]:
@@ -56,7 +52,7 @@ def _scan_tiling(batch, num_v_heads, head_k, head_v, itemsize, block_v, num_stag
     B32xT1024. Three stages (deeper prefetch of the next chunks) while the programs fit the SMs at once or
     when tiles are 64 wide; two for 32-wide tiles past one wave (three lost 9-10% there, plausibly because two
     2-stage 32-wide programs share an SM's shared memory and three stages do not)."""
-    sms = _multiprocessors()
+    sms = multiprocessors()
     # The H100's 227 KiB of shared memory per SM, less room for the compiler's own use.
     shared_budget = 192 * 1024
 
@@ -241,7 +237,7 @@ def _prep_heads(batch: int, num_v_heads: int, group: int, num_chunks: int) -> in
     session): two heads per program won by 5-8% from B1xT4096 (1024 programs) up and lost at B1xT512 (128
     programs: 34.7 vs 29.3 us). So the largest power of two that leaves four (two-warp) programs per SM."""
     heads = group & -group
-    while heads > 1 and batch * (num_v_heads // heads) * num_chunks < 4 * _multiprocessors():
+    while heads > 1 and batch * (num_v_heads // heads) * num_chunks < 4 * multiprocessors():
         heads //= 2
     return heads
 

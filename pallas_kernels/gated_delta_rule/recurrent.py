@@ -10,6 +10,7 @@ backend), or run by the Pallas interpreter on CPU.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.device_info import multiprocessors
 from pallas_kernels.gated_delta_rule.reference import L2NORM_EPS
 
 
@@ -27,13 +29,15 @@ def _normalise(x_k, use_qk_l2norm):
     return x_k
 
 
-def decode_tile(s_kv, q_k, k_k, v_v, g, beta, valid, *, scale, use_qk_l2norm):
-    """One head's [Dk, block_v] state tile advanced by one token: (new state tile fp32, output tile fp32)."""
+def decode_tile(read_state, q_k, k_k, v_v, g, beta, valid, *, scale, use_qk_l2norm):
+    """One head's [Dk, block_v] state tile advanced by one token: (new state tile fp32, output tile fp32).
+    read_state() reads the tile; it is called after the q/k norms, so a caller that wants the state read
+    issued first reads it before and passes `lambda: tile`."""
     q_k = _normalise(q_k, use_qk_l2norm) * scale
     k_k = _normalise(k_k, use_qk_l2norm)
     # A padded row must leave the state bit-identical, so gate with `where`: NaN/inf in pad slots stays out.
     decay = jnp.where(valid, jnp.exp(g.astype(jnp.float32)), 1.0)
-    s_kv = s_kv * decay
+    s_kv = read_state() * decay
     predicted_v = jnp.sum(s_kv * k_k[:, None], axis=0)
     delta_v = jnp.where(valid, (v_v.astype(jnp.float32) - predicted_v) * beta.astype(jnp.float32), 0.0)
     s_kv = s_kv + k_k[:, None] * delta_v[None, :]
@@ -41,19 +45,31 @@ def decode_tile(s_kv, q_k, k_k, v_v, g, beta, valid, *, scale, use_qk_l2norm):
 
 
 def _decode_kernel(
-    lengths_ref, g_ref, beta_ref, q_ref, k_ref, v_ref, state_in_ref, o_ref, state_ref, *, scale, use_qk_l2norm
+    lengths_ref, g_ref, beta_ref, q_ref, k_ref, v_ref, state_in_ref, o_ref, state_ref,
+    *, scale, use_qk_l2norm, state_first,
 ):
     b, h = pl.program_id(0), pl.program_id(1)
-    # Read in the order the step uses them; state_in_ref is the same buffer as state_ref on GPU (aliased).
+    # state_in_ref is the same buffer as state_ref on GPU (aliased).
+    early_state = state_in_ref[...] if state_first else None
     valid, q_k, k_k, g, beta = lengths_ref[b] > 0, q_ref[...], k_ref[...], g_ref[b, h], beta_ref[b, h]
-    s_kv, o_v = decode_tile(state_in_ref[...], q_k, k_k, v_ref[...], g, beta, valid,
+    read_state = (lambda: early_state) if state_first else (lambda: state_in_ref[...])
+    s_kv, o_v = decode_tile(read_state, q_k, k_k, v_ref[...], g, beta, valid,
                             scale=scale, use_qk_l2norm=use_qk_l2norm)
     state_ref[...] = s_kv
     o_ref[...] = o_v.astype(o_ref.dtype)
 
 
+def state_read_first(num_programs: int) -> bool:
+    """Whether each program issues its state read before the q/k norms. Measured on H200s (bf16, Qwen3.5
+    heads, 64-wide tiles; bench/KERNELS_NOTES.md item 13): at B8 (4 programs per SM, one wave) reading it
+    after was faster in three runs out of three (4-18%); at B256 (124 per SM) reading it first was 2.6%
+    faster; at B64 (31 per SM) the two orders differed by less than the run-to-run spread. B16-B32 not
+    measured: the switch sits at 8 programs per SM."""
+    return num_programs > 8 * multiprocessors()
+
+
 @functools.partial(
-    jax.jit, static_argnames=("scale", "use_qk_l2norm", "block_v", "num_warps", "interpret")
+    jax.jit, static_argnames=("scale", "use_qk_l2norm", "block_v", "num_warps", "state_first", "interpret")
 )
 def recurrent_decode(
     q_bhk: jax.Array,
@@ -68,12 +84,13 @@ def recurrent_decode(
     use_qk_l2norm: bool = True,
     block_v: int | None = None,
     num_warps: int = 4,
+    state_first: bool | None = None,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """One decode step. q/k [B, Hk, Dk], v [B, Hv, Dv], g/beta [B, Hv], state [B, Hv, Dk, Dv] fp32 (aliased
     to the returned state: donate it at the jit boundary for a true in-place update), lengths [B] (0 = pad).
     block_v None picks 64-wide state tiles (measured best once the state streams from HBM, B >= 8 on an H100)
-    unless that leaves fewer than 256 programs, then 32.
+    unless that leaves fewer than 256 programs, then 32. state_first None picks by `state_read_first`.
     """
     batch, num_v_heads, head_v = v_bhv.shape
     num_k_heads, head_k = q_bhk.shape[1:]
@@ -81,14 +98,17 @@ def recurrent_decode(
     if block_v is None:
         block_v = 64 if batch * num_v_heads * head_v // 64 >= 256 else 32
     block_v = min(block_v, head_v)
-    kernel = functools.partial(_decode_kernel, scale=scale, use_qk_l2norm=use_qk_l2norm)
+    grid = (batch, num_v_heads, head_v // block_v)
+    if state_first is None:
+        state_first = state_read_first(math.prod(grid))
+    kernel = functools.partial(_decode_kernel, scale=scale, use_qk_l2norm=use_qk_l2norm, state_first=state_first)
     whole = pl.BlockSpec(memory_space=None)
     qk_spec = pl.BlockSpec((None, None, head_k), lambda b, h, j: (b, h // group, 0))
     v_spec = pl.BlockSpec((None, None, block_v), lambda b, h, j: (b, h, j))
     state_spec = pl.BlockSpec((None, None, head_k, block_v), lambda b, h, j: (b, h, 0, j))
     o_bhv, state_bhkv = pl.pallas_call(
         kernel,
-        grid=(batch, num_v_heads, head_v // block_v),
+        grid=grid,
         in_specs=[whole, whole, whole, qk_spec, qk_spec, v_spec, state_spec],
         out_specs=[v_spec, state_spec],
         out_shape=[

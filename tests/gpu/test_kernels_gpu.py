@@ -14,7 +14,9 @@ from pallas_kernels.gated_delta_rule import (
     gated_delta_rule,
     recurrent_gated_delta_rule_ref,
 )
-from pallas_kernels.gated_delta_rule.chunk import _multiprocessors, _scan_tiling, chunk_prefill
+from pallas_kernels.device_info import multiprocessors
+from pallas_kernels.gated_delta_rule.chunk import _scan_tiling, chunk_prefill
+from pallas_kernels.gated_delta_rule.recurrent import recurrent_decode
 from pallas_kernels.vision_rotary import apply_vision_rotary, vision_rotary_tables
 from tests.test_gated_delta_rule import check_chunk_kernel_keeps_nan_pads_out, make_inputs, rel_err
 
@@ -49,7 +51,7 @@ def test_gated_delta_rule_matches_reference(dtype, tol, batch, seq_len, num_k, n
 
 def test_chunk_kernel_with_the_wide_tiles_of_large_batches():
     """Past two waves of 32-wide programs the scan takes 64-wide tiles (bf16): Qwen3.5's heads, ragged rows."""
-    batch = 2 * _multiprocessors() // 128 + 1
+    batch = 2 * multiprocessors() // 128 + 1
     assert _scan_tiling(batch, 32, 128, 128, 2, None, None)[0] == 64
     q, k, v, g, beta, state = make_inputs(11, batch, 200, 16, 32, 128, 128, jnp.bfloat16)
     lengths = jnp.asarray(np.random.default_rng(3).integers(0, 201, batch), jnp.int32)
@@ -102,6 +104,22 @@ def test_state_updated_in_place_when_donated(seq_len):
     assert donated.is_deleted()
     assert new_state.unsafe_buffer_pointer() == pointer, "state was copied, not updated in place"
     assert rel_err(new_state, s_ref) < 1e-2
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
+@pytest.mark.parametrize("state_first", [False, True])
+def test_decode_kernel_with_either_state_read_order(state_first, dtype, tol):
+    """Qwen3.5 heads at a batch whose grid is past the state_read_first switch, pad rows included."""
+    batch = 40
+    q, k, v, g, beta, state = make_inputs(batch, batch, 1, 16, 32, 128, 128, dtype)
+    lengths = jnp.asarray(np.arange(batch) % 5 != 0, jnp.int32)
+    with jax.default_matmul_precision("highest"):
+        up = [x.astype(jnp.float32) for x in (q, k, v, g, beta)]
+        o_ref, s_ref = recurrent_gated_delta_rule_ref(*up, initial_state=state, lengths=lengths)
+        o, s = recurrent_decode(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], jnp.array(state), lengths,
+                                scale=128**-0.5, state_first=state_first)
+    assert rel_err(o, o_ref[:, 0]) < tol and rel_err(s, s_ref) < tol
+    assert np.array_equal(np.asarray(s[::5]), np.asarray(state[::5]))  # pad rows: state bit-identical
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
