@@ -49,10 +49,13 @@ def _decode_kernel(
     *, scale, use_qk_l2norm, state_first,
 ):
     b, h = pl.program_id(0), pl.program_id(1)
-    # state_in_ref is the same buffer as state_ref on GPU (aliased).
-    early_state = state_in_ref[...] if state_first else None
     valid, q_k, k_k, g, beta = lengths_ref[b] > 0, q_ref[...], k_ref[...], g_ref[b, h], beta_ref[b, h]
-    read_state = (lambda: early_state) if state_first else (lambda: state_in_ref[...])
+    # state_in_ref is the same buffer as state_ref on GPU (aliased).
+    if state_first:
+        state_kv = state_in_ref[...]
+        read_state = lambda: state_kv
+    else:
+        read_state = lambda: state_in_ref[...]
     s_kv, o_v = decode_tile(read_state, q_k, k_k, v_ref[...], g, beta, valid,
                             scale=scale, use_qk_l2norm=use_qk_l2norm)
     state_ref[...] = s_kv
