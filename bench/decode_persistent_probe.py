@@ -23,6 +23,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from bench.kernels import gdr_bytes, gdr_inputs, measure_ceilings, time_jax_loop  # noqa: E402
 from pallas_kernels.gated_delta_rule.recurrent import decode_tile, recurrent_decode  # noqa: E402
 from pallas_kernels.gated_delta_rule.reference import recurrent_gated_delta_rule_ref  # noqa: E402
 
@@ -77,15 +78,10 @@ def persistent_decode(q_bhk, k_bhk, v_bhv, g_bh, beta_bh, state_bhkv, lengths_b,
     )(lengths_b, g_bh, beta_bh, q_bhk, k_bhk, v_bhv, state_bhkv)
 
 
-def inputs(batch, dtype, seed=0, hk=16, hv=32, d=128):
-    ks = jax.random.split(jax.random.key(seed), 6)
-    q = jax.random.normal(ks[0], (batch, hk, d), dtype)
-    k = jax.random.normal(ks[1], (batch, hk, d), dtype)
-    v = jax.random.normal(ks[2], (batch, hv, d), dtype)
-    g = -jnp.exp(0.3 * jax.random.normal(ks[3], (hv,))) * jax.nn.softplus(jax.random.normal(ks[4], (batch, hv)))
-    beta = jax.nn.sigmoid(jax.random.normal(ks[5], (batch, hv))).astype(dtype)
-    state = jax.random.normal(jax.random.fold_in(ks[5], 1), (batch, hv, d, d), jnp.float32)
-    return q, k, v, g, beta, state
+def inputs(batch, dtype, seed=0):
+    """One decode step's inputs at the bench's Qwen3.5 shapes, q/k/v/beta in `dtype`."""
+    q, k, v, g, beta, state = gdr_inputs(batch, 1, seed)
+    return (*(x[:, 0].astype(dtype) for x in (q, k, v)), g[:, 0], beta[:, 0].astype(dtype), state)
 
 
 def check(batch, dtype, tol, interpret, **cfg):
@@ -110,7 +106,6 @@ def main():
         for cfg in [dict(block_v=32, tiles=2), dict(block_v=64, tiles=4), dict(block_v=128, tiles=3)]:
             print(cfg, check(3, jnp.float32, 1e-5, True, **cfg))
         return
-    from bench.kernels import gdr_bytes, measure_ceilings, time_jax_loop
     ceilings = measure_ceilings()
     print(jax.devices()[0].device_kind, ceilings, flush=True)
     configs = [dict(tiles=2), dict(tiles=4), dict(tiles=8), dict(tiles=4, num_warps=8),
