@@ -1,0 +1,174 @@
+"""Probe (not part of the library): the chunk scan written for Pallas' Mosaic GPU backend, one warpgroup per
+(row, value head, v tile), fed by `plgpu.emit_pipeline` (TMA loads, two chunks in flight), every wgmma
+operand in shared memory (the CPU interpreter rejects register operands). It takes the committed prep's
+outputs (T, scores, row factors), so only the scan differs from `chunk_prefill`. Full rows only (no ragged
+lengths).
+
+Question: what does one chunk step cost in Mosaic GPU, against the Triton scan's ~1.45 us at B1xT16384?
+Status (2026-12-02, ninth session): `--check` passes on the CPU (jax 0.12.0.1, GPU interpret mode with race
+detection, Qwen3.5 heads at B2xT192: o 9.8e-6 and state 2.3e-8 of chunk_prefill's); not yet compiled or
+timed on a GPU (the session's device time ran out).
+
+    python bench/mosaic_scan_probe.py --check       # CPU: GPU interpret mode against chunk_prefill
+    python bench/mosaic_scan_probe.py               # GPU: checks and times it against chunk_prefill
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import pathlib
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from bench.kernels import DK, gdr_inputs  # noqa: E402
+from pallas_kernels.gated_delta_rule.chunk import CHUNK, chunk_prefill, chunk_prep  # noqa: E402
+
+
+def _operand(shape, dtype):
+    """An SMEM block wgmma can read: rows tiled by 8, the minor dim swizzled at its byte width (<= 128)."""
+    swizzle = min(128, shape[-1] * jnp.dtype(dtype).itemsize)
+    return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
+
+
+def mosaic_scan(q, k, v, prepared, state, *, block_v=32, stages=2, interpret=False):
+    t_mat, scores, gcum, q_fac, k_fac, w_fac, u_fac = prepared
+    batch, seq_len, num_k_heads, head_k = q.shape
+    num_v_heads, head_v = v.shape[2:]
+    group = num_v_heads // num_k_heads
+    num_chunks = seq_len // CHUNK
+    bf16 = jnp.bfloat16
+    wgmma_layout = plgpu.Layout.WGMMA
+    row_layout = plgpu.Layout.WGMMA.reduce(1)
+
+    def body(q_g, k_g, v_g, t_g, p_g, gcum_g, qf_g, kf_g, wf_g, uf_g, s_in_g, o_g, s_out_g,
+             s_smem, r_smem, vn_smem, x_smem, o_smem, s32_smem, barrier):
+        bh, j = lax.axis_index("bh"), lax.axis_index("j")
+        b, h = bh // num_v_heads, bh % num_v_heads
+        cols = pl.ds(j * block_v, block_v)
+        plgpu.copy_gmem_to_smem(s_in_g.at[b, h, :, cols], s32_smem, barrier)
+        plgpu.barrier_wait(barrier)
+        s_kv = plgpu.load(s32_smem, layout=wgmma_layout)
+
+        def step(indices, q_s, k_s, v_s, t_s, p_s, g_s, qf_s, kf_s, wf_s, uf_s, s_kv):
+            rows = functools.partial(lax.broadcast_in_dim, shape=(CHUNK, block_v), broadcast_dimensions=[0])
+            factor = lambda ref: rows(plgpu.load(ref, layout=row_layout))  # noqa: E731
+            # Register reads of the pipeline's buffers sit before the step's last commit_smem (a proxy fence):
+            # the pipeline refills them by TMA, and the interpreter's race detector flags a read after it.
+            decay = jnp.exp(g_s[CHUNK - 1])
+            s_smem[...] = s_kv.astype(bf16)
+            plgpu.commit_smem()
+
+            def state_products(ks_ref, qs_ref):
+                plgpu.wgmma(ks_ref, k_s, s_smem)
+                plgpu.wgmma(qs_ref, q_s, s_smem)
+                plgpu.wgmma_wait(0)
+                return ks_ref[...], qs_ref[...]
+            ks, qs = pl.run_scoped(state_products, plgpu.ACC((CHUNK, block_v), jnp.float32),
+                                   plgpu.ACC((CHUNK, block_v), jnp.float32))
+            v_cv = plgpu.load(v_s, layout=wgmma_layout).astype(jnp.float32)
+            r_smem[...] = (factor(uf_s) * v_cv - factor(wf_s) * ks).astype(bf16)
+            plgpu.commit_smem()
+
+            def product(a_ref, b_ref, acc_ref):
+                plgpu.wgmma(acc_ref, a_ref, b_ref)
+                plgpu.wgmma_wait(0)
+                return acc_ref[...]
+            vnew = pl.run_scoped(functools.partial(product, t_s, r_smem), plgpu.ACC((CHUNK, block_v), jnp.float32))
+            vn_smem[...] = vnew.astype(bf16)
+            x_smem[...] = (factor(kf_s) * vnew).astype(bf16)
+            plgpu.commit_smem()
+            pv = pl.run_scoped(functools.partial(product, p_s, vn_smem), plgpu.ACC((CHUNK, block_v), jnp.float32))
+            # The output goes out by hand: the interpreter rejects emit_pipeline's predicated output copies.
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            o_smem[...] = (factor(qf_s) * qs + pv).astype(o_smem.dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem, o_g.at[b, pl.ds(indices[0] * CHUNK, CHUNK), h, cols])
+
+            kx = pl.run_scoped(functools.partial(product, k_s.transpose((1, 0)), x_smem),
+                               plgpu.ACC((head_k, block_v), jnp.float32))
+            return s_kv * decay + kx
+
+        qk_spec = plgpu.BlockSpec((CHUNK, head_k), lambda c: (c, 0), transforms=_operand((CHUNK, head_k), bf16))
+        square = plgpu.BlockSpec((CHUNK, CHUNK), lambda c: (c, 0), transforms=_operand((CHUNK, CHUNK), bf16))
+        v_spec = plgpu.BlockSpec((CHUNK, block_v), lambda c: (c, j))
+        per_row = plgpu.BlockSpec((CHUNK,), lambda c: (c,))
+        pipeline = plgpu.emit_pipeline(
+            step, grid=(num_chunks,), max_concurrent_steps=stages, init_carry=s_kv,
+            in_specs=[qk_spec, qk_spec, v_spec, square, square, *[per_row] * 5],
+        )
+        s_kv = pipeline(q_g.at[b, :, h // group], k_g.at[b, :, h // group], v_g.at[b, :, h],
+                        t_g.at[b, h], p_g.at[b, h], gcum_g.at[b, h], qf_g.at[b, h], kf_g.at[b, h], wf_g.at[b, h],
+                        uf_g.at[b, h])
+        s32_smem[...] = s_kv
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(s32_smem, s_out_g.at[b, h, :, cols])
+        plgpu.wait_smem_to_gmem(0)
+
+    b_operand = functools.partial(plgpu.SMEM, transforms=_operand((CHUNK, block_v), bf16))
+    kernel = plgpu.kernel(
+        body,
+        out_type=(jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(state.shape, jnp.float32)),
+        scratch_types=[plgpu.SMEM((head_k, block_v), bf16, transforms=_operand((head_k, block_v), bf16)),
+                       b_operand((CHUNK, block_v), bf16), b_operand((CHUNK, block_v), bf16),
+                       b_operand((CHUNK, block_v), bf16), plgpu.SMEM((CHUNK, block_v), v.dtype),
+                       plgpu.SMEM((head_k, block_v), jnp.float32),
+                       plgpu.Barrier(num_arrivals=1)],
+        grid=(batch * num_v_heads, head_v // block_v), grid_names=("bh", "j"),
+        interpret=plgpu.InterpretGPUParams(detect_races=True) if interpret else None,
+    )
+    return kernel(q, k, v, t_mat, scores, gcum, q_fac, k_fac, w_fac, u_fac, state)
+
+
+def rel(a, b):
+    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+def run(batch, seq_len, interpret, timed):
+    """Qwen3.5's GDN heads (bench.kernels' shapes)."""
+    q, k, v, g, beta, state = gdr_inputs(batch, seq_len)
+    lengths = jnp.full((batch,), seq_len, jnp.int32)
+    scale = DK**-0.5
+    prep = jax.jit(lambda q, k, g, beta: chunk_prep(q, k, g, beta, lengths, scale=scale, interpret=interpret))
+    ours = jax.jit(lambda *a: chunk_prefill(*a, lengths, scale=scale, interpret=interpret))
+    scan = jax.jit(lambda q, k, v, prepared, s: mosaic_scan(q, k, v, prepared, s, interpret=interpret))
+    prepared = prep(q, k, g, beta)
+    o_ref, s_ref = ours(q, k, v, g, beta, state)
+    o, s = scan(q, k, v, prepared, state)
+    print(f"B{batch}xT{seq_len}: mosaic scan vs chunk_prefill "
+          f"o {rel(o, o_ref):.1e} state {rel(s, s_ref):.1e} (the scan moved the state by {rel(s, state):.1e})",
+          flush=True)
+    if timed:
+        def per_call(fn, *args):
+            jax.block_until_ready(fn(*args))
+            times = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                for _ in range(20):
+                    out = fn(*args)
+                jax.block_until_ready(out)
+                times.append((time.perf_counter() - t0) / 20)
+            return statistics.median(times) * 1e6
+        t_prep, t_ours, t_scan = per_call(prep, q, k, g, beta), per_call(ours, q, k, v, g, beta, state), \
+            per_call(scan, q, k, v, prepared, state)
+        print(f"  prep {t_prep:.1f} us, chunk_prefill (prep + Triton scan) {t_ours:.1f} us, "
+              f"Mosaic scan alone {t_scan:.1f} us (Triton scan ~{t_ours - t_prep:.1f} us)", flush=True)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--check", action="store_true")
+    if parser.parse_args().check:
+        run(2, 192, interpret=True, timed=False)
+    else:
+        run(1, 16384, interpret=False, timed=True)
+        run(8, 2048, interpret=False, timed=True)
