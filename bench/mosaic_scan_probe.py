@@ -6,21 +6,20 @@ lengths).
 
 Question: what does one chunk step cost in Mosaic GPU, against the Triton scan's ~1.45 us at B1xT16384?
 Status (2026-12-02, ninth session): `--check` passes on the CPU (jax 0.12.0.1, GPU interpret mode with race
-detection, Qwen3.5 heads at B2xT192: o 9.8e-6 and state 2.3e-8 of chunk_prefill's); not yet compiled or
-timed on a GPU (the session's device time ran out).
+detection, Qwen3.5 heads at B2xT192, and B1xT256 with 64-wide tiles or three stages: o <= 1.2e-5 and
+state 2.5e-8 of chunk_prefill's); not yet compiled or timed on a GPU (the session's device time ran out).
 
     python bench/mosaic_scan_probe.py --check       # CPU: GPU interpret mode against chunk_prefill
-    python bench/mosaic_scan_probe.py               # GPU: checks and times it against chunk_prefill
+    python bench/mosaic_scan_probe.py --out DIR     # GPU: checks and times it against chunk_prefill
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import pathlib
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +28,8 @@ from jax.experimental import pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from bench.kernels import DK, gdr_inputs  # noqa: E402
+from bench.kernels import DK, gdr_inputs, time_jax_calls  # noqa: E402
+from bench.run_info import run_info  # noqa: E402
 from pallas_kernels.gated_delta_rule.chunk import CHUNK, chunk_prefill, chunk_prep  # noqa: E402
 
 
@@ -85,16 +85,21 @@ def mosaic_scan(q, k, v, prepared, state, *, block_v=32, stages=2, interpret=Fal
             vnew = pl.run_scoped(functools.partial(product, t_s, r_smem), plgpu.ACC((CHUNK, block_v), jnp.float32))
             vn_smem[...] = vnew.astype(bf16)
             x_smem[...] = (factor(kf_s) * vnew).astype(bf16)
+            qf = factor(qf_s)
             plgpu.commit_smem()
-            pv = pl.run_scoped(functools.partial(product, p_s, vn_smem), plgpu.ACC((CHUNK, block_v), jnp.float32))
+
+            def vnew_products(pv_ref, kx_ref):  # both read v_new only: one wait for the two
+                plgpu.wgmma(pv_ref, p_s, vn_smem)
+                plgpu.wgmma(kx_ref, k_s.transpose((1, 0)), x_smem)
+                plgpu.wgmma_wait(0)
+                return pv_ref[...], kx_ref[...]
+            pv, kx = pl.run_scoped(vnew_products, plgpu.ACC((CHUNK, block_v), jnp.float32),
+                                   plgpu.ACC((head_k, block_v), jnp.float32))
             # The output goes out by hand: the interpreter rejects emit_pipeline's predicated output copies.
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            o_smem[...] = (factor(qf_s) * qs + pv).astype(o_smem.dtype)
+            o_smem[...] = (qf * qs + pv).astype(o_smem.dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(o_smem, o_g.at[b, pl.ds(indices[0] * CHUNK, CHUNK), h, cols])
-
-            kx = pl.run_scoped(functools.partial(product, k_s.transpose((1, 0)), x_smem),
-                               plgpu.ACC((head_k, block_v), jnp.float32))
             return s_kv * decay + kx
 
         qk_spec = plgpu.BlockSpec((CHUNK, head_k), lambda c: (c, 0), transforms=_operand((CHUNK, head_k), bf16))
@@ -133,42 +138,43 @@ def rel(a, b):
     return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
-def run(batch, seq_len, interpret, timed):
-    """Qwen3.5's GDN heads (bench.kernels' shapes)."""
+def run(batch, seq_len, configs, interpret) -> list[dict]:
+    """Qwen3.5's GDN heads (bench.kernels' shapes): each config's outputs against chunk_prefill's and, on the
+    GPU, its time per jitted call next to the prep's and the whole chunk_prefill's."""
     q, k, v, g, beta, state = gdr_inputs(batch, seq_len)
     lengths = jnp.full((batch,), seq_len, jnp.int32)
     scale = DK**-0.5
     prep = jax.jit(lambda q, k, g, beta: chunk_prep(q, k, g, beta, lengths, scale=scale, interpret=interpret))
     ours = jax.jit(lambda *a: chunk_prefill(*a, lengths, scale=scale, interpret=interpret))
-    scan = jax.jit(lambda q, k, v, prepared, s: mosaic_scan(q, k, v, prepared, s, interpret=interpret))
     prepared = prep(q, k, g, beta)
     o_ref, s_ref = ours(q, k, v, g, beta, state)
-    o, s = scan(q, k, v, prepared, state)
-    print(f"B{batch}xT{seq_len}: mosaic scan vs chunk_prefill "
-          f"o {rel(o, o_ref):.1e} state {rel(s, s_ref):.1e} (the scan moved the state by {rel(s, state):.1e})",
-          flush=True)
-    if timed:
-        def per_call(fn, *args):
-            jax.block_until_ready(fn(*args))
-            times = []
-            for _ in range(5):
-                t0 = time.perf_counter()
-                for _ in range(20):
-                    out = fn(*args)
-                jax.block_until_ready(out)
-                times.append((time.perf_counter() - t0) / 20)
-            return statistics.median(times) * 1e6
-        t_prep, t_ours, t_scan = per_call(prep, q, k, g, beta), per_call(ours, q, k, v, g, beta, state), \
-            per_call(scan, q, k, v, prepared, state)
-        print(f"  prep {t_prep:.1f} us, chunk_prefill (prep + Triton scan) {t_ours:.1f} us, "
-              f"Mosaic scan alone {t_scan:.1f} us (Triton scan ~{t_ours - t_prep:.1f} us)", flush=True)
+    shape = f"B{batch}xT{seq_len}"
+    rows = []
+    if not interpret:
+        rows.append({"shape": shape, "prep_call_us": 1e6 * time_jax_calls(prep, (q, k, g, beta)),
+                     "chunk_prefill_call_us": 1e6 * time_jax_calls(ours, (q, k, v, g, beta, state))})
+        print(json.dumps(rows[-1]), flush=True)
+    for cfg in configs:
+        scan = jax.jit(functools.partial(mosaic_scan, interpret=interpret, **cfg))
+        o, s = scan(q, k, v, prepared, state)
+        rows.append({"shape": shape, "config": cfg, "o_rel_vs_chunk_prefill": rel(o, o_ref),
+                     "state_rel_vs_chunk_prefill": rel(s, s_ref), "state_moved_rel": rel(s, state)})
+        if not interpret:
+            rows[-1]["mosaic_scan_call_us"] = 1e6 * time_jax_calls(scan, (q, k, v, prepared, state))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--check", action="store_true")
-    if parser.parse_args().check:
-        run(2, 192, interpret=True, timed=False)
+    parser.add_argument("--out", default=".")
+    args = parser.parse_args()
+    if args.check:
+        run(2, 192, [{}], interpret=True)
     else:
-        run(1, 16384, interpret=False, timed=True)
-        run(8, 2048, interpret=False, timed=True)
+        configs = [{}, {"stages": 3}, {"block_v": 64}, {"block_v": 64, "stages": 3}]
+        result = {**run_info(), "rows": []}
+        for batch, seq_len in [(1, 16384), (8, 2048)]:
+            result["rows"] += run(batch, seq_len, configs, interpret=False)
+            (pathlib.Path(args.out) / "mosaic_scan_probe.json").write_text(json.dumps(result, indent=1))
