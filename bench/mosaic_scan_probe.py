@@ -1,13 +1,13 @@
 """Probe (not part of the library): the chunk scan written for Pallas' Mosaic GPU backend, one warpgroup per
-(row, value head, v tile), fed by `plgpu.emit_pipeline` (TMA loads, two chunks in flight), every wgmma
+(row, value head, 64-wide v tile), fed by `plgpu.emit_pipeline` (TMA loads, two chunks in flight), every wgmma
 operand in shared memory (the CPU interpreter rejects register operands). It takes the committed prep's
 outputs (T, scores, row factors), so only the scan differs from `chunk_prefill`. Full rows only (no ragged
 lengths).
 
 Question: what does one chunk step cost in Mosaic GPU, against the Triton scan's ~1.45 us at B1xT16384?
 Status (2026-12-02, ninth session): `--check` passes on the CPU (jax 0.12.0.1, GPU interpret mode with race
-detection, Qwen3.5 heads at B2xT192, and B1xT256 with 64-wide tiles or three stages: o <= 1.2e-5 and
-state 2.5e-8 of chunk_prefill's); not yet compiled or timed on a GPU (the session's device time ran out).
+detection, Qwen3.5 heads at B2xT192: o and state within 1e-5 of chunk_prefill's) and lowers for CUDA there;
+not yet compiled or timed on a GPU (the session's device time ran out).
 
     python bench/mosaic_scan_probe.py --check       # CPU: GPU interpret mode against chunk_prefill
     python bench/mosaic_scan_probe.py --out DIR     # GPU: checks and times it against chunk_prefill
@@ -28,7 +28,7 @@ from jax.experimental import pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from bench.kernels import DK, gdr_inputs, time_jax_calls  # noqa: E402
+from bench.kernels import DK, DV, HK, HV, gdr_inputs, time_jax_calls  # noqa: E402
 from bench.run_info import run_info  # noqa: E402
 from pallas_kernels.gated_delta_rule.chunk import CHUNK, chunk_prefill, chunk_prep  # noqa: E402
 
@@ -39,7 +39,7 @@ def _operand(shape, dtype):
     return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
-def mosaic_scan(q, k, v, prepared, state, *, block_v=32, stages=2, interpret=False):
+def mosaic_scan(q, k, v, prepared, state, *, block_v=64, stages=2, interpret=False):
     t_mat, scores, gcum, q_fac, k_fac, w_fac, u_fac = prepared
     batch, seq_len, num_k_heads, head_k = q.shape
     num_v_heads, head_v = v.shape[2:]
@@ -104,7 +104,7 @@ def mosaic_scan(q, k, v, prepared, state, *, block_v=32, stages=2, interpret=Fal
 
         qk_spec = plgpu.BlockSpec((CHUNK, head_k), lambda c: (c, 0), transforms=_operand((CHUNK, head_k), bf16))
         square = plgpu.BlockSpec((CHUNK, CHUNK), lambda c: (c, 0), transforms=_operand((CHUNK, CHUNK), bf16))
-        v_spec = plgpu.BlockSpec((CHUNK, block_v), lambda c: (c, j))
+        v_spec = plgpu.BlockSpec((CHUNK, block_v), lambda c: (c, j), transforms=_operand((CHUNK, block_v), bf16))
         per_row = plgpu.BlockSpec((CHUNK,), lambda c: (c,))
         pipeline = plgpu.emit_pipeline(
             step, grid=(num_chunks,), max_concurrent_steps=stages, init_carry=s_kv,
@@ -124,8 +124,8 @@ def mosaic_scan(q, k, v, prepared, state, *, block_v=32, stages=2, interpret=Fal
         out_type=(jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(state.shape, jnp.float32)),
         scratch_types=[plgpu.SMEM((head_k, block_v), bf16, transforms=_operand((head_k, block_v), bf16)),
                        b_operand((CHUNK, block_v), bf16), b_operand((CHUNK, block_v), bf16),
-                       b_operand((CHUNK, block_v), bf16), plgpu.SMEM((CHUNK, block_v), v.dtype),
-                       plgpu.SMEM((head_k, block_v), jnp.float32),
+                       b_operand((CHUNK, block_v), bf16), b_operand((CHUNK, block_v), v.dtype),
+                       plgpu.SMEM((head_k, block_v), jnp.float32, transforms=_operand((head_k, block_v), jnp.float32)),
                        plgpu.Barrier(num_arrivals=1)],
         grid=(batch * num_v_heads, head_v // block_v), grid_names=("bh", "j"),
         interpret=plgpu.InterpretGPUParams(detect_races=True) if interpret else None,
@@ -136,6 +136,23 @@ def mosaic_scan(q, k, v, prepared, state, *, block_v=32, stages=2, interpret=Fal
 def rel(a, b):
     a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
     return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+def lowers_for_cuda(configs) -> None:
+    """Mosaic GPU's lowering (layout inference, shared-memory budget) runs without a GPU: export for CUDA."""
+    from jax import export
+
+    batch, seq_len = 1, 4096
+    spec = jax.ShapeDtypeStruct
+    q = k = spec((batch, seq_len, HK, DK), jnp.bfloat16)
+    v = spec((batch, seq_len, HV, DV), jnp.bfloat16)
+    state = spec((batch, HV, DK, DV), jnp.float32)
+    square = spec((batch, HV, seq_len, CHUNK), jnp.bfloat16)
+    per_row = spec((batch, HV, seq_len), jnp.float32)
+    for cfg in configs:
+        fn = jax.jit(functools.partial(mosaic_scan, **cfg))
+        export.export(fn, platforms=["cuda"])(q, k, v, (square, square, *[per_row] * 5), state)
+        print(f"{cfg} lowers for CUDA", flush=True)
 
 
 def run(batch, seq_len, configs, interpret) -> list[dict]:
@@ -170,10 +187,13 @@ if __name__ == "__main__":
     parser.add_argument("--check", action="store_true")
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
+    # 32-wide tiles fail Mosaic GPU's layout inference and 64-wide ones with three stages overflow shared
+    # memory (259 of 227 KiB): both found by lowering for CUDA on the CPU, as --check does.
+    configs = [{}]
     if args.check:
-        run(2, 192, [{}], interpret=True)
+        run(2, 192, configs, interpret=True)
+        lowers_for_cuda(configs)
     else:
-        configs = [{}, {"stages": 3}, {"block_v": 64}, {"block_v": 64, "stages": 3}]
         result = {**run_info(), "rows": []}
         for batch, seq_len in [(1, 16384), (8, 2048)]:
             result["rows"] += run(batch, seq_len, configs, interpret=False)
