@@ -1,13 +1,14 @@
 """Probe (not part of the library): the chunk scan written for Pallas' Mosaic GPU backend, one warpgroup per
-(row, value head, 64-wide v tile), fed by `plgpu.emit_pipeline` (TMA loads, two chunks in flight), every wgmma
+(row, value head, v tile), fed by `plgpu.emit_pipeline` (TMA loads, two chunks in flight), every wgmma
 operand in shared memory (the CPU interpreter rejects register operands). It takes the committed prep's
 outputs (T, scores, row factors), so only the scan differs from `chunk_prefill`. Full rows only (no ragged
 lengths).
 
 Question: what does one chunk step cost in Mosaic GPU, against the Triton scan's ~1.45 us at B1xT16384?
 Status (2026-12-02, ninth session): `--check` passes on the CPU (jax 0.12.0.1, GPU interpret mode with race
-detection, Qwen3.5 heads at B2xT192: o and state within 1e-5 of chunk_prefill's) and lowers for CUDA there;
-not yet compiled or timed on a GPU (the session's device time ran out).
+detection, Qwen3.5 heads at B2xT192, every config below: o within 1.1e-5 and state 2.5e-8 of chunk_prefill's,
+bf16) and lowers for CUDA there, on jax 0.12.0.1 and 0.11.2; not yet compiled or timed on a GPU (the
+session's device time ran out).
 
     python bench/mosaic_scan_probe.py --check       # CPU: GPU interpret mode against chunk_prefill
     python bench/mosaic_scan_probe.py --out DIR     # GPU: checks and times it against chunk_prefill
@@ -33,13 +34,13 @@ from bench.run_info import run_info  # noqa: E402
 from pallas_kernels.gated_delta_rule.chunk import CHUNK, chunk_prefill, chunk_prep  # noqa: E402
 
 
-def _operand(shape, dtype):
-    """An SMEM block wgmma can read: rows tiled by 8, the minor dim swizzled at its byte width (<= 128)."""
-    swizzle = min(128, shape[-1] * jnp.dtype(dtype).itemsize)
-    return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
+def _swizzled(swizzle, itemsize=2):
+    """Transforms of an SMEM buffer wgmma can read: rows tiled by 8, `swizzle` bytes per swizzled row. Mosaic
+    GPU wants both operands of a wgmma swizzled alike, so every bf16 buffer here takes the narrowest one's."""
+    return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
-def mosaic_scan(q, k, v, prepared, state, *, block_v=64, stages=2, interpret=False):
+def mosaic_scan(q, k, v, prepared, state, *, block_v=32, stages=2, interpret=False):
     t_mat, scores, gcum, q_fac, k_fac, w_fac, u_fac = prepared
     batch, seq_len, num_k_heads, head_k = q.shape
     num_v_heads, head_v = v.shape[2:]
@@ -48,6 +49,7 @@ def mosaic_scan(q, k, v, prepared, state, *, block_v=64, stages=2, interpret=Fal
     bf16 = jnp.bfloat16
     wgmma_layout = plgpu.Layout.WGMMA
     row_layout = plgpu.Layout.WGMMA.reduce(1)
+    operand = _swizzled(min(128, 2 * block_v))
 
     def body(q_g, k_g, v_g, t_g, p_g, gcum_g, qf_g, kf_g, wf_g, uf_g, s_in_g, o_g, s_out_g,
              s_smem, r_smem, vn_smem, x_smem, o_smem, s32_smem, barrier):
@@ -102,9 +104,9 @@ def mosaic_scan(q, k, v, prepared, state, *, block_v=64, stages=2, interpret=Fal
             plgpu.copy_smem_to_gmem(o_smem, o_g.at[b, pl.ds(indices[0] * CHUNK, CHUNK), h, cols])
             return s_kv * decay + kx
 
-        qk_spec = plgpu.BlockSpec((CHUNK, head_k), lambda c: (c, 0), transforms=_operand((CHUNK, head_k), bf16))
-        square = plgpu.BlockSpec((CHUNK, CHUNK), lambda c: (c, 0), transforms=_operand((CHUNK, CHUNK), bf16))
-        v_spec = plgpu.BlockSpec((CHUNK, block_v), lambda c: (c, j), transforms=_operand((CHUNK, block_v), bf16))
+        qk_spec = plgpu.BlockSpec((CHUNK, head_k), lambda c: (c, 0), transforms=operand)
+        square = plgpu.BlockSpec((CHUNK, CHUNK), lambda c: (c, 0), transforms=operand)
+        v_spec = plgpu.BlockSpec((CHUNK, block_v), lambda c: (c, j), transforms=operand)
         per_row = plgpu.BlockSpec((CHUNK,), lambda c: (c,))
         pipeline = plgpu.emit_pipeline(
             step, grid=(num_chunks,), max_concurrent_steps=stages, init_carry=s_kv,
@@ -118,14 +120,14 @@ def mosaic_scan(q, k, v, prepared, state, *, block_v=64, stages=2, interpret=Fal
         plgpu.copy_smem_to_gmem(s32_smem, s_out_g.at[b, h, :, cols])
         plgpu.wait_smem_to_gmem(0)
 
-    b_operand = functools.partial(plgpu.SMEM, transforms=_operand((CHUNK, block_v), bf16))
+    b_operand = functools.partial(plgpu.SMEM, transforms=operand)
     kernel = plgpu.kernel(
         body,
         out_type=(jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(state.shape, jnp.float32)),
-        scratch_types=[plgpu.SMEM((head_k, block_v), bf16, transforms=_operand((head_k, block_v), bf16)),
+        scratch_types=[b_operand((head_k, block_v), bf16),
                        b_operand((CHUNK, block_v), bf16), b_operand((CHUNK, block_v), bf16),
                        b_operand((CHUNK, block_v), bf16), b_operand((CHUNK, block_v), v.dtype),
-                       plgpu.SMEM((head_k, block_v), jnp.float32, transforms=_operand((head_k, block_v), jnp.float32)),
+                       plgpu.SMEM((head_k, block_v), jnp.float32, transforms=_swizzled(min(128, 4 * block_v), 4)),
                        plgpu.Barrier(num_arrivals=1)],
         grid=(batch * num_v_heads, head_v // block_v), grid_names=("bh", "j"),
         interpret=plgpu.InterpretGPUParams(detect_races=True) if interpret else None,
@@ -187,9 +189,8 @@ if __name__ == "__main__":
     parser.add_argument("--check", action="store_true")
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
-    # 32-wide tiles fail Mosaic GPU's layout inference and 64-wide ones with three stages overflow shared
-    # memory (259 of 227 KiB): both found by lowering for CUDA on the CPU, as --check does.
-    configs = [{}]
+    # 64-wide tiles with three stages would need 259 KiB of shared memory (227 available).
+    configs = [{}, {"stages": 3}, {"block_v": 64}]
     if args.check:
         run(2, 192, configs, interpret=True)
         lowers_for_cuda(configs)
