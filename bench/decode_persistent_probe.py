@@ -23,7 +23,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from bench.kernels import gdr_bytes, gdr_inputs, measure_ceilings, time_jax_loop  # noqa: E402
+from bench.kernels import gdr_bytes, gdr_inputs, measure_ceilings, rel_err, time_jax_loop  # noqa: E402
 from pallas_kernels.gated_delta_rule.recurrent import decode_tile, recurrent_decode  # noqa: E402
 from pallas_kernels.gated_delta_rule.reference import recurrent_gated_delta_rule_ref  # noqa: E402
 
@@ -91,9 +91,7 @@ def check(batch, dtype, tol, interpret, **cfg):
         up = [x.astype(jnp.float32)[:, None] for x in (q, k, v, g, beta)]
         o_ref, s_ref = recurrent_gated_delta_rule_ref(*up, initial_state=state, lengths=lengths)
     o, s = persistent_decode(q, k, v, g, beta, jnp.array(state), lengths, scale=128**-0.5, interpret=interpret, **cfg)
-    rel = lambda a, b: float(np.linalg.norm(np.asarray(a, np.float64) - np.asarray(b, np.float64))
-                             / np.linalg.norm(np.asarray(b, np.float64)))
-    errs = rel(o, o_ref[:, 0]), rel(s, s_ref)
+    errs = rel_err(o, o_ref[:, 0]), rel_err(s, s_ref)
     assert np.all(np.isfinite(np.asarray(o))) and max(errs) < tol, (cfg, errs)
     return errs
 

@@ -247,10 +247,14 @@ def bench_chunk(ceilings, shapes, configs, rows: list[dict], save) -> None:
         save()  # after each shape: a run cut off by its time limit keeps what it measured
 
 
-def torch_rel(ours, theirs) -> float:
-    a = np.asarray(jnp.asarray(ours, jnp.float32), np.float64)
-    b = theirs.float().cpu().numpy().astype(np.float64)
+def rel_err(out, ref) -> float:
+    """||out - ref|| / ||ref||, in float64 (NaN where out holds a NaN)."""
+    a, b = (np.asarray(jnp.asarray(x, jnp.float32), np.float64) for x in (out, ref))
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def torch_rel(ours, theirs) -> float:
+    return rel_err(ours, theirs.float().cpu().numpy())
 
 
 def bench_decode(ceilings, batches, configs, rows: list[dict], save) -> None:
