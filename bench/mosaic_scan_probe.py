@@ -40,7 +40,7 @@ def _swizzled(swizzle, itemsize=2):
     return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
-def mosaic_scan(q, k, v, prepared, state, *, block_v=32, stages=2, interpret=False):
+def mosaic_scan(q, k, v, prepared, state, *, block_v=32, stages=2, off_chain=False, interpret=False):
     t_mat, scores, gcum, q_fac, k_fac, w_fac, u_fac = prepared
     batch, seq_len, num_k_heads, head_k = q.shape
     num_v_heads, head_v = v.shape[2:]
@@ -60,9 +60,17 @@ def mosaic_scan(q, k, v, prepared, state, *, block_v=32, stages=2, interpret=Fal
         plgpu.barrier_wait(barrier)
         s_kv = plgpu.load(s32_smem, layout=wgmma_layout)
 
+        rows = functools.partial(lax.broadcast_in_dim, shape=(CHUNK, block_v), broadcast_dimensions=[0])
+        factor = lambda ref: rows(plgpu.load(ref, layout=row_layout))  # noqa: E731
+
+        def store_output(o_cv, c):
+            # The output goes out by hand: the interpreter rejects emit_pipeline's predicated output copies.
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            o_smem[...] = o_cv.astype(o_smem.dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem, o_g.at[b, pl.ds(c * CHUNK, CHUNK), h, cols])
+
         def step(indices, q_s, k_s, v_s, t_s, p_s, g_s, qf_s, kf_s, wf_s, uf_s, s_kv):
-            rows = functools.partial(lax.broadcast_in_dim, shape=(CHUNK, block_v), broadcast_dimensions=[0])
-            factor = lambda ref: rows(plgpu.load(ref, layout=row_layout))  # noqa: E731
             # Register reads of the pipeline's buffers sit before the step's last commit_smem (a proxy fence):
             # the pipeline refills them by TMA, and the interpreter's race detector flags a read after it.
             decay = jnp.exp(g_s[CHUNK - 1])
@@ -97,19 +105,49 @@ def mosaic_scan(q, k, v, prepared, state, *, block_v=32, stages=2, interpret=Fal
                 return pv_ref[...], kx_ref[...]
             pv, kx = pl.run_scoped(vnew_products, plgpu.ACC((CHUNK, block_v), jnp.float32),
                                    plgpu.ACC((head_k, block_v), jnp.float32))
-            # The output goes out by hand: the interpreter rejects emit_pipeline's predicated output copies.
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            o_smem[...] = (qf * qs + pv).astype(o_smem.dtype)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem, o_g.at[b, pl.ds(indices[0] * CHUNK, CHUNK), h, cols])
+            store_output(qf * qs + pv, indices[0])
             return s_kv * decay + kx
+
+        def step_off_chain(indices, q_s, k_s, v_s, t_s, p_s, g_s, qf_s, kf_s, wf_s, uf_s, s_kv):
+            """The same step with the output's two products (q S, P v_new) issued after the state chain's and
+            waited for only when the chain no longer needs the tensor cores' results: `wgmma_accumulator_load`
+            with wait_n=1 waits for all but the last issued product. s_smem is refilled at the step's end
+            (the next step's k S reads it at once) and seeded before the pipeline."""
+            decay = jnp.exp(g_s[CHUNK - 1])
+            load_after_all_but_last = functools.partial(plgpu.wgmma_accumulator_load, wait_n=1)
+
+            def products(ks_ref, qs_ref, vn_ref, pv_ref, kx_ref):
+                plgpu.wgmma(ks_ref, k_s, s_smem)
+                plgpu.wgmma(qs_ref, q_s, s_smem)
+                ks = load_after_all_but_last(ks_ref)
+                v_cv = plgpu.load(v_s, layout=wgmma_layout).astype(jnp.float32)
+                r_smem[...] = (factor(uf_s) * v_cv - factor(wf_s) * ks).astype(bf16)
+                plgpu.commit_smem()
+                plgpu.wgmma(vn_ref, t_s, r_smem)
+                vnew = vn_ref[...]
+                vn_smem[...] = vnew.astype(bf16)
+                x_smem[...] = (factor(kf_s) * vnew).astype(bf16)
+                qf = factor(qf_s)
+                plgpu.commit_smem()
+                plgpu.wgmma(kx_ref, k_s.transpose((1, 0)), x_smem)
+                plgpu.wgmma(pv_ref, p_s, vn_smem)
+                s_next = s_kv * decay + load_after_all_but_last(kx_ref)
+                s_smem[...] = s_next.astype(bf16)  # q S and k S, its readers, are done (waited above)
+                return s_next, qf * qs_ref[...] + pv_ref[...]
+            s_next, o_cv = pl.run_scoped(products, *[plgpu.ACC((CHUNK, block_v), jnp.float32)] * 4,
+                                         plgpu.ACC((head_k, block_v), jnp.float32))
+            store_output(o_cv, indices[0])  # its commit_smem also fences s_smem's refill
+            return s_next
 
         qk_spec = plgpu.BlockSpec((CHUNK, head_k), lambda c: (c, 0), transforms=operand)
         square = plgpu.BlockSpec((CHUNK, CHUNK), lambda c: (c, 0), transforms=operand)
         v_spec = plgpu.BlockSpec((CHUNK, block_v), lambda c: (c, j), transforms=operand)
         per_row = plgpu.BlockSpec((CHUNK,), lambda c: (c,))
+        if off_chain:
+            s_smem[...] = s_kv.astype(bf16)
+            plgpu.commit_smem()
         pipeline = plgpu.emit_pipeline(
-            step, grid=(num_chunks,), max_concurrent_steps=stages, init_carry=s_kv,
+            step_off_chain if off_chain else step, grid=(num_chunks,), max_concurrent_steps=stages, init_carry=s_kv,
             in_specs=[qk_spec, qk_spec, v_spec, square, square, *[per_row] * 5],
         )
         s_kv = pipeline(q_g.at[b, :, h // group], k_g.at[b, :, h // group], v_g.at[b, :, h],
@@ -194,12 +232,12 @@ if __name__ == "__main__":
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
     # 64-wide tiles with three stages would need 259 KiB of shared memory (227 available).
-    configs = [{}, {"stages": 3}, {"block_v": 64}]
+    configs = [{}, {"stages": 3}, {"block_v": 64}, {"off_chain": True}, {"block_v": 64, "off_chain": True}]
     if args.check:
         run(2, 192, configs, interpret=True)
         lowers_for_cuda(configs)
     else:
         result = {**run_info(), "rows": []}
-        for batch, seq_len in [(1, 16384), (8, 2048)]:
+        for batch, seq_len in [(1, 16384), (1, 4096), (8, 2048), (32, 1024)]:
             result["rows"] += run(batch, seq_len, configs, interpret=False)
             (pathlib.Path(args.out) / "mosaic_scan_probe.json").write_text(json.dumps(result, indent=1))
