@@ -1,6 +1,8 @@
 """CPU tests of the gated delta rule: references against HF's torch code, kernels (Pallas interpreter) against
 the references. The interpreter fills kernel outputs with NaN before the call, so an unwritten element fails."""
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -13,7 +15,7 @@ from pallas_kernels.gated_delta_rule import (
     recurrent_gated_delta_rule_ref,
 )
 from pallas_kernels.device_info import multiprocessors
-from pallas_kernels.gated_delta_rule.chunk import _prep_heads, _scan_tiling, chunk_prefill
+from pallas_kernels.gated_delta_rule.chunk import _prep_heads, _scan_backend, _scan_tiling, chunk_prefill
 from pallas_kernels.gated_delta_rule.recurrent import recurrent_decode, state_read_first
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -203,6 +205,46 @@ def check_chunk_kernel_keeps_nan_pads_out(impl, head_k, head_v, dtype=jnp.float3
 
 def test_interpreted_chunk_kernel_keeps_nan_pads_out():
     check_chunk_kernel_keeps_nan_pads_out("interpret", 16, 32)
+
+
+def check_mosaic_scan_keeps_nan_pads_out(interpret):
+    """The Mosaic GPU scan (bf16 only) on ragged rows with NaN pads, rows ending on a chunk boundary and inside
+    one, a full row and an empty one: against the fp32 reference at bf16 level, and against the Triton scan on
+    the same prep outputs, which rounds at the same points, far tighter."""
+    q, k, v, g, beta, state = make_inputs(5, 4, 200, 1, 2, 64, 128, jnp.bfloat16)
+    lengths = np.array([200, 128, 70, 0])
+    pad = (np.arange(200)[None, :] >= lengths[:, None])[:, :, None, None]
+    q, k, v = (jnp.where(pad, jnp.nan, x).astype(jnp.bfloat16) for x in (q, k, v))
+    up = [x.astype(jnp.float32) for x in (q, k, v, g, beta)]
+    o_ref, s_ref = chunk_gated_delta_rule_ref(*up, initial_state=state, lengths=jnp.asarray(lengths))
+    run = functools.partial(chunk_prefill, q, k, v, g, beta, state, jnp.asarray(lengths, jnp.int32),
+                            scale=64**-0.5, interpret=interpret)
+    (o, s), (o_triton, s_triton) = run(scan="mosaic"), run(scan="triton")
+    assert rel_err(s, s_ref) < 1e-2 and rel_err(s, s_triton) < 1e-4
+    for b, length in enumerate(lengths):
+        if length:
+            assert rel_err(o[b, :length], o_ref[b, :length]) < 1e-2
+            assert rel_err(o[b, :length], o_triton[b, :length]) < 1e-4
+        assert np.all(np.asarray(o[b, length:]) == 0.0)
+
+
+def test_interpreted_mosaic_scan_keeps_nan_pads_out():
+    check_mosaic_scan_keeps_nan_pads_out(interpret=True)
+
+
+def test_scan_backend_takes_mosaic_only_for_wide_grids_of_bf16_it_supports():
+    sms = multiprocessors()
+    bf16, fp32 = jnp.bfloat16, jnp.float32
+    wide = (2 * sms) // (32 * 128 // 32) + 1  # Qwen3.5 rows past two waves of 32-wide programs
+    assert _scan_backend(None, bf16, bf16, wide, 32, 128, 128) == "mosaic"
+    assert _scan_backend(None, bf16, bf16, 1, 32, 128, 128) == "triton"  # B1: the serial chain counts
+    assert _scan_backend(None, fp32, fp32, wide, 32, 128, 128) == "triton"
+    assert _scan_backend(None, bf16, bf16, 4 * wide, 32, 128, 32) == "triton"  # no 64-wide tile
+    assert _scan_backend("triton", bf16, bf16, wide, 32, 128, 128) == "triton"
+    with pytest.raises(ValueError, match="Mosaic GPU scan needs bf16"):
+        _scan_backend("mosaic", fp32, fp32, wide, 32, 128, 128)
+    with pytest.raises(ValueError, match="scan must be"):
+        _scan_backend("cuda", bf16, bf16, wide, 32, 128, 128)
 
 
 def test_dispatcher_jits_and_picks_reference_on_cpu():

@@ -1,7 +1,8 @@
 """The Pallas kernels lowered for CUDA on a machine without a GPU: the interpreter tests run the kernels' logic,
-not their Triton lowering, so a kernel that only the GPU compiler path rejects (an unsupported op, block shape
-or indexing) would pass CI and fail on the first GPU. Lowering stops at Triton IR (PTX needs the GPU's
-compiler); the GPU compute capability the lowering asks the runtime for is given as a Hopper's."""
+not their Triton or Mosaic GPU lowering, so a kernel that only the GPU compiler path rejects (an unsupported op,
+block shape, layout or indexing) would pass CI and fail on the first GPU. Lowering stops at Triton IR and
+Mosaic GPU's MLIR (PTX needs the GPU's compiler); the GPU compute capability the Triton lowering asks the
+runtime for is given as a Hopper's."""
 
 import functools
 import types
@@ -29,11 +30,16 @@ def hopper(monkeypatch):
                         lambda: types.SimpleNamespace(compute_capability=90))
 
 
-def triton_kernels_in(fn, *shapes) -> int:
+def lowered_for_cuda(fn, *shapes, donate_argnums=()) -> str:
     exported = export.export(
-        jax.jit(fn), platforms=["cuda"], disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON_CALL)]
+        jax.jit(fn, donate_argnums=donate_argnums), platforms=["cuda"],
+        disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON_CALL)],
     )(*shapes)
-    return exported.mlir_module().count(f"stablehlo.custom_call @{TRITON_CALL}")
+    return exported.mlir_module()
+
+
+def triton_kernels_in(fn, *shapes) -> int:
+    return lowered_for_cuda(fn, *shapes).count(f"stablehlo.custom_call @{TRITON_CALL}")
 
 
 def spec(shape, dtype=jnp.bfloat16):
@@ -48,12 +54,28 @@ def spec(shape, dtype=jnp.bfloat16):
 def test_chunk_kernels_lower_to_triton(hopper, batch, seq_len, dtype, prep_heads):
     """Qwen3.5's GDN heads (16 key, 32 value heads of 128): prep and scan at the tilings the GPU picks (one
     and two value heads per prep program; 32- and 64-wide scan tiles, 2 and 3 stages) and fp32."""
+    fn = functools.partial(chunk_prefill, scale=128**-0.5, prep_heads=prep_heads, scan="triton")
+    assert triton_kernels_in(fn, *qwen3_5_chunk_shapes(batch, seq_len, dtype)) == 2
+
+
+def qwen3_5_chunk_shapes(batch, seq_len, dtype):
+    """chunk_prefill's arguments at Qwen3.5's GDN heads: 16 key and 32 value heads of 128."""
     hk, hv, d = 16, 32, 128
-    fn = functools.partial(chunk_prefill, scale=d**-0.5, prep_heads=prep_heads)
-    shapes = (spec((batch, seq_len, hk, d), dtype), spec((batch, seq_len, hk, d), dtype),
-              spec((batch, seq_len, hv, d), dtype), spec((batch, seq_len, hv), jnp.float32),
-              spec((batch, seq_len, hv), dtype), spec((batch, hv, d, d), jnp.float32), spec((batch,), jnp.int32))
-    assert triton_kernels_in(fn, *shapes) == 2
+    return (spec((batch, seq_len, hk, d), dtype), spec((batch, seq_len, hk, d), dtype),
+            spec((batch, seq_len, hv, d), dtype), spec((batch, seq_len, hv), jnp.float32),
+            spec((batch, seq_len, hv), dtype), spec((batch, hv, d, d), jnp.float32), spec((batch,), jnp.int32))
+
+
+def test_wide_bf16_chunk_scan_lowers_to_mosaic_gpu_with_the_state_aliased(hopper):
+    """At B8 (past two waves of 32-wide programs) the scan is the Mosaic GPU one: the prep stays one Triton
+    kernel, the scan becomes one Mosaic GPU kernel, and its state result aliases its state operand (the
+    mutable-array route), so a donated state is updated in place."""
+    fn = functools.partial(chunk_prefill, scale=128**-0.5)
+    module = lowered_for_cuda(fn, *qwen3_5_chunk_shapes(8, 200, jnp.bfloat16), donate_argnums=5)
+    assert module.count(f"stablehlo.custom_call @{TRITON_CALL}") == 1
+    mosaic_calls = [line for line in module.splitlines() if "stablehlo.custom_call @mosaic_gpu" in line]
+    assert len(mosaic_calls) == 1
+    assert "output_operand_alias<output_tuple_indices = [1]" in mosaic_calls[0]
 
 
 @pytest.mark.parametrize("batch", [1, 64])

@@ -18,15 +18,16 @@
    the row factors are read one chunk ahead.
 
 bf16 inputs run their large products with bf16 operands and fp32 accumulation, as FLA does; fp32 inputs use
-full-precision products so the interpreter and GPU tests can hold 1e-5. Lowered through Triton on GPU.
-Measured on an H100 against FLA, with the variants tried: bench/KERNELS_NOTES.md.
+full-precision products so the interpreter and GPU tests can hold 1e-5. Lowered through Triton on GPU; on
+wide grids of bf16 inputs the scan is `chunk_scan_mosaic`'s instead (Pallas' Mosaic GPU backend, faster
+there). Measured on an H100 and an H200 against FLA, with the variants tried: bench/KERNELS_NOTES.md.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,12 +36,34 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.device_info import multiprocessors
+from pallas_kernels.gated_delta_rule.chunk_scan_mosaic import mosaic_chunk_scan, mosaic_scan_supports
 from pallas_kernels.gated_delta_rule.reference import L2NORM_EPS
 
 CHUNK = 64
 
 
 HALF = CHUNK // 2
+
+
+def _wide_grid(batch: int, num_v_heads: int, head_v: int) -> bool:
+    """More than two waves of 32-wide scan programs: every SM is busy, and what counts is the work each program
+    repeats for its tile rather than its serial chain. There 64-wide tiles win on Triton and the Mosaic scan
+    wins over both (bench/KERNELS_NOTES.md items 12 and 16); below it the Triton scan's 32-wide programs do."""
+    return batch * num_v_heads * -(-head_v // 32) > 2 * multiprocessors()
+
+
+def _scan_backend(scan, qk_dtype, v_dtype, batch, num_v_heads, head_k, head_v) -> str:
+    """The caller's scan ("triton" or "mosaic") checked, or for None the faster one measured on an H200: Mosaic
+    on wide grids of bf16 inputs it supports, Triton otherwise (bench/KERNELS_NOTES.md item 16)."""
+    mosaic_fits = qk_dtype == v_dtype and mosaic_scan_supports(v_dtype, head_k, head_v, CHUNK)
+    if scan is None:
+        return "mosaic" if mosaic_fits and _wide_grid(batch, num_v_heads, head_v) else "triton"
+    if scan not in ("triton", "mosaic"):
+        raise ValueError(f"scan must be triton, mosaic or None, got {scan!r}")
+    if scan == "mosaic" and not mosaic_fits:
+        raise ValueError(f"the Mosaic GPU scan needs bf16 q, k, v and head sizes in 64s that fit shared memory, "
+                         f"got {qk_dtype}/{v_dtype}, Dk={head_k}, Dv={head_v}")
+    return scan
 
 
 def _scan_tiling(batch, num_v_heads, head_k, head_v, itemsize, block_v, num_stages) -> tuple[int, int]:
@@ -52,7 +75,6 @@ def _scan_tiling(batch, num_v_heads, head_k, head_v, itemsize, block_v, num_stag
     B32xT1024. Three stages (deeper prefetch of the next chunks) while the programs fit the SMs at once or
     when tiles are 64 wide; two for 32-wide tiles past one wave (three lost 9-10% there, plausibly because two
     2-stage 32-wide programs share an SM's shared memory and three stages do not)."""
-    sms = multiprocessors()
     # The H100's 227 KiB of shared memory per SM, less room for the compiler's own use.
     shared_budget = 192 * 1024
 
@@ -64,10 +86,10 @@ def _scan_tiling(batch, num_v_heads, head_k, head_v, itemsize, block_v, num_stag
 
     if block_v is None:
         wide_fits = head_v % 64 == 0 and 2 * stage_bytes(64) <= shared_budget
-        block_v = 64 if programs(32) > 2 * sms and wide_fits else 32
+        block_v = 64 if _wide_grid(batch, num_v_heads, head_v) and wide_fits else 32
     block_v = min(block_v, head_v)
     if num_stages is None:
-        deep = programs(block_v) <= sms or block_v >= 64
+        deep = programs(block_v) <= multiprocessors() or block_v >= 64
         num_stages = 3 if deep and 3 * stage_bytes(block_v) <= shared_budget else 2
     return block_v, num_stages
 
@@ -292,7 +314,8 @@ def chunk_prep(
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "scale", "use_qk_l2norm", "block_v", "num_warps", "num_stages", "prep_heads", "prep_warps", "interpret",
+        "scale", "use_qk_l2norm", "scan", "block_v", "num_warps", "num_stages", "prep_heads", "prep_warps",
+        "interpret",
     ),
 )
 def chunk_prefill(
@@ -306,6 +329,7 @@ def chunk_prefill(
     *,
     scale: float,
     use_qk_l2norm: bool = True,
+    scan: Literal["triton", "mosaic"] | None = None,
     block_v: int | None = None,
     num_warps: int = 4,
     num_stages: int | None = None,
@@ -315,12 +339,15 @@ def chunk_prefill(
 ) -> tuple[jax.Array, jax.Array]:
     """q/k [B, T, Hk, Dk], v [B, T, Hv, Dv], g/beta [B, T, Hv], state [B, Hv, Dk, Dv] fp32 (aliased to the
     returned state), lengths [B]. Returns (o [B, T, Hv, Dv] v.dtype, final state).
-    block_v, num_warps, num_stages tune the sequential scan, prep_heads (value heads per program) and prep_warps
-    the parallel stage; block_v and num_stages None pick what measured fastest on an H100 for the grid
-    (`_scan_tiling`), prep_heads None by the prep grid's size (`_prep_heads`)."""
+    scan picks the sequential scan: "triton" (`_scan_kernel`), "mosaic" (`chunk_scan_mosaic`, bf16 only) or
+    None, the faster one measured for the grid (`_scan_backend`). block_v, num_warps, num_stages tune the
+    Triton scan, prep_heads (value heads per program) and prep_warps the parallel stage; block_v and
+    num_stages None pick what measured fastest on an H100 for the grid (`_scan_tiling`), prep_heads None by
+    the prep grid's size (`_prep_heads`)."""
     batch, seq_len, num_k_heads, head_k = q_btk.shape
     num_v_heads, head_v = v_btv.shape[2:]
     group = num_v_heads // num_k_heads
+    scan = _scan_backend(scan, q_btk.dtype, v_btv.dtype, batch, num_v_heads, head_k, head_v)
     block_v, num_stages = _scan_tiling(batch, num_v_heads, head_k, head_v, q_btk.dtype.itemsize, block_v, num_stages)
     pad = -seq_len % CHUNK
     if pad:  # whole chunks only; the pad tokens sit past every row's length, so they are neutral
@@ -332,6 +359,10 @@ def chunk_prefill(
         scale=scale, use_qk_l2norm=use_qk_l2norm, heads_per_program=prep_heads, num_warps=prep_warps,
         interpret=interpret,
     )
+    if scan == "mosaic":
+        valid_bt = (jnp.arange(padded_len)[None, :] < lengths_b[:, None]).astype(jnp.float32)
+        o_btv, state_bhkv = mosaic_chunk_scan(q_btk, k_btk, v_btv, prepared, valid_bt, state_bhkv, interpret=interpret)
+        return o_btv[:, :seq_len], state_bhkv
 
     qk_all = pl.BlockSpec((None, padded_len, None, head_k), lambda b, h, j: (b, 0, h // group, 0))
     v_tile = pl.BlockSpec((None, padded_len, None, block_v), lambda b, h, j: (b, 0, h, j))

@@ -1,5 +1,6 @@
-"""Compiled (Triton) kernels against the pure-JAX references on the GPU: fp32 at full precision, bf16 within
-1e-2 relative, and the decode/prefill state updated in place through a donated buffer."""
+"""Compiled kernels (Triton; Mosaic GPU for the wide-grid chunk scan) against the pure-JAX references on the
+GPU: fp32 at full precision, bf16 within 1e-2 relative, and the decode/prefill state updated in place through a
+donated buffer."""
 
 import functools
 
@@ -15,10 +16,15 @@ from pallas_kernels.gated_delta_rule import (
     recurrent_gated_delta_rule_ref,
 )
 from pallas_kernels.device_info import multiprocessors
-from pallas_kernels.gated_delta_rule.chunk import _scan_tiling, chunk_prefill
+from pallas_kernels.gated_delta_rule.chunk import _scan_backend, _scan_tiling, chunk_prefill
 from pallas_kernels.gated_delta_rule.recurrent import recurrent_decode
 from pallas_kernels.vision_rotary import apply_vision_rotary, vision_rotary_tables
-from tests.test_gated_delta_rule import check_chunk_kernel_keeps_nan_pads_out, make_inputs, rel_err
+from tests.test_gated_delta_rule import (
+    check_chunk_kernel_keeps_nan_pads_out,
+    check_mosaic_scan_keeps_nan_pads_out,
+    make_inputs,
+    rel_err,
+)
 
 
 CASES = [  # batch, seq_len, Hk, Hv, ragged
@@ -49,20 +55,30 @@ def test_gated_delta_rule_matches_reference(dtype, tol, batch, seq_len, num_k, n
     assert rel_err(s, s_ref) < tol
 
 
-def test_chunk_kernel_with_the_wide_tiles_of_large_batches():
-    """Past two waves of 32-wide programs the scan takes 64-wide tiles (bf16): Qwen3.5's heads, ragged rows."""
+@pytest.mark.parametrize("scan", ["triton", "mosaic"])
+def test_chunk_kernel_with_the_wide_grids_of_large_batches(scan):
+    """Past two waves of 32-wide programs the Triton scan takes 64-wide tiles and the default scan is the
+    Mosaic GPU one (bf16): both, at Qwen3.5's heads on ragged rows."""
     batch = 2 * multiprocessors() // 128 + 1
     assert _scan_tiling(batch, 32, 128, 128, 2, None, None)[0] == 64
+    assert _scan_backend(None, jnp.bfloat16, jnp.bfloat16, batch, 32, 128, 128) == "mosaic"
     q, k, v, g, beta, state = make_inputs(11, batch, 200, 16, 32, 128, 128, jnp.bfloat16)
     lengths = jnp.asarray(np.random.default_rng(3).integers(0, 201, batch), jnp.int32)
     with jax.default_matmul_precision("highest"):
         up = [x.astype(jnp.float32) for x in (q, k, v, g, beta)]
         o_ref, s_ref = chunk_gated_delta_rule_ref(*up, initial_state=state, lengths=lengths)
-        o, s = jax.jit(functools.partial(gated_delta_rule, impl="pallas"))(
-            q, k, v, g, beta, initial_state=state, lengths=lengths
+        o, s = jax.jit(functools.partial(chunk_prefill, scale=128**-0.5, scan=scan))(
+            q, k, v, g, beta, state, lengths
         )
-    assert rel_err(o, o_ref) < 1e-2
     assert rel_err(s, s_ref) < 1e-2
+    for b, length in enumerate(np.asarray(lengths)):
+        if length:
+            assert rel_err(o[b, :length], o_ref[b, :length]) < 1e-2
+
+
+def test_mosaic_scan_keeps_nan_pads_out():
+    with jax.default_matmul_precision("highest"):
+        check_mosaic_scan_keeps_nan_pads_out(interpret=False)
 
 
 @pytest.mark.parametrize("dtype, tol, prep_heads", [(jnp.float32, 1e-5, 2), (jnp.bfloat16, 1e-2, 2),
@@ -88,9 +104,11 @@ def test_chunk_kernel_keeps_nan_pads_out(dtype, tol):
         check_chunk_kernel_keeps_nan_pads_out("pallas", 128, 128, dtype, tol)
 
 
-@pytest.mark.parametrize("seq_len", [1, 128])
-def test_state_updated_in_place_when_donated(seq_len):
-    q, k, v, g, beta, state = make_inputs(seq_len, 4, seq_len, 16, 32, 128, 128, jnp.bfloat16)
+@pytest.mark.parametrize("seq_len, batch", [(1, 4), (128, 1), (128, 4)])
+def test_state_updated_in_place_when_donated(seq_len, batch):
+    """Decode, and prefill through either scan: B1 takes the Triton one (aliased outputs), B4 the Mosaic GPU
+    one (the state passed as a mutable array)."""
+    q, k, v, g, beta, state = make_inputs(seq_len, batch, seq_len, 16, 32, 128, 128, jnp.bfloat16)
     with jax.default_matmul_precision("highest"):
         up = [x.astype(jnp.float32) for x in (q, k, v, g, beta)]
         ref = recurrent_gated_delta_rule_ref if seq_len == 1 else chunk_gated_delta_rule_ref
