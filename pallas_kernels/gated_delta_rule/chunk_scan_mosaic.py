@@ -10,9 +10,10 @@ grid has more than two waves of 32-wide programs it takes 288 instead of 418 us 
 B1xT16384), so `chunk_prefill` picks it only for wide grids.
 
 Pads: tokens at or past a row's length may hold anything, even NaN, and must not reach the state or the
-outputs. Products with them are kept out by `where` on the residual r and the output rows, and, in the
-chunks that hold pads, by zeroing k's pad rows in shared memory before the chunk's products (their k^T v_new
-term is 0 * pad otherwise). The prep has already zeroed g and beta there, so those chunks leave S unchanged.
+outputs. In the chunks that hold pads (only those: the full ones pay nothing) the pad rows of q, k and the v
+tile are zeroed in shared memory before the chunk's products; with the prep's zero g, beta and scores there,
+pad rows of r, v_new and o come out 0 (a product with a NaN would not, even times a zero factor), and the
+chunks past a row's end leave its state unchanged.
 
 The state is updated in place: `plgpu.kernel` takes no input/output aliases, so the state goes in as a
 mutable array (`jax.new_ref`) that the kernel reads and then overwrites; discharging it aliases the state
@@ -92,11 +93,12 @@ def mosaic_chunk_scan(
             # fence): the pipeline refills them by TMA after the step, and the interpreter's race detector
             # flags a read after the fence.
             decay = jnp.exp(g_s[chunk - 1])
-            valid = rows_of(valid_s, BLOCK_V) > 0
 
             @pl.when(valid_s[chunk - 1] == 0)
             def _():  # only chunks holding pads (the last row of a chunk is a pad iff any row is)
-                k_s[...] = jnp.where(rows_of(valid_s, head_k) > 0, plgpu.load(k_s, layout=wgmma_layout), 0)
+                for ref in (q_s, k_s, v_s):
+                    valid = rows_of(valid_s, ref.shape[1]) > 0
+                    ref[...] = jnp.where(valid, plgpu.load(ref, layout=wgmma_layout), jnp.zeros((), ref.dtype))
 
             s_smem[...] = s_kv.astype(bf16)
             plgpu.commit_smem()
@@ -109,7 +111,7 @@ def mosaic_chunk_scan(
             ks, qs = pl.run_scoped(state_products, plgpu.ACC((chunk, BLOCK_V), jnp.float32),
                                    plgpu.ACC((chunk, BLOCK_V), jnp.float32))
             v_cv = plgpu.load(v_s, layout=wgmma_layout).astype(jnp.float32)
-            r_smem[...] = jnp.where(valid, rows_of(uf_s, BLOCK_V) * v_cv - rows_of(wf_s, BLOCK_V) * ks, 0).astype(bf16)
+            r_smem[...] = (rows_of(uf_s, BLOCK_V) * v_cv - rows_of(wf_s, BLOCK_V) * ks).astype(bf16)
             plgpu.commit_smem()
 
             def vnew_product(acc_ref):
@@ -131,7 +133,7 @@ def mosaic_chunk_scan(
                                    plgpu.ACC((head_k, BLOCK_V), jnp.float32))
             # The output goes out by hand: the interpreter rejects emit_pipeline's predicated output copies.
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            o_smem[...] = jnp.where(valid, qf * qs + pv, 0).astype(o_smem.dtype)
+            o_smem[...] = (qf * qs + pv).astype(o_smem.dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(o_smem, o_g.at[b, pl.ds(indices[0] * chunk, chunk), h, cols])
             return s_kv * decay + kx
