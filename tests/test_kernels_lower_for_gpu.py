@@ -46,6 +46,14 @@ def spec(shape, dtype=jnp.bfloat16):
     return jax.ShapeDtypeStruct(shape, dtype)
 
 
+def qwen3_5_chunk_shapes(batch, seq_len, dtype):
+    """chunk_prefill's arguments at Qwen3.5's GDN heads: 16 key and 32 value heads of 128."""
+    hk, hv, d = 16, 32, 128
+    return (spec((batch, seq_len, hk, d), dtype), spec((batch, seq_len, hk, d), dtype),
+            spec((batch, seq_len, hv, d), dtype), spec((batch, seq_len, hv), jnp.float32),
+            spec((batch, seq_len, hv), dtype), spec((batch, hv, d, d), jnp.float32), spec((batch,), jnp.int32))
+
+
 @pytest.mark.parametrize(
     "batch, seq_len, dtype, prep_heads",
     [(1, 4096, jnp.bfloat16, None), (1, 512, jnp.bfloat16, None), (8, 200, jnp.bfloat16, 2),
@@ -56,14 +64,6 @@ def test_chunk_kernels_lower_to_triton(hopper, batch, seq_len, dtype, prep_heads
     and two value heads per prep program; 32- and 64-wide scan tiles, 2 and 3 stages) and fp32."""
     fn = functools.partial(chunk_prefill, scale=128**-0.5, prep_heads=prep_heads, scan="triton")
     assert triton_kernels_in(fn, *qwen3_5_chunk_shapes(batch, seq_len, dtype)) == 2
-
-
-def qwen3_5_chunk_shapes(batch, seq_len, dtype):
-    """chunk_prefill's arguments at Qwen3.5's GDN heads: 16 key and 32 value heads of 128."""
-    hk, hv, d = 16, 32, 128
-    return (spec((batch, seq_len, hk, d), dtype), spec((batch, seq_len, hk, d), dtype),
-            spec((batch, seq_len, hv, d), dtype), spec((batch, seq_len, hv), jnp.float32),
-            spec((batch, seq_len, hv), dtype), spec((batch, hv, d, d), jnp.float32), spec((batch,), jnp.int32))
 
 
 def test_wide_bf16_chunk_scan_lowers_to_mosaic_gpu_with_the_state_aliased(hopper):

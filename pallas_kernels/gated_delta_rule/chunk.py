@@ -45,11 +45,16 @@ CHUNK = 64
 HALF = CHUNK // 2
 
 
+def _scan_programs(batch: int, num_v_heads: int, head_v: int, width: int) -> int:
+    """Programs of the scan's grid: one per (row, value head, v tile of `width` columns)."""
+    return batch * num_v_heads * -(-head_v // width)
+
+
 def _wide_grid(batch: int, num_v_heads: int, head_v: int) -> bool:
     """More than two waves of 32-wide scan programs: every SM is busy, and what counts is the work each program
     repeats for its tile rather than its serial chain. There 64-wide tiles win on Triton and the Mosaic scan
     wins over both (bench/KERNELS_NOTES.md items 12 and 16); below it the Triton scan's 32-wide programs do."""
-    return batch * num_v_heads * -(-head_v // 32) > 2 * multiprocessors()
+    return _scan_programs(batch, num_v_heads, head_v, 32) > 2 * multiprocessors()
 
 
 def _scan_backend(scan, qk_dtype, v_dtype, batch, num_v_heads, head_k, head_v) -> str:
@@ -78,9 +83,6 @@ def _scan_tiling(batch, num_v_heads, head_k, head_v, itemsize, block_v, num_stag
     # The H100's 227 KiB of shared memory per SM, less room for the compiler's own use.
     shared_budget = 192 * 1024
 
-    def programs(width):
-        return batch * num_v_heads * -(-head_v // width)
-
     def stage_bytes(width):  # one chunk of q, k, the v tile and the two 64-wide matrices
         return itemsize * CHUNK * (2 * head_k + width + 2 * CHUNK)
 
@@ -89,7 +91,7 @@ def _scan_tiling(batch, num_v_heads, head_k, head_v, itemsize, block_v, num_stag
         block_v = 64 if _wide_grid(batch, num_v_heads, head_v) and wide_fits else 32
     block_v = min(block_v, head_v)
     if num_stages is None:
-        deep = programs(block_v) <= multiprocessors() or block_v >= 64
+        deep = _scan_programs(batch, num_v_heads, head_v, block_v) <= multiprocessors() or block_v >= 64
         num_stages = 3 if deep and 3 * stage_bytes(block_v) <= shared_budget else 2
     return block_v, num_stages
 
