@@ -36,6 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.device_info import multiprocessors
+from pallas_kernels.gated_delta_rule.chunk_prep_mosaic import mosaic_chunk_prep, mosaic_prep_supports
 from pallas_kernels.gated_delta_rule.chunk_scan_mosaic import mosaic_chunk_scan, mosaic_scan_supports
 from pallas_kernels.gated_delta_rule.reference import L2NORM_EPS
 
@@ -57,18 +58,41 @@ def _wide_grid(batch: int, num_v_heads: int, head_v: int) -> bool:
     return _scan_programs(batch, num_v_heads, head_v, 32) > 2 * multiprocessors()
 
 
+def _backend(kernel: str, requested, mosaic_fits: bool, mosaic_faster: bool, needs: str) -> str:
+    """The caller's backend for `kernel` ("triton" or "mosaic") checked, or for None the faster one."""
+    if requested is None:
+        return "mosaic" if mosaic_fits and mosaic_faster else "triton"
+    if requested not in ("triton", "mosaic"):
+        raise ValueError(f"{kernel} must be triton, mosaic or None, got {requested!r}")
+    if requested == "mosaic" and not mosaic_fits:
+        raise ValueError(f"the Mosaic GPU {kernel} needs {needs}")
+    return requested
+
+
 def _scan_backend(scan, qk_dtype, v_dtype, batch, num_v_heads, head_k, head_v) -> str:
-    """The caller's scan ("triton" or "mosaic") checked, or for None the faster one measured on an H200: Mosaic
-    on wide grids of bf16 inputs it supports, Triton otherwise (bench/KERNELS_NOTES.md item 16)."""
-    mosaic_fits = qk_dtype == v_dtype and mosaic_scan_supports(v_dtype, head_k, head_v, CHUNK)
-    if scan is None:
-        return "mosaic" if mosaic_fits and _wide_grid(batch, num_v_heads, head_v) else "triton"
-    if scan not in ("triton", "mosaic"):
-        raise ValueError(f"scan must be triton, mosaic or None, got {scan!r}")
-    if scan == "mosaic" and not mosaic_fits:
-        raise ValueError(f"the Mosaic GPU scan needs bf16 q, k, v and head sizes in 64s that fit shared memory, "
-                         f"got {qk_dtype}/{v_dtype}, Dk={head_k}, Dv={head_v}")
-    return scan
+    """The caller's scan checked, or for None the faster one measured on an H200: Mosaic on wide grids of bf16
+    inputs it supports, Triton otherwise (bench/KERNELS_NOTES.md item 16)."""
+    return _backend("scan", scan, qk_dtype == v_dtype and mosaic_scan_supports(v_dtype, head_k, head_v, CHUNK),
+                    _wide_grid(batch, num_v_heads, head_v),
+                    f"bf16 q, k, v and head sizes in 64s that fit shared memory, got {qk_dtype}/{v_dtype}, "
+                    f"Dk={head_k}, Dv={head_v}")
+
+
+def _prep_backend(prep, qk_dtype, head_k) -> str:
+    """The caller's prep checked, or for None the faster one measured on an H200: Mosaic for the bf16 inputs
+    it supports (bench/KERNELS_NOTES.md item 17)."""
+    return _backend("prep", prep, mosaic_prep_supports(qk_dtype, head_k, CHUNK), True,
+                    f"bf16 q, k and a key head size in 64s up to 256, got {qk_dtype}, Dk={head_k}")
+
+
+def _gates_by_head(g_bth, beta_bth, valid_bt) -> tuple[jax.Array, jax.Array]:
+    """The Mosaic prep's gates: the chunk-local cumulative log-decay G and beta, 0 at pads, fp32 [B, Hv, T]."""
+    batch, padded_len, num_v_heads = g_bth.shape
+    valid = valid_bt[:, :, None] > 0
+    g_chunks = jnp.where(valid, g_bth.astype(jnp.float32), 0.0).reshape(batch, -1, CHUNK, num_v_heads)
+    gcum_bth = jnp.cumsum(g_chunks, axis=2).reshape(batch, padded_len, num_v_heads)
+    beta_m_bth = jnp.where(valid, beta_bth.astype(jnp.float32), 0.0)
+    return gcum_bth.transpose(0, 2, 1), beta_m_bth.transpose(0, 2, 1)
 
 
 def _scan_tiling(batch, num_v_heads, head_k, head_v, itemsize, block_v, num_stages) -> tuple[int, int]:
@@ -316,7 +340,7 @@ def chunk_prep(
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "scale", "use_qk_l2norm", "scan", "block_v", "num_warps", "num_stages", "prep_heads", "prep_warps",
+        "scale", "use_qk_l2norm", "prep", "scan", "block_v", "num_warps", "num_stages", "prep_heads", "prep_warps",
         "interpret",
     ),
 )
@@ -331,6 +355,7 @@ def chunk_prefill(
     *,
     scale: float,
     use_qk_l2norm: bool = True,
+    prep: Literal["triton", "mosaic"] | None = None,
     scan: Literal["triton", "mosaic"] | None = None,
     block_v: int | None = None,
     num_warps: int = 4,
@@ -349,6 +374,7 @@ def chunk_prefill(
     batch, seq_len, num_k_heads, head_k = q_btk.shape
     num_v_heads, head_v = v_btv.shape[2:]
     group = num_v_heads // num_k_heads
+    prep = _prep_backend(prep, q_btk.dtype, head_k)
     scan = _scan_backend(scan, q_btk.dtype, v_btv.dtype, batch, num_v_heads, head_k, head_v)
     block_v, num_stages = _scan_tiling(batch, num_v_heads, head_k, head_v, q_btk.dtype.itemsize, block_v, num_stages)
     pad = -seq_len % CHUNK
@@ -356,13 +382,17 @@ def chunk_prefill(
         q_btk, k_btk, v_btv = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q_btk, k_btk, v_btv))
         g_bth, beta_bth = (jnp.pad(x, ((0, 0), (0, pad), (0, 0))) for x in (g_bth, beta_bth))
     padded_len = seq_len + pad
-    prepared = chunk_prep(
-        q_btk, k_btk, g_bth, beta_bth, lengths_b,
-        scale=scale, use_qk_l2norm=use_qk_l2norm, heads_per_program=prep_heads, num_warps=prep_warps,
-        interpret=interpret,
-    )
+    valid_bt = (jnp.arange(padded_len)[None, :] < lengths_b[:, None]).astype(jnp.float32)
+    if prep == "mosaic":
+        prepared = mosaic_chunk_prep(q_btk, k_btk, *_gates_by_head(g_bth, beta_bth, valid_bt), valid_bt,
+                                     scale=scale, use_qk_l2norm=use_qk_l2norm, chunk=CHUNK, interpret=interpret)
+    else:
+        prepared = chunk_prep(
+            q_btk, k_btk, g_bth, beta_bth, lengths_b,
+            scale=scale, use_qk_l2norm=use_qk_l2norm, heads_per_program=prep_heads, num_warps=prep_warps,
+            interpret=interpret,
+        )
     if scan == "mosaic":
-        valid_bt = (jnp.arange(padded_len)[None, :] < lengths_b[:, None]).astype(jnp.float32)
         o_btv, state_bhkv = mosaic_chunk_scan(q_btk, k_btk, v_btv, prepared, valid_bt, state_bhkv, interpret=interpret)
         return o_btv[:, :seq_len], state_bhkv
 
