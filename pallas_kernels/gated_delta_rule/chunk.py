@@ -337,6 +337,35 @@ def chunk_prep(
     )(lengths_b, q_btk, k_btk, g_bth, beta_bth)
 
 
+@functools.partial(jax.jit, static_argnames=("scale", "use_qk_l2norm", "prep", "prep_heads", "prep_warps", "interpret"))
+def prepare_chunks(
+    q_btk: jax.Array,
+    k_btk: jax.Array,
+    g_bth: jax.Array,
+    beta_bth: jax.Array,
+    lengths_b: jax.Array,
+    *,
+    scale: float,
+    use_qk_l2norm: bool = True,
+    prep: Literal["triton", "mosaic"] | None = None,
+    prep_heads: int | None = None,
+    prep_warps: int = 2,
+    interpret: bool = False,
+) -> tuple[tuple[jax.Array, ...], jax.Array]:
+    """The parallel stage on whole chunks (T a multiple of 64) by the prep `prep` picks ("triton", "mosaic"
+    or None, the faster one measured: `_prep_backend`): (`chunk_prep`'s tuple, valid [B, T] fp32, 1 for the
+    tokens before each row's length)."""
+    prep = _prep_backend(prep, q_btk.dtype, q_btk.shape[-1])
+    valid_bt = (jnp.arange(q_btk.shape[1])[None, :] < lengths_b[:, None]).astype(jnp.float32)
+    if prep == "mosaic":
+        prepared = mosaic_chunk_prep(q_btk, k_btk, *_gates_by_head(g_bth, beta_bth, valid_bt), valid_bt,
+                                     scale=scale, use_qk_l2norm=use_qk_l2norm, chunk=CHUNK, interpret=interpret)
+    else:
+        prepared = chunk_prep(q_btk, k_btk, g_bth, beta_bth, lengths_b, scale=scale, use_qk_l2norm=use_qk_l2norm,
+                              heads_per_program=prep_heads, num_warps=prep_warps, interpret=interpret)
+    return prepared, valid_bt
+
+
 @functools.partial(
     jax.jit,
     static_argnames=(
@@ -366,15 +395,15 @@ def chunk_prefill(
 ) -> tuple[jax.Array, jax.Array]:
     """q/k [B, T, Hk, Dk], v [B, T, Hv, Dv], g/beta [B, T, Hv], state [B, Hv, Dk, Dv] fp32 (aliased to the
     returned state), lengths [B]. Returns (o [B, T, Hv, Dv] v.dtype, final state).
-    scan picks the sequential scan: "triton" (`_scan_kernel`), "mosaic" (`chunk_scan_mosaic`, bf16 only) or
-    None, the faster one measured for the grid (`_scan_backend`). block_v, num_warps, num_stages tune the
-    Triton scan, prep_heads (value heads per program) and prep_warps the parallel stage; block_v and
+    prep picks the parallel stage: "triton" (`chunk_prep`), "mosaic" (`chunk_prep_mosaic`, bf16 only) or None,
+    the faster one measured (`_prep_backend`); scan the sequential scan: "triton" (`_scan_kernel`), "mosaic"
+    (`chunk_scan_mosaic`, bf16 only) or None, the faster one measured for the grid (`_scan_backend`). block_v, num_warps, num_stages tune the
+    Triton scan, prep_heads (value heads per program) and prep_warps the Triton prep; block_v and
     num_stages None pick what measured fastest on an H100 for the grid (`_scan_tiling`), prep_heads None by
     the prep grid's size (`_prep_heads`)."""
     batch, seq_len, num_k_heads, head_k = q_btk.shape
     num_v_heads, head_v = v_btv.shape[2:]
     group = num_v_heads // num_k_heads
-    prep = _prep_backend(prep, q_btk.dtype, head_k)
     scan = _scan_backend(scan, q_btk.dtype, v_btv.dtype, batch, num_v_heads, head_k, head_v)
     block_v, num_stages = _scan_tiling(batch, num_v_heads, head_k, head_v, q_btk.dtype.itemsize, block_v, num_stages)
     pad = -seq_len % CHUNK
@@ -382,16 +411,10 @@ def chunk_prefill(
         q_btk, k_btk, v_btv = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q_btk, k_btk, v_btv))
         g_bth, beta_bth = (jnp.pad(x, ((0, 0), (0, pad), (0, 0))) for x in (g_bth, beta_bth))
     padded_len = seq_len + pad
-    valid_bt = (jnp.arange(padded_len)[None, :] < lengths_b[:, None]).astype(jnp.float32)
-    if prep == "mosaic":
-        prepared = mosaic_chunk_prep(q_btk, k_btk, *_gates_by_head(g_bth, beta_bth, valid_bt), valid_bt,
-                                     scale=scale, use_qk_l2norm=use_qk_l2norm, chunk=CHUNK, interpret=interpret)
-    else:
-        prepared = chunk_prep(
-            q_btk, k_btk, g_bth, beta_bth, lengths_b,
-            scale=scale, use_qk_l2norm=use_qk_l2norm, heads_per_program=prep_heads, num_warps=prep_warps,
-            interpret=interpret,
-        )
+    prepared, valid_bt = prepare_chunks(
+        q_btk, k_btk, g_bth, beta_bth, lengths_b, scale=scale, use_qk_l2norm=use_qk_l2norm, prep=prep,
+        prep_heads=prep_heads, prep_warps=prep_warps, interpret=interpret,
+    )
     if scan == "mosaic":
         o_btv, state_bhkv = mosaic_chunk_scan(q_btk, k_btk, v_btv, prepared, valid_bt, state_bhkv, interpret=interpret)
         return o_btv[:, :seq_len], state_bhkv
