@@ -16,6 +16,7 @@ from pallas_kernels.gated_delta_rule import (
 )
 from pallas_kernels.device_info import multiprocessors
 from pallas_kernels.gated_delta_rule.chunk import (
+    MOSAIC_PREP_BY_DEFAULT,
     _gates_by_head,
     _prep_backend,
     _prep_heads,
@@ -266,7 +267,7 @@ def test_interpreted_mosaic_prep_matches_triton_prep(num_k_heads, num_v_heads, u
 
 def test_prep_backend_takes_mosaic_for_bf16_it_supports():
     bf16, fp32 = jnp.bfloat16, jnp.float32
-    assert _prep_backend(None, bf16, 128) == "mosaic"
+    assert _prep_backend(None, bf16, 128) == ("mosaic" if MOSAIC_PREP_BY_DEFAULT else "triton")
     assert _prep_backend(None, fp32, 128) == "triton"
     assert _prep_backend(None, bf16, 32) == "triton"  # under one 64-wide wgmma tile
     assert _prep_backend("triton", bf16, 128) == "triton"

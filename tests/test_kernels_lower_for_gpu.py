@@ -72,17 +72,18 @@ def mosaic_calls_in(module: str) -> list[str]:
 
 @pytest.mark.parametrize("batch, seq_len", [(1, 4096), (8, 200)])
 def test_bf16_chunk_prep_lowers_to_mosaic_gpu(hopper, batch, seq_len):
-    """bf16 at Qwen3.5's heads: the prep is the Mosaic GPU kernel; at B1 the scan stays Triton's."""
-    fn = functools.partial(chunk_prefill, scale=128**-0.5, scan="triton")
+    """bf16 at Qwen3.5's heads, Mosaic GPU prep and Triton scan: one kernel of each."""
+    fn = functools.partial(chunk_prefill, scale=128**-0.5, prep="mosaic", scan="triton")
     module = lowered_for_cuda(fn, *qwen3_5_chunk_shapes(batch, seq_len, jnp.bfloat16))
     assert module.count(f"stablehlo.custom_call @{TRITON_CALL}") == 1
     assert len(mosaic_calls_in(module)) == 1
 
 
 def test_wide_bf16_chunk_scan_lowers_to_mosaic_gpu_with_the_state_aliased(hopper):
-    """At B8 (past two waves of 32-wide programs) prep and scan are both Mosaic GPU kernels, and the scan's
-    state result aliases its state operand (the mutable-array route), so a donated state is updated in place."""
-    fn = functools.partial(chunk_prefill, scale=128**-0.5)
+    """At B8 (past two waves of 32-wide programs) the default scan is Mosaic GPU's; with the Mosaic prep both
+    kernels are, and the scan's state result aliases its state operand (the mutable-array route), so a donated
+    state is updated in place."""
+    fn = functools.partial(chunk_prefill, scale=128**-0.5, prep="mosaic")
     module = lowered_for_cuda(fn, *qwen3_5_chunk_shapes(8, 200, jnp.bfloat16), donate_argnums=5)
     assert module.count(f"stablehlo.custom_call @{TRITON_CALL}") == 0
     calls = mosaic_calls_in(module)

@@ -78,10 +78,15 @@ def _scan_backend(scan, qk_dtype, v_dtype, batch, num_v_heads, head_k, head_v) -
                     f"Dk={head_k}, Dv={head_v}")
 
 
+# The Mosaic GPU prep has not run on a GPU yet (no device was lent in the session that wrote it): until it is
+# timed against the Triton prep there (bench/mosaic_prep_probe.py), the default stays the measured Triton one.
+MOSAIC_PREP_BY_DEFAULT = False
+
+
 def _prep_backend(prep, qk_dtype, head_k) -> str:
-    """The caller's prep checked, or for None the faster one measured on an H200: Mosaic for the bf16 inputs
-    it supports (bench/KERNELS_NOTES.md item 17)."""
-    return _backend("prep", prep, mosaic_prep_supports(qk_dtype, head_k, CHUNK), True,
+    """The caller's prep checked, or for None the default: the Triton prep, measured on the H100 and H200,
+    unless MOSAIC_PREP_BY_DEFAULT (bench/KERNELS_NOTES.md item 17)."""
+    return _backend("prep", prep, mosaic_prep_supports(qk_dtype, head_k, CHUNK), MOSAIC_PREP_BY_DEFAULT,
                     f"bf16 q, k and a key head size in 64s up to 256, got {qk_dtype}, Dk={head_k}")
 
 
