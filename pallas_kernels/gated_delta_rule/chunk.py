@@ -20,7 +20,8 @@
 bf16 inputs run their large products with bf16 operands and fp32 accumulation, as FLA does; fp32 inputs use
 full-precision products so the interpreter and GPU tests can hold 1e-5. Lowered through Triton on GPU; on
 wide grids of bf16 inputs the scan is `chunk_scan_mosaic`'s instead (Pallas' Mosaic GPU backend, faster
-there). Measured on an H100 and an H200 against FLA, with the variants tried: bench/KERNELS_NOTES.md.
+there), and `chunk_prep_mosaic` is an opt-in Mosaic GPU prep for bf16 (not yet timed on a GPU). Measured on an
+H100 and an H200 against FLA, with the variants tried: bench/KERNELS_NOTES.md.
 """
 
 from __future__ import annotations
