@@ -359,8 +359,8 @@ def prepare_chunks(
     interpret: bool = False,
 ) -> tuple[tuple[jax.Array, ...], jax.Array]:
     """The parallel stage on whole chunks (T a multiple of 64) by the prep `prep` picks ("triton", "mosaic"
-    or None, the faster one measured: `_prep_backend`): (`chunk_prep`'s tuple, valid [B, T] fp32, 1 for the
-    tokens before each row's length)."""
+    or None, the default: `_prep_backend`): (`chunk_prep`'s tuple, valid [B, T] fp32, 1 for the tokens
+    before each row's length)."""
     prep = _prep_backend(prep, q_btk.dtype, q_btk.shape[-1])
     valid_bt = (jnp.arange(q_btk.shape[1])[None, :] < lengths_b[:, None]).astype(jnp.float32)
     if prep == "mosaic":
@@ -402,11 +402,11 @@ def chunk_prefill(
     """q/k [B, T, Hk, Dk], v [B, T, Hv, Dv], g/beta [B, T, Hv], state [B, Hv, Dk, Dv] fp32 (aliased to the
     returned state), lengths [B]. Returns (o [B, T, Hv, Dv] v.dtype, final state).
     prep picks the parallel stage: "triton" (`chunk_prep`), "mosaic" (`chunk_prep_mosaic`, bf16 only) or None,
-    the faster one measured (`_prep_backend`); scan the sequential scan: "triton" (`_scan_kernel`), "mosaic"
-    (`chunk_scan_mosaic`, bf16 only) or None, the faster one measured for the grid (`_scan_backend`). block_v, num_warps, num_stages tune the
-    Triton scan, prep_heads (value heads per program) and prep_warps the Triton prep; block_v and
-    num_stages None pick what measured fastest on an H100 for the grid (`_scan_tiling`), prep_heads None by
-    the prep grid's size (`_prep_heads`)."""
+    the default (`_prep_backend`); scan the sequential scan: "triton" (`_scan_kernel`), "mosaic"
+    (`chunk_scan_mosaic`, bf16 only) or None, the faster one measured for the grid (`_scan_backend`).
+    block_v, num_warps, num_stages tune the Triton scan, prep_heads (value heads per program) and prep_warps
+    the Triton prep; block_v and num_stages None pick what measured fastest on an H100 for the grid
+    (`_scan_tiling`), prep_heads None by the prep grid's size (`_prep_heads`)."""
     batch, seq_len, num_k_heads, head_k = q_btk.shape
     num_v_heads, head_v = v_btv.shape[2:]
     group = num_v_heads // num_k_heads

@@ -20,19 +20,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
+from pallas_kernels.gated_delta_rule.chunk_scan_mosaic import swizzled
 from pallas_kernels.gated_delta_rule.reference import L2NORM_EPS
-
-SHARED_MEMORY_BYTES = 227 * 1024  # per SM on the H100 and H200
-
-
-def _swizzled(swizzle: int, itemsize: int = 2):
-    """Transforms of a shared-memory buffer wgmma reads: rows tiled by 8, `swizzle` bytes per swizzled row."""
-    return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
 def mosaic_prep_supports(dtype, head_k: int, chunk: int) -> bool:
     """bf16 q, k (wgmma on fp32 would be TF32, short of the fp32 path's precision), whole 64-row chunks and
-    a key head size in 64s."""
+    a key head size in 64s, up to 256 so one [64, Dk] fp32 tile stays within 128 registers a thread."""
     return dtype == jnp.bfloat16 and chunk == 64 and head_k % 64 == 0 and head_k <= 256
 
 
@@ -57,12 +51,12 @@ def mosaic_chunk_prep(
     bf16, f32 = jnp.bfloat16, jnp.float32
     wgmma_layout = plgpu.Layout.WGMMA
     row_layout, col_layout = wgmma_layout.reduce(1), wgmma_layout.reduce(0)
-    operand = _swizzled(128)
+    operand = swizzled(128)
     square_shape = (chunk, chunk)
     doublings = chunk.bit_length() - 2  # A^2 ... A^(chunk/2)
 
-    def body(q_g, k_g, gcum_g, beta_g, valid_g, t_g, p_g, qf_g, kf_g, wf_g,
-             q_s, k_s, gcum_s, gcum_col_s, beta_s, valid_s, power_s, power_b_s, inverse_s, t_out_s, p_out_s, factors_s, barrier):
+    def body(q_g, k_g, gcum_g, beta_g, valid_g, t_g, p_g, qf_g, kf_g, wf_g, q_s, k_s, gcum_s, gcum_col_s,
+             beta_s, valid_s, power_s, power_b_s, inverse_s, t_out_s, p_out_s, factors_s, barrier):
         bk, c = lax.axis_index("bk"), lax.axis_index("c")
         b, kh = bk // num_k_heads, bk % num_k_heads
         rows = pl.ds(c * chunk, chunk)
@@ -114,9 +108,23 @@ def mosaic_chunk_prep(
         i_nn = plgpu.layout_cast(lax.broadcasted_iota(jnp.int32, square_shape, 0), wgmma_layout)
         j_nn = plgpu.layout_cast(lax.broadcasted_iota(jnp.int32, square_shape, 1), wgmma_layout)
         identity = jnp.where(i_nn == j_nn, 1.0, 0.0)
+
         def store_power(power):
             # Twice: Mosaic cannot lower a wgmma that reads one buffer as both operands.
             power_s[...] = power_b_s[...] = power.astype(bf16)
+
+        def first_square(acc_ref):
+            plgpu.wgmma(acc_ref, power_s, power_b_s)
+            plgpu.wgmma_wait(0)
+            return acc_ref[...]
+
+        def doubling(power_ref, update_ref, inverse, square_power):
+            """inverse (I + power) and, if asked, power^2: both read power only, so one wait."""
+            plgpu.wgmma(update_ref, inverse_s, power_s)
+            if square_power:
+                plgpu.wgmma(power_ref, power_s, power_b_s)
+            plgpu.wgmma_wait(0)
+            return inverse + update_ref[...], power_ref[...] if square_power else None
 
         for head in range(group):
             gcum_row = row_vector(gcum_s.at[head])
@@ -134,22 +142,9 @@ def mosaic_chunk_prep(
             factors_s[2] = beta_row * k_inv * exp_g
             a_nn = jnp.where(i_nn > j_nn, rows_of(beta_row, chunk) * kk * decay, 0.0)
 
-            def doubling(power_ref, update_ref, inverse, square_power):
-                """inverse (I + power) and, if asked, power^2: both read power only, so one wait."""
-                plgpu.wgmma(update_ref, inverse_s, power_s)
-                if square_power:
-                    plgpu.wgmma(power_ref, power_s, power_b_s)
-                plgpu.wgmma_wait(0)
-                return inverse + update_ref[...], power_ref[...] if square_power else None
-
             inverse, power = identity - a_nn, a_nn
             store_power(power)
             plgpu.commit_smem()
-
-            def first_square(acc_ref):
-                plgpu.wgmma(acc_ref, power_s, power_b_s)
-                plgpu.wgmma_wait(0)
-                return acc_ref[...]
             power = pl.run_scoped(first_square, plgpu.ACC(square_shape, f32))
             for step in range(doublings):
                 store_power(power)
