@@ -20,8 +20,8 @@
 bf16 inputs run their large products with bf16 operands and fp32 accumulation, as FLA does; fp32 inputs use
 full-precision products so the interpreter and GPU tests can hold 1e-5. Lowered through Triton on GPU; on
 wide grids of bf16 inputs the scan is `chunk_scan_mosaic`'s instead (Pallas' Mosaic GPU backend, faster
-there), and `chunk_prep_mosaic` is an opt-in Mosaic GPU prep for bf16 (not yet timed on a GPU). Measured on an
-H100 and an H200 against FLA, with the variants tried: bench/KERNELS_NOTES.md.
+there), and `chunk_prep_mosaic` is an opt-in Mosaic GPU prep for bf16 (slower on the H200, so not the
+default). Measured on an H100 and an H200 against FLA, with the variants tried: bench/KERNELS_NOTES.md.
 """
 
 from __future__ import annotations
@@ -79,8 +79,9 @@ def _scan_backend(scan, qk_dtype, v_dtype, batch, num_v_heads, head_k, head_v) -
                     f"Dk={head_k}, Dv={head_v}")
 
 
-# The Mosaic GPU prep has not run on a GPU yet (no device was lent in the session that wrote it): until it is
-# timed against the Triton prep there (bench/mosaic_prep_probe.py), the default stays the measured Triton one.
+# Timed on the H200 (bench/KERNELS_NOTES.md item 17): the Mosaic GPU prep is correct but slower than the Triton
+# prep (chunk_prefill 5-6% slower from B1xT16384 up): at 224 registers and 81 KB of shared memory only two of its
+# programs share an SM, too few to hide its chain of dependent products. It stays opt-in, the Triton prep default.
 MOSAIC_PREP_BY_DEFAULT = False
 
 
