@@ -41,7 +41,7 @@ from jax import lax  # noqa: E402
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from bench.run_info import run_info  # noqa: E402
 from pallas_kernels.gated_delta_rule import chunk_gated_delta_rule_ref, recurrent_gated_delta_rule_ref  # noqa: E402
-from pallas_kernels.gated_delta_rule.chunk import chunk_prefill, prepare_chunks  # noqa: E402
+from pallas_kernels.gated_delta_rule.chunk import chunk_prefill, chunk_prep  # noqa: E402
 from pallas_kernels.gated_delta_rule.recurrent import recurrent_decode  # noqa: E402
 from pallas_kernels.vision_rotary import apply_vision_rotary_pallas, apply_vision_rotary_ref, vision_rotary_tables  # noqa: E402
 
@@ -223,8 +223,8 @@ def bench_chunk(ceilings, shapes, configs, rows: list[dict], save) -> None:
         call = jax.jit(lambda *a, cfg=best[1]: chunk_prefill(*a, lengths, scale=scale, **cfg))
         rows.append(row(f"chunk {tag} ours call", time_jax_calls(call, (q, k, v, g, beta, state)), nbytes, flops,
                         ceilings, config=best[1]))
-        prep_cfg = {key: best[1][key] for key in ("prep", "prep_heads", "prep_warps") if key in best[1]}
-        prep = jax.jit(lambda *a, c=prep_cfg: prepare_chunks(*a, lengths, scale=scale, **c))
+        prep = jax.jit(lambda *a, c=best[1]: chunk_prep(*a, lengths, scale=scale, num_warps=c.get("prep_warps", 2),
+                                                        heads_per_program=c.get("prep_heads")))
         rows.append(row(f"chunk {tag} ours prep-only call", time_jax_calls(prep, (q, k, g, beta)), nbytes, flops,
                         ceilings))
         ref = jax.jit(lambda *a: chunk_gated_delta_rule_ref(*a[:5], initial_state=a[5]))
@@ -369,7 +369,7 @@ def main():
     # {} = the kernels' defaults; the sweeps keep what measured close in earlier runs (see KERNELS_NOTES.md).
     chunk_cfgs, decode_cfgs, rotary_cfgs = [{}], [{}], [{}]
     if "chunk" in args.sweep:
-        chunk_cfgs += [dict(prep="triton"), dict(prep="triton", scan="triton")]
+        chunk_cfgs += [dict(prep_heads=1), dict(prep_warps=4)]
     if "decode" in args.sweep:
         decode_cfgs += [dict(block_v=32), dict(block_v=128), dict(num_warps=2), dict(num_warps=8),
                         dict(block_v=128, num_warps=8)]

@@ -15,17 +15,7 @@ from pallas_kernels.gated_delta_rule import (
     recurrent_gated_delta_rule_ref,
 )
 from pallas_kernels.device_info import multiprocessors
-from pallas_kernels.gated_delta_rule.chunk import (
-    MOSAIC_PREP_BY_DEFAULT,
-    _gates_by_head,
-    _prep_backend,
-    _prep_heads,
-    _scan_backend,
-    _scan_tiling,
-    chunk_prefill,
-    chunk_prep,
-)
-from pallas_kernels.gated_delta_rule.chunk_prep_mosaic import mosaic_chunk_prep
+from pallas_kernels.gated_delta_rule.chunk import _prep_heads, _scan_backend, _scan_tiling, chunk_prefill
 from pallas_kernels.gated_delta_rule.recurrent import recurrent_decode, state_read_first
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -217,13 +207,10 @@ def test_interpreted_chunk_kernel_keeps_nan_pads_out():
     check_chunk_kernel_keeps_nan_pads_out("interpret", 16, 32)
 
 
-MOSAIC_COMBINATIONS = [("mosaic", "triton"), ("triton", "mosaic"), ("mosaic", "mosaic")]
-
-
-def check_mosaic_kernels_keep_nan_pads_out(interpret, prep, scan):
-    """The Mosaic GPU prep and scan (bf16 only) on ragged rows with NaN pads, rows ending on a chunk boundary and
-    inside one, a full row and an empty one: against the fp32 reference at bf16 level, and against the Triton
-    prep and scan, which round at the same points, far tighter."""
+def check_mosaic_scan_keeps_nan_pads_out(interpret):
+    """The Mosaic GPU scan (bf16 only) on ragged rows with NaN pads, rows ending on a chunk boundary and inside
+    one, a full row and an empty one: against the fp32 reference at bf16 level, and against the Triton scan on
+    the same prep outputs, which rounds at the same points, far tighter."""
     q, k, v, g, beta, state = make_inputs(5, 4, 200, 1, 2, 64, 128, jnp.bfloat16)
     lengths = np.array([200, 128, 70, 0])
     pad = (np.arange(200)[None, :] >= lengths[:, None])[:, :, None, None]
@@ -232,49 +219,17 @@ def check_mosaic_kernels_keep_nan_pads_out(interpret, prep, scan):
     o_ref, s_ref = chunk_gated_delta_rule_ref(*up, initial_state=state, lengths=jnp.asarray(lengths))
     run = functools.partial(chunk_prefill, q, k, v, g, beta, state, jnp.asarray(lengths, jnp.int32),
                             scale=64**-0.5, interpret=interpret)
-    (o, s), (o_triton, s_triton) = run(prep=prep, scan=scan), run(prep="triton", scan="triton")
-    assert rel_err(s, s_ref) < 1e-2 and rel_err(s, s_triton) < 1e-3
+    (o, s), (o_triton, s_triton) = run(scan="mosaic"), run(scan="triton")
+    assert rel_err(s, s_ref) < 1e-2 and rel_err(s, s_triton) < 1e-4
     for b, length in enumerate(lengths):
         if length:
             assert rel_err(o[b, :length], o_ref[b, :length]) < 1e-2
-            assert rel_err(o[b, :length], o_triton[b, :length]) < 1e-3
+            assert rel_err(o[b, :length], o_triton[b, :length]) < 1e-4
         assert np.all(np.asarray(o[b, length:]) == 0.0)
 
 
-@pytest.mark.parametrize("prep, scan", MOSAIC_COMBINATIONS)
-def test_interpreted_mosaic_kernels_keep_nan_pads_out(prep, scan):
-    check_mosaic_kernels_keep_nan_pads_out(True, prep, scan)
-
-
-@pytest.mark.parametrize("num_k_heads, num_v_heads, use_qk_l2norm", [(2, 4, True), (2, 2, False)])
-def test_interpreted_mosaic_prep_matches_triton_prep(num_k_heads, num_v_heads, use_qk_l2norm):
-    """Each of the prep's outputs (T, the scores, G and the row factors), one and two value heads per key head,
-    with and without the q/k L2 norm: the two preps round their bf16 products alike, so they agree far more
-    closely than either does with an fp32 reference."""
-    q, k, _, g, beta, _ = make_inputs(9, 2, 130, num_k_heads, num_v_heads, 128, 128, jnp.bfloat16)
-    if not use_qk_l2norm:  # keys of norm ~1, as the model's normalised ones: raw N(0, 1) keys make (I + A) singular
-        k = (k * 128**-0.5).astype(jnp.bfloat16)
-    lengths = jnp.array([130, 77], jnp.int32)
-    padded = [jnp.pad(x, [(0, 0), (0, 62)] + [(0, 0)] * (x.ndim - 2)) for x in (q, k, g, beta)]
-    valid_bt = (jnp.arange(192)[None, :] < lengths[:, None]).astype(jnp.float32)
-    kwargs = dict(scale=0.1, use_qk_l2norm=use_qk_l2norm, interpret=True)
-    triton = chunk_prep(*padded, lengths, **kwargs)
-    mosaic = mosaic_chunk_prep(*padded[:2], *_gates_by_head(*padded[2:], valid_bt), valid_bt, **kwargs)
-    for name, ours, theirs, tol in zip(["T", "P", "G", "q", "k", "w", "u"], mosaic, triton, [2e-3, 1e-3] + [1e-5] * 5):
-        assert ours.shape == theirs.shape and ours.dtype == theirs.dtype, name
-        assert rel_err(ours.astype(jnp.float32), theirs.astype(jnp.float32)) < tol, name
-
-
-def test_prep_backend_takes_mosaic_for_bf16_it_supports():
-    bf16, fp32 = jnp.bfloat16, jnp.float32
-    assert _prep_backend(None, bf16, 128) == ("mosaic" if MOSAIC_PREP_BY_DEFAULT else "triton")
-    assert _prep_backend(None, fp32, 128) == "triton"
-    assert _prep_backend(None, bf16, 32) == "triton"  # under one 64-wide wgmma tile
-    assert _prep_backend("triton", bf16, 128) == "triton"
-    with pytest.raises(ValueError, match="Mosaic GPU prep needs bf16"):
-        _prep_backend("mosaic", fp32, 128)
-    with pytest.raises(ValueError, match="prep must be"):
-        _prep_backend("cuda", bf16, 128)
+def test_interpreted_mosaic_scan_keeps_nan_pads_out():
+    check_mosaic_scan_keeps_nan_pads_out(interpret=True)
 
 
 def test_scan_backend_takes_mosaic_only_for_wide_grids_of_bf16_it_supports():

@@ -62,33 +62,20 @@ def qwen3_5_chunk_shapes(batch, seq_len, dtype):
 def test_chunk_kernels_lower_to_triton(hopper, batch, seq_len, dtype, prep_heads):
     """Qwen3.5's GDN heads (16 key, 32 value heads of 128): prep and scan at the tilings the GPU picks (one
     and two value heads per prep program; 32- and 64-wide scan tiles, 2 and 3 stages) and fp32."""
-    fn = functools.partial(chunk_prefill, scale=128**-0.5, prep="triton", prep_heads=prep_heads, scan="triton")
+    fn = functools.partial(chunk_prefill, scale=128**-0.5, prep_heads=prep_heads, scan="triton")
     assert triton_kernels_in(fn, *qwen3_5_chunk_shapes(batch, seq_len, dtype)) == 2
 
 
-def mosaic_calls_in(module: str) -> list[str]:
-    return [line for line in module.splitlines() if "stablehlo.custom_call @mosaic_gpu" in line]
-
-
-@pytest.mark.parametrize("batch, seq_len", [(1, 4096), (8, 200)])
-def test_bf16_chunk_prep_lowers_to_mosaic_gpu(hopper, batch, seq_len):
-    """bf16 at Qwen3.5's heads, Mosaic GPU prep and Triton scan: one kernel of each."""
-    fn = functools.partial(chunk_prefill, scale=128**-0.5, prep="mosaic", scan="triton")
-    module = lowered_for_cuda(fn, *qwen3_5_chunk_shapes(batch, seq_len, jnp.bfloat16))
-    assert module.count(f"stablehlo.custom_call @{TRITON_CALL}") == 1
-    assert len(mosaic_calls_in(module)) == 1
-
-
 def test_wide_bf16_chunk_scan_lowers_to_mosaic_gpu_with_the_state_aliased(hopper):
-    """At B8 (past two waves of 32-wide programs) the default scan is Mosaic GPU's; with the Mosaic prep both
-    kernels are, and the scan's state result aliases its state operand (the mutable-array route), so a donated
-    state is updated in place."""
-    fn = functools.partial(chunk_prefill, scale=128**-0.5, prep="mosaic")
+    """At B8 (past two waves of 32-wide programs) the scan is the Mosaic GPU one: the prep stays one Triton
+    kernel, the scan becomes one Mosaic GPU kernel, and its state result aliases its state operand (the
+    mutable-array route), so a donated state is updated in place."""
+    fn = functools.partial(chunk_prefill, scale=128**-0.5)
     module = lowered_for_cuda(fn, *qwen3_5_chunk_shapes(8, 200, jnp.bfloat16), donate_argnums=5)
-    assert module.count(f"stablehlo.custom_call @{TRITON_CALL}") == 0
-    calls = mosaic_calls_in(module)
-    assert len(calls) == 2
-    assert sum("output_operand_alias<output_tuple_indices = [1]" in call for call in calls) == 1
+    assert module.count(f"stablehlo.custom_call @{TRITON_CALL}") == 1
+    mosaic_calls = [line for line in module.splitlines() if "stablehlo.custom_call @mosaic_gpu" in line]
+    assert len(mosaic_calls) == 1
+    assert "output_operand_alias<output_tuple_indices = [1]" in mosaic_calls[0]
 
 
 @pytest.mark.parametrize("batch", [1, 64])

@@ -20,8 +20,8 @@
 bf16 inputs run their large products with bf16 operands and fp32 accumulation, as FLA does; fp32 inputs use
 full-precision products so the interpreter and GPU tests can hold 1e-5. Lowered through Triton on GPU; on
 wide grids of bf16 inputs the scan is `chunk_scan_mosaic`'s instead (Pallas' Mosaic GPU backend, faster
-there), and `chunk_prep_mosaic` is an opt-in Mosaic GPU prep for bf16 (slower on the H200, so not the
-default). Measured on an H100 and an H200 against FLA, with the variants tried: bench/KERNELS_NOTES.md.
+there; a Mosaic GPU prep was slower than the Triton one, item 17). Measured on an H100 and an H200 against
+FLA, with the variants tried: bench/KERNELS_NOTES.md.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.device_info import multiprocessors
-from pallas_kernels.gated_delta_rule.chunk_prep_mosaic import mosaic_chunk_prep, mosaic_prep_supports
 from pallas_kernels.gated_delta_rule.chunk_scan_mosaic import mosaic_chunk_scan, mosaic_scan_supports
 from pallas_kernels.gated_delta_rule.reference import L2NORM_EPS
 
@@ -59,47 +58,18 @@ def _wide_grid(batch: int, num_v_heads: int, head_v: int) -> bool:
     return _scan_programs(batch, num_v_heads, head_v, 32) > 2 * multiprocessors()
 
 
-def _backend(kernel: str, requested, mosaic_fits: bool, mosaic_faster: bool, needs: str) -> str:
-    """The caller's backend for `kernel` ("triton" or "mosaic") checked, or for None the faster one."""
-    if requested is None:
-        return "mosaic" if mosaic_fits and mosaic_faster else "triton"
-    if requested not in ("triton", "mosaic"):
-        raise ValueError(f"{kernel} must be triton, mosaic or None, got {requested!r}")
-    if requested == "mosaic" and not mosaic_fits:
-        raise ValueError(f"the Mosaic GPU {kernel} needs {needs}")
-    return requested
-
-
 def _scan_backend(scan, qk_dtype, v_dtype, batch, num_v_heads, head_k, head_v) -> str:
-    """The caller's scan checked, or for None the faster one measured on an H200: Mosaic on wide grids of bf16
-    inputs it supports, Triton otherwise (bench/KERNELS_NOTES.md item 16)."""
-    return _backend("scan", scan, qk_dtype == v_dtype and mosaic_scan_supports(v_dtype, head_k, head_v, CHUNK),
-                    _wide_grid(batch, num_v_heads, head_v),
-                    f"bf16 q, k, v and head sizes in 64s that fit shared memory, got {qk_dtype}/{v_dtype}, "
-                    f"Dk={head_k}, Dv={head_v}")
-
-
-# Timed on the H200 (bench/KERNELS_NOTES.md item 17): the Mosaic GPU prep is correct but slower than the Triton
-# prep (chunk_prefill 5-6% slower from B1xT16384 up): at 224 registers and 81 KB of shared memory only two of its
-# programs share an SM, too few to hide its chain of dependent products. It stays opt-in, the Triton prep default.
-MOSAIC_PREP_BY_DEFAULT = False
-
-
-def _prep_backend(prep, qk_dtype, head_k) -> str:
-    """The caller's prep checked, or for None the default: the Triton prep, measured on the H100 and H200,
-    unless MOSAIC_PREP_BY_DEFAULT (bench/KERNELS_NOTES.md item 17)."""
-    return _backend("prep", prep, mosaic_prep_supports(qk_dtype, head_k, CHUNK), MOSAIC_PREP_BY_DEFAULT,
-                    f"bf16 q, k and a key head size in 64s up to 256, got {qk_dtype}, Dk={head_k}")
-
-
-def _gates_by_head(g_bth, beta_bth, valid_bt) -> tuple[jax.Array, jax.Array]:
-    """The Mosaic prep's gates: the chunk-local cumulative log-decay G and beta, 0 at pads, fp32 [B, Hv, T]."""
-    batch, padded_len, num_v_heads = g_bth.shape
-    valid = valid_bt[:, :, None] > 0
-    g_chunks = jnp.where(valid, g_bth.astype(jnp.float32), 0.0).reshape(batch, -1, CHUNK, num_v_heads)
-    gcum_bth = jnp.cumsum(g_chunks, axis=2).reshape(batch, padded_len, num_v_heads)
-    beta_m_bth = jnp.where(valid, beta_bth.astype(jnp.float32), 0.0)
-    return gcum_bth.transpose(0, 2, 1), beta_m_bth.transpose(0, 2, 1)
+    """The caller's scan ("triton" or "mosaic") checked, or for None the faster one measured on an H200: Mosaic
+    on wide grids of bf16 inputs it supports, Triton otherwise (bench/KERNELS_NOTES.md item 16)."""
+    mosaic_fits = qk_dtype == v_dtype and mosaic_scan_supports(v_dtype, head_k, head_v, CHUNK)
+    if scan is None:
+        return "mosaic" if mosaic_fits and _wide_grid(batch, num_v_heads, head_v) else "triton"
+    if scan not in ("triton", "mosaic"):
+        raise ValueError(f"scan must be triton, mosaic or None, got {scan!r}")
+    if scan == "mosaic" and not mosaic_fits:
+        raise ValueError(f"the Mosaic GPU scan needs bf16 q, k, v and head sizes in 64s that fit shared memory, "
+                         f"got {qk_dtype}/{v_dtype}, Dk={head_k}, Dv={head_v}")
+    return scan
 
 
 def _scan_tiling(batch, num_v_heads, head_k, head_v, itemsize, block_v, num_stages) -> tuple[int, int]:
@@ -344,39 +314,10 @@ def chunk_prep(
     )(lengths_b, q_btk, k_btk, g_bth, beta_bth)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "use_qk_l2norm", "prep", "prep_heads", "prep_warps", "interpret"))
-def prepare_chunks(
-    q_btk: jax.Array,
-    k_btk: jax.Array,
-    g_bth: jax.Array,
-    beta_bth: jax.Array,
-    lengths_b: jax.Array,
-    *,
-    scale: float,
-    use_qk_l2norm: bool = True,
-    prep: Literal["triton", "mosaic"] | None = None,
-    prep_heads: int | None = None,
-    prep_warps: int = 2,
-    interpret: bool = False,
-) -> tuple[tuple[jax.Array, ...], jax.Array]:
-    """The parallel stage on whole chunks (T a multiple of 64) by the prep `prep` picks ("triton", "mosaic"
-    or None, the default: `_prep_backend`): (`chunk_prep`'s tuple, valid [B, T] fp32, 1 for the tokens
-    before each row's length)."""
-    prep = _prep_backend(prep, q_btk.dtype, q_btk.shape[-1])
-    valid_bt = (jnp.arange(q_btk.shape[1])[None, :] < lengths_b[:, None]).astype(jnp.float32)
-    if prep == "mosaic":
-        prepared = mosaic_chunk_prep(q_btk, k_btk, *_gates_by_head(g_bth, beta_bth, valid_bt), valid_bt,
-                                     scale=scale, use_qk_l2norm=use_qk_l2norm, chunk=CHUNK, interpret=interpret)
-    else:
-        prepared = chunk_prep(q_btk, k_btk, g_bth, beta_bth, lengths_b, scale=scale, use_qk_l2norm=use_qk_l2norm,
-                              heads_per_program=prep_heads, num_warps=prep_warps, interpret=interpret)
-    return prepared, valid_bt
-
-
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "scale", "use_qk_l2norm", "prep", "scan", "block_v", "num_warps", "num_stages", "prep_heads", "prep_warps",
+        "scale", "use_qk_l2norm", "scan", "block_v", "num_warps", "num_stages", "prep_heads", "prep_warps",
         "interpret",
     ),
 )
@@ -391,7 +332,6 @@ def chunk_prefill(
     *,
     scale: float,
     use_qk_l2norm: bool = True,
-    prep: Literal["triton", "mosaic"] | None = None,
     scan: Literal["triton", "mosaic"] | None = None,
     block_v: int | None = None,
     num_warps: int = 4,
@@ -402,12 +342,11 @@ def chunk_prefill(
 ) -> tuple[jax.Array, jax.Array]:
     """q/k [B, T, Hk, Dk], v [B, T, Hv, Dv], g/beta [B, T, Hv], state [B, Hv, Dk, Dv] fp32 (aliased to the
     returned state), lengths [B]. Returns (o [B, T, Hv, Dv] v.dtype, final state).
-    prep picks the parallel stage: "triton" (`chunk_prep`), "mosaic" (`chunk_prep_mosaic`, bf16 only) or None,
-    the default (`_prep_backend`); scan the sequential scan: "triton" (`_scan_kernel`), "mosaic"
-    (`chunk_scan_mosaic`, bf16 only) or None, the faster one measured for the grid (`_scan_backend`).
-    block_v, num_warps, num_stages tune the Triton scan, prep_heads (value heads per program) and prep_warps
-    the Triton prep; block_v and num_stages None pick what measured fastest on an H100 for the grid
-    (`_scan_tiling`), prep_heads None by the prep grid's size (`_prep_heads`)."""
+    scan picks the sequential scan: "triton" (`_scan_kernel`), "mosaic" (`chunk_scan_mosaic`, bf16 only) or
+    None, the faster one measured for the grid (`_scan_backend`). block_v, num_warps, num_stages tune the
+    Triton scan, prep_heads (value heads per program) and prep_warps the parallel stage; block_v and
+    num_stages None pick what measured fastest on an H100 for the grid (`_scan_tiling`), prep_heads None by
+    the prep grid's size (`_prep_heads`)."""
     batch, seq_len, num_k_heads, head_k = q_btk.shape
     num_v_heads, head_v = v_btv.shape[2:]
     group = num_v_heads // num_k_heads
@@ -418,11 +357,13 @@ def chunk_prefill(
         q_btk, k_btk, v_btv = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q_btk, k_btk, v_btv))
         g_bth, beta_bth = (jnp.pad(x, ((0, 0), (0, pad), (0, 0))) for x in (g_bth, beta_bth))
     padded_len = seq_len + pad
-    prepared, valid_bt = prepare_chunks(
-        q_btk, k_btk, g_bth, beta_bth, lengths_b, scale=scale, use_qk_l2norm=use_qk_l2norm, prep=prep,
-        prep_heads=prep_heads, prep_warps=prep_warps, interpret=interpret,
+    prepared = chunk_prep(
+        q_btk, k_btk, g_bth, beta_bth, lengths_b,
+        scale=scale, use_qk_l2norm=use_qk_l2norm, heads_per_program=prep_heads, num_warps=prep_warps,
+        interpret=interpret,
     )
     if scan == "mosaic":
+        valid_bt = (jnp.arange(padded_len)[None, :] < lengths_b[:, None]).astype(jnp.float32)
         o_btv, state_bhkv = mosaic_chunk_scan(q_btk, k_btk, v_btv, prepared, valid_bt, state_bhkv, interpret=interpret)
         return o_btv[:, :seq_len], state_bhkv
 

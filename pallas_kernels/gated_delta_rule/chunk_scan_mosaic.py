@@ -33,7 +33,7 @@ STAGES = 2
 SHARED_MEMORY_BYTES = 227 * 1024  # per SM on the H100 and H200
 
 
-def swizzled(swizzle: int, itemsize: int = 2):
+def _swizzled(swizzle: int, itemsize: int = 2):
     """Transforms of a shared-memory buffer wgmma can read: rows tiled by 8, `swizzle` bytes per swizzled
     row. Mosaic GPU wants both operands of a wgmma swizzled alike, so every bf16 buffer here takes the same."""
     return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
@@ -74,7 +74,7 @@ def mosaic_chunk_scan(
     bf16 = jnp.bfloat16
     wgmma_layout = plgpu.Layout.WGMMA
     row_layout = plgpu.Layout.WGMMA.reduce(1)
-    operand = swizzled(min(128, 2 * BLOCK_V))
+    operand = _swizzled(min(128, 2 * BLOCK_V))
 
     def body(q_g, k_g, v_g, t_g, p_g, gcum_g, qf_g, kf_g, wf_g, uf_g, valid_g, s_g, o_g,
              s_smem, r_smem, vn_smem, x_smem, o_smem, s32_smem, barrier):
@@ -160,7 +160,7 @@ def mosaic_chunk_scan(
         out_type=jax.ShapeDtypeStruct(v_btv.shape, v_btv.dtype),
         scratch_types=[plgpu.SMEM((head_k, BLOCK_V), bf16, transforms=operand),
                        *[plgpu.SMEM((chunk, BLOCK_V), bf16, transforms=operand) for _ in range(4)],
-                       plgpu.SMEM((head_k, BLOCK_V), jnp.float32, transforms=swizzled(128, 4)),
+                       plgpu.SMEM((head_k, BLOCK_V), jnp.float32, transforms=_swizzled(128, 4)),
                        plgpu.Barrier(num_arrivals=1)],
         grid=(batch * num_v_heads, head_v // BLOCK_V), grid_names=("bh", "j"),
         interpret=plgpu.InterpretGPUParams(detect_races=True) if interpret else None,

@@ -21,8 +21,7 @@ from pallas_kernels.gated_delta_rule.recurrent import recurrent_decode
 from pallas_kernels.vision_rotary import apply_vision_rotary, vision_rotary_tables
 from tests.test_gated_delta_rule import (
     check_chunk_kernel_keeps_nan_pads_out,
-    MOSAIC_COMBINATIONS,
-    check_mosaic_kernels_keep_nan_pads_out,
+    check_mosaic_scan_keeps_nan_pads_out,
     make_inputs,
     rel_err,
 )
@@ -56,10 +55,10 @@ def test_gated_delta_rule_matches_reference(dtype, tol, batch, seq_len, num_k, n
     assert rel_err(s, s_ref) < tol
 
 
-@pytest.mark.parametrize("prep, scan", [("triton", "triton"), ("mosaic", "triton"), ("mosaic", "mosaic")])
-def test_chunk_kernel_with_the_wide_grids_of_large_batches(prep, scan):
+@pytest.mark.parametrize("scan", ["triton", "mosaic"])
+def test_chunk_kernel_with_the_wide_grids_of_large_batches(scan):
     """Past two waves of 32-wide programs the Triton scan takes 64-wide tiles and the default scan is the
-    Mosaic GPU one (bf16): both, after either prep, at Qwen3.5's heads on ragged rows."""
+    Mosaic GPU one (bf16): both, at Qwen3.5's heads on ragged rows."""
     batch = 2 * multiprocessors() // 128 + 1
     assert _scan_tiling(batch, 32, 128, 128, 2, None, None)[0] == 64
     assert _scan_backend(None, jnp.bfloat16, jnp.bfloat16, batch, 32, 128, 128) == "mosaic"
@@ -68,7 +67,7 @@ def test_chunk_kernel_with_the_wide_grids_of_large_batches(prep, scan):
     with jax.default_matmul_precision("highest"):
         up = [x.astype(jnp.float32) for x in (q, k, v, g, beta)]
         o_ref, s_ref = chunk_gated_delta_rule_ref(*up, initial_state=state, lengths=lengths)
-        o, s = jax.jit(functools.partial(chunk_prefill, scale=128**-0.5, prep=prep, scan=scan))(
+        o, s = jax.jit(functools.partial(chunk_prefill, scale=128**-0.5, scan=scan))(
             q, k, v, g, beta, state, lengths
         )
     assert rel_err(s, s_ref) < 1e-2
@@ -77,22 +76,21 @@ def test_chunk_kernel_with_the_wide_grids_of_large_batches(prep, scan):
             assert rel_err(o[b, :length], o_ref[b, :length]) < 1e-2
 
 
-@pytest.mark.parametrize("prep, scan", MOSAIC_COMBINATIONS)
-def test_mosaic_kernels_keep_nan_pads_out(prep, scan):
+def test_mosaic_scan_keeps_nan_pads_out():
     with jax.default_matmul_precision("highest"):
-        check_mosaic_kernels_keep_nan_pads_out(False, prep, scan)
+        check_mosaic_scan_keeps_nan_pads_out(interpret=False)
 
 
 @pytest.mark.parametrize("dtype, tol, prep_heads", [(jnp.float32, 1e-5, 2), (jnp.bfloat16, 1e-2, 2),
                                                     (jnp.float32, 1e-5, 4)])
 def test_chunk_prep_shared_by_value_heads_of_a_key_head(dtype, tol, prep_heads):
-    """Triton prep programs that serve two or four value heads of one key head (what large grids get), compiled."""
+    """Prep programs that serve two or four value heads of one key head (what large grids get), compiled."""
     q, k, v, g, beta, state = make_inputs(13, 2, 200, 2, 8, 128, 128, dtype)
     lengths = jnp.asarray([200, 131], jnp.int32)
     with jax.default_matmul_precision("highest"):
         up = [x.astype(jnp.float32) for x in (q, k, v, g, beta)]
         o_ref, s_ref = chunk_gated_delta_rule_ref(*up, initial_state=state, lengths=lengths)
-        o, s = jax.jit(functools.partial(chunk_prefill, scale=128**-0.5, prep="triton", prep_heads=prep_heads))(
+        o, s = jax.jit(functools.partial(chunk_prefill, scale=128**-0.5, prep_heads=prep_heads))(
             q, k, v, g, beta, state, lengths
         )
     assert rel_err(s, s_ref) < tol
