@@ -148,15 +148,16 @@ def row(name, seconds, nbytes, flops, ceilings, **extra) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- inputs
-def gdr_inputs(batch, seq_len, seed=0):
+def gdr_inputs(batch, seq_len, seed=0, num_k_heads=HK, num_v_heads=HV):
     ks = jax.random.split(jax.random.key(seed), 6)
     bf = jnp.bfloat16
-    q = jax.random.normal(ks[0], (batch, seq_len, HK, DK), bf)
-    k = jax.random.normal(ks[1], (batch, seq_len, HK, DK), bf)
-    v = jax.random.normal(ks[2], (batch, seq_len, HV, DV), bf)
-    g = -jnp.exp(0.3 * jax.random.normal(ks[3], (HV,))) * jax.nn.softplus(jax.random.normal(ks[4], (batch, seq_len, HV)))
-    beta = jax.nn.sigmoid(jax.random.normal(ks[5], (batch, seq_len, HV))).astype(bf)
-    state = 0.1 * jax.random.normal(jax.random.fold_in(ks[5], 1), (batch, HV, DK, DV), jnp.float32)
+    hk, hv = num_k_heads, num_v_heads
+    q = jax.random.normal(ks[0], (batch, seq_len, hk, DK), bf)
+    k = jax.random.normal(ks[1], (batch, seq_len, hk, DK), bf)
+    v = jax.random.normal(ks[2], (batch, seq_len, hv, DV), bf)
+    g = -jnp.exp(0.3 * jax.random.normal(ks[3], (hv,))) * jax.nn.softplus(jax.random.normal(ks[4], (batch, seq_len, hv)))
+    beta = jax.nn.sigmoid(jax.random.normal(ks[5], (batch, seq_len, hv))).astype(bf)
+    state = 0.1 * jax.random.normal(jax.random.fold_in(ks[5], 1), (batch, hv, DK, DV), jnp.float32)
     return q, k, v, g, beta, state
 
 
