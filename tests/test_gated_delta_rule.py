@@ -232,19 +232,24 @@ def test_interpreted_mosaic_scan_keeps_nan_pads_out():
     check_mosaic_scan_keeps_nan_pads_out(interpret=True)
 
 
-def test_scan_backend_takes_mosaic_only_for_wide_grids_of_bf16_it_supports():
+def test_scan_backend_takes_mosaic_only_past_a_wave_of_bf16_it_supports():
     sms = multiprocessors()
     bf16, fp32 = jnp.bfloat16, jnp.float32
-    wide = (2 * sms) // (32 * 128 // 32) + 1  # Qwen3.5 rows past two waves of 32-wide programs
-    assert _scan_backend(None, bf16, bf16, wide, 32, 128, 128) == "mosaic"
-    assert _scan_backend(None, bf16, bf16, 1, 32, 128, 128) == "triton"  # B1: the serial chain counts
-    assert _scan_backend(None, fp32, fp32, wide, 32, 128, 128) == "triton"
-    assert _scan_backend(None, bf16, bf16, 4 * wide, 32, 128, 32) == "triton"  # no 64-wide tile
-    assert _scan_backend("triton", bf16, bf16, wide, 32, 128, 128) == "triton"
+    per_row = 32 * 128 // 32  # 32-wide programs of a Qwen3.5 row
+    wide, one_wave = (2 * sms) // per_row + 1, sms // per_row + 1  # past two waves, past one but not two
+    long_rows, short_rows = 4096, 2048
+    assert _scan_backend(None, bf16, bf16, wide, 32, 128, 128, short_rows) == "mosaic"
+    assert _scan_backend(None, bf16, bf16, one_wave, 32, 128, 128, long_rows) == "mosaic"
+    assert _scan_backend(None, bf16, bf16, one_wave, 32, 128, 128, short_rows) == "triton"
+    assert _scan_backend(None, bf16, bf16, 1, 48 * sms // 132, 128, 128, long_rows) == "mosaic"  # many heads
+    assert _scan_backend(None, bf16, bf16, 1, 32, 128, 128, 4 * long_rows) == "triton"  # one per SM: chain counts
+    assert _scan_backend(None, fp32, fp32, wide, 32, 128, 128, long_rows) == "triton"
+    assert _scan_backend(None, bf16, bf16, 4 * wide, 32, 128, 32, long_rows) == "triton"  # no 64-wide tile
+    assert _scan_backend("triton", bf16, bf16, wide, 32, 128, 128, long_rows) == "triton"
     with pytest.raises(ValueError, match="Mosaic GPU scan needs bf16"):
-        _scan_backend("mosaic", fp32, fp32, wide, 32, 128, 128)
+        _scan_backend("mosaic", fp32, fp32, wide, 32, 128, 128, long_rows)
     with pytest.raises(ValueError, match="scan must be"):
-        _scan_backend("cuda", bf16, bf16, wide, 32, 128, 128)
+        _scan_backend("cuda", bf16, bf16, wide, 32, 128, 128, long_rows)
 
 
 def test_dispatcher_jits_and_picks_reference_on_cpu():

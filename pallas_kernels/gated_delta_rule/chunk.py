@@ -18,9 +18,10 @@
    the row factors are read one chunk ahead.
 
 bf16 inputs run their large products with bf16 operands and fp32 accumulation, as FLA does; fp32 inputs use
-full-precision products so the interpreter and GPU tests can hold 1e-5. Lowered through Triton on GPU; on
-wide grids of bf16 inputs the scan is `chunk_scan_mosaic`'s instead (Pallas' Mosaic GPU backend, faster
-there; a Mosaic GPU prep was slower than the Triton one, item 17). Measured on an H100 and an H200 against
+full-precision products so the interpreter and GPU tests can hold 1e-5. Lowered through Triton on GPU; where
+the 32-wide scan programs would share SMs, the scan of bf16 inputs is `chunk_scan_mosaic`'s instead (Pallas'
+Mosaic GPU backend, faster there, `_mosaic_scan_faster`; a Mosaic GPU prep was slower than the Triton one,
+item 17). Measured on an H100 and an H200 against
 FLA, with the variants tried: bench/KERNELS_NOTES.md.
 """
 
@@ -53,17 +54,28 @@ def _scan_programs(batch: int, num_v_heads: int, head_v: int, width: int) -> int
 
 def _wide_grid(batch: int, num_v_heads: int, head_v: int) -> bool:
     """More than two waves of 32-wide scan programs: every SM is busy, and what counts is the work each program
-    repeats for its tile rather than its serial chain. There 64-wide tiles win on Triton and the Mosaic scan
-    wins over both (bench/KERNELS_NOTES.md items 12 and 16); below it the Triton scan's 32-wide programs do."""
+    repeats for its tile rather than its serial chain. There 64-wide tiles win on Triton (bench/KERNELS_NOTES.md
+    item 10); below it 32-wide ones do."""
     return _scan_programs(batch, num_v_heads, head_v, 32) > 2 * multiprocessors()
 
 
-def _scan_backend(scan, qk_dtype, v_dtype, batch, num_v_heads, head_k, head_v) -> str:
+def _mosaic_scan_faster(batch: int, num_v_heads: int, head_v: int, padded_len: int) -> bool:
+    """Where the Mosaic scan (64-wide programs, one per SM) measured faster than the Triton one on an H200
+    (bench/KERNELS_NOTES.md items 16 and 18): past two waves of 32-wide programs, and past one wave where rows
+    hold 64 chunks or more. While the 32-wide programs fit one per SM, the Triton scan's shorter chunk step
+    wins (B1xT16384 583 vs 741 us at Qwen3.5's heads); past that the Triton programs share SMs, and the
+    Mosaic ones win from 4096 tokens a row (B2xT8192 545 vs 471 us, B2xT4096 299 vs 240) but not at 2048
+    (115 vs 134)."""
+    narrow = _scan_programs(batch, num_v_heads, head_v, 32)
+    return narrow > 2 * multiprocessors() or (narrow > multiprocessors() and padded_len >= 64 * CHUNK)
+
+
+def _scan_backend(scan, qk_dtype, v_dtype, batch, num_v_heads, head_k, head_v, padded_len) -> str:
     """The caller's scan ("triton" or "mosaic") checked, or for None the faster one measured on an H200: Mosaic
-    on wide grids of bf16 inputs it supports, Triton otherwise (bench/KERNELS_NOTES.md item 16)."""
+    for bf16 inputs it supports where `_mosaic_scan_faster`, Triton otherwise."""
     mosaic_fits = qk_dtype == v_dtype and mosaic_scan_supports(v_dtype, head_k, head_v, CHUNK)
     if scan is None:
-        return "mosaic" if mosaic_fits and _wide_grid(batch, num_v_heads, head_v) else "triton"
+        return "mosaic" if mosaic_fits and _mosaic_scan_faster(batch, num_v_heads, head_v, padded_len) else "triton"
     if scan not in ("triton", "mosaic"):
         raise ValueError(f"scan must be triton, mosaic or None, got {scan!r}")
     if scan == "mosaic" and not mosaic_fits:
@@ -350,9 +362,9 @@ def chunk_prefill(
     batch, seq_len, num_k_heads, head_k = q_btk.shape
     num_v_heads, head_v = v_btv.shape[2:]
     group = num_v_heads // num_k_heads
-    scan = _scan_backend(scan, q_btk.dtype, v_btv.dtype, batch, num_v_heads, head_k, head_v)
-    block_v, num_stages = _scan_tiling(batch, num_v_heads, head_k, head_v, q_btk.dtype.itemsize, block_v, num_stages)
     pad = -seq_len % CHUNK
+    scan = _scan_backend(scan, q_btk.dtype, v_btv.dtype, batch, num_v_heads, head_k, head_v, seq_len + pad)
+    block_v, num_stages = _scan_tiling(batch, num_v_heads, head_k, head_v, q_btk.dtype.itemsize, block_v, num_stages)
     if pad:  # whole chunks only; the pad tokens sit past every row's length, so they are neutral
         q_btk, k_btk, v_btv = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q_btk, k_btk, v_btv))
         g_bth, beta_bth = (jnp.pad(x, ((0, 0), (0, pad), (0, 0))) for x in (g_bth, beta_bth))

@@ -1,4 +1,4 @@
-"""The chunked prefill's sequential scan for Pallas' Mosaic GPU backend (Hopper): wide grids of bf16 inputs.
+"""The chunked prefill's sequential scan for Pallas' Mosaic GPU backend (Hopper): bf16 grids past one wave.
 
 Same products and row factors as `chunk._scan_kernel`, on the committed prep's outputs: per chunk
 r = diag(u) v - diag(w) k S, v_new = T r, o = diag(q_fac) q S + P v_new, S <- exp(G_C) S + k^T diag(k_fac) v_new.
@@ -7,7 +7,8 @@ in flight) and every wgmma reads both operands from shared memory (the CPU inter
 with, has no rule for register operands). Measured on an H200 (bench/KERNELS_NOTES.md item 16): where the
 grid has more than two waves of 32-wide programs it takes 288 instead of 418 us at B8xT2048 and 580 instead of
 864 at B32xT1024; with few programs (B1) each program's chain is what counts and it loses (486 vs 397 us at
-B1xT16384), so `chunk_prefill` picks it only for wide grids.
+B1xT16384), so `chunk_prefill` picks it only where the Triton scan's 32-wide programs would share SMs
+(`chunk._mosaic_scan_faster`, item 18: past one wave with rows of 4096 tokens or more, past two otherwise).
 
 Pads: tokens at or past a row's length may hold anything, even NaN, and must not reach the state or the
 outputs. In the chunks that hold pads (only those: the full ones pay nothing) the pad rows of q, k and the v

@@ -61,7 +61,7 @@ def test_chunk_kernel_with_the_wide_grids_of_large_batches(scan):
     Mosaic GPU one (bf16): both, at Qwen3.5's heads on ragged rows."""
     batch = 2 * multiprocessors() // 128 + 1
     assert _scan_tiling(batch, 32, 128, 128, 2, None, None)[0] == 64
-    assert _scan_backend(None, jnp.bfloat16, jnp.bfloat16, batch, 32, 128, 128) == "mosaic"
+    assert _scan_backend(None, jnp.bfloat16, jnp.bfloat16, batch, 32, 128, 128, 256) == "mosaic"
     q, k, v, g, beta, state = make_inputs(11, batch, 200, 16, 32, 128, 128, jnp.bfloat16)
     lengths = jnp.asarray(np.random.default_rng(3).integers(0, 201, batch), jnp.int32)
     with jax.default_matmul_precision("highest"):
