@@ -101,8 +101,9 @@ def prep_warps_rows(out: dict, path: pathlib.Path) -> None:
 
 
 def mosaic_threshold_rows(out: dict, path: pathlib.Path) -> None:
-    """Triton 32-wide vs Mosaic 64-wide scans where the Mosaic grid is 0.6-1 wave of programs (B x Hv x Dv / 64
-    against the SM count), at several lengths: the rule before this probe took Mosaic only past one wave."""
+    """Triton 32-wide vs Mosaic 64-wide scans where the Mosaic grid is 0.5-1 wave of programs (B x Hv x Dv / 64
+    against the SM count), at several lengths: the rule before this probe took Mosaic only past one wave of
+    Mosaic programs (two of 32-wide ones)."""
     for hk, hv, batch, seq_len in ((16, 32, 2, 2048), (16, 32, 2, 4096), (16, 32, 2, 8192), (20, 40, 1, 8192),
                                    (24, 48, 1, 8192), (12, 24, 2, 8192), (16, 32, 1, 8192)):
         inputs = gdr_inputs(batch, seq_len, num_k_heads=hk, num_v_heads=hv)
