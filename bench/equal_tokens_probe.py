@@ -29,6 +29,7 @@ from bench.run_info import run_info  # noqa: E402
 from pallas_kernels.gated_delta_rule.chunk import chunk_prefill, chunk_prep  # noqa: E402
 
 TOKENS = 16384
+SCALE = DK**-0.5
 CONFIGS = {
     "triton32": dict(scan="triton", block_v=32),
     "triton64": dict(scan="triton", block_v=64),
@@ -43,7 +44,7 @@ def loop_seconds(cfg, inputs, lengths) -> float:
 
     def step(carry, q, k, v, g, beta):
         s, acc = carry
-        o, s = chunk_prefill(q, k, v, g, beta, s, lengths, scale=DK**-0.5, **cfg)
+        o, s = chunk_prefill(q, k, v, g, beta, s, lengths, scale=SCALE, **cfg)
         return s, acc + o[:, :: max(1, seq_len // 8)].astype(jnp.float32).sum()
 
     return time_jax_loop(step, (jnp.array(state), jnp.float32(0)), (q, k, v, g, beta), 5, tie_inputs=True)
@@ -54,11 +55,10 @@ def equal_tokens_rows(out: dict, path: pathlib.Path) -> None:
         seq_len = TOKENS // batch
         inputs = q, k, _, g, beta, _ = gdr_inputs(batch, seq_len)
         lengths = jnp.full((batch,), seq_len, jnp.int32)
-        scale = DK**-0.5
         first = None
         for name, cfg in CONFIGS.items():
             loop_s = loop_seconds(cfg, inputs, lengths)
-            o, s = chunk_prefill(*inputs, lengths, scale=scale, **cfg)
+            o, s = chunk_prefill(*inputs, lengths, scale=SCALE, **cfg)
             first = first or (o, s)
             out["rows"].append({
                 "name": f"B{batch}xT{seq_len} {name} loop", "us": loop_s * 1e6,
@@ -67,7 +67,7 @@ def equal_tokens_rows(out: dict, path: pathlib.Path) -> None:
                 "rel_err_vs_first_o": rel_err(o, first[0]), "rel_err_vs_first_state": rel_err(s, first[1]),
             })
             print(json.dumps(out["rows"][-1]), flush=True)
-        prep = jax.jit(lambda *a: chunk_prep(*a, lengths, scale=scale))
+        prep = jax.jit(lambda *a: chunk_prep(*a, lengths, scale=SCALE))
         out["rows"].append({"name": f"B{batch}xT{seq_len} prep-only call",
                             "us": time_jax_calls(prep, (q, k, g, beta)) * 1e6})
         print(json.dumps(out["rows"][-1]), flush=True)
@@ -82,10 +82,9 @@ def prep_warps_rows(out: dict, path: pathlib.Path) -> None:
         seq_len = TOKENS // batch
         inputs = q, k, _, g, beta, _ = gdr_inputs(batch, seq_len)
         lengths = jnp.full((batch,), seq_len, jnp.int32)
-        scale = DK**-0.5
-        default = chunk_prep(q, k, g, beta, lengths, scale=scale)
+        default = chunk_prep(q, k, g, beta, lengths, scale=SCALE)
         for warps, heads in ((2, None), (1, None), (1, 1)):
-            prep = jax.jit(lambda *a, w=warps, h=heads: chunk_prep(*a, lengths, scale=scale, num_warps=w,
+            prep = jax.jit(lambda *a, w=warps, h=heads: chunk_prep(*a, lengths, scale=SCALE, num_warps=w,
                                                                    heads_per_program=h))
             outs = prep(q, k, g, beta)
             out["rows"].append({
@@ -111,7 +110,7 @@ def mosaic_threshold_rows(out: dict, path: pathlib.Path) -> None:
         results = {}
         for name in ("triton32", "mosaic64"):
             seconds = loop_seconds(CONFIGS[name], inputs, lengths)
-            results[name] = chunk_prefill(*inputs, lengths, scale=DK**-0.5, **CONFIGS[name])
+            results[name] = chunk_prefill(*inputs, lengths, scale=SCALE, **CONFIGS[name])
             out["rows"].append({
                 "name": f"Hk{hk} Hv{hv} B{batch}xT{seq_len} {name} loop", "us": seconds * 1e6,
                 "mosaic_programs": batch * hv * 2,

@@ -21,8 +21,7 @@ bf16 inputs run their large products with bf16 operands and fp32 accumulation, a
 full-precision products so the interpreter and GPU tests can hold 1e-5. Lowered through Triton on GPU; where
 the 32-wide scan programs would share SMs, the scan of bf16 inputs is `chunk_scan_mosaic`'s instead (Pallas'
 Mosaic GPU backend, faster there, `_mosaic_scan_faster`; a Mosaic GPU prep was slower than the Triton one,
-item 17). Measured on an H100 and an H200 against
-FLA, with the variants tried: bench/KERNELS_NOTES.md.
+item 17). Measured on an H100 and an H200 against FLA, with the variants tried: bench/KERNELS_NOTES.md.
 """
 
 from __future__ import annotations
@@ -66,8 +65,8 @@ def _mosaic_scan_faster(batch: int, num_v_heads: int, head_v: int, padded_len: i
     wins (B1xT16384 583 vs 741 us at Qwen3.5's heads); past that the Triton programs share SMs, and the
     Mosaic ones win from 4096 tokens a row (B2xT8192 545 vs 471 us, B2xT4096 299 vs 240) but not at 2048
     (115 vs 134)."""
-    narrow = _scan_programs(batch, num_v_heads, head_v, 32)
-    return narrow > 2 * multiprocessors() or (narrow > multiprocessors() and padded_len >= 64 * CHUNK)
+    past_one_wave = _scan_programs(batch, num_v_heads, head_v, 32) > multiprocessors()
+    return _wide_grid(batch, num_v_heads, head_v) or (past_one_wave and padded_len >= 64 * CHUNK)
 
 
 def _scan_backend(scan, qk_dtype, v_dtype, batch, num_v_heads, head_k, head_v, padded_len) -> str:
