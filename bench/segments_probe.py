@@ -12,6 +12,7 @@ counts and checks every output against the unsplit call. Writes $OUT/segments_<m
 
     python bench/segments_probe.py
     XLA_FLAGS=--xla_gpu_command_buffer_scheduling_mode=CONCURRENT python bench/segments_probe.py
+    python bench/segments_probe.py once   # one B1xT16384 call in 4 segments, for a profiler's launch figures
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ SHAPES = {(1, 16384): (1, 2, 4, 8), (1, 4096): (1, 2, 4), (1, 1024): (1, 2, 4)}
 
 
 def main() -> None:
+    if sys.argv[1:] == ["once"]:
+        inputs = gdr_inputs(1, 16384)
+        jax.block_until_ready(chunk_prefill(*inputs, jnp.array([16384]), scale=SCALE, scan="triton", segments=4))
+        return
     flags = os.environ.get("XLA_FLAGS", "")
     mode = "concurrent" if "scheduling_mode=CONCURRENT" in flags else "default"
     out = {**run_info(), "what": __doc__.split("\n\n")[0], "xla_flags": flags, "rows": []}
