@@ -155,6 +155,14 @@ class _Half(NamedTuple):
 
 
 def _prep_kernel(
+    lengths_ref, q_ref, k_ref, g_ref, beta_ref, *refs, scale, use_qk_l2norm, low_precision, chunk_offset,
+):
+    """`_prep_chunk` on the refs past the inputs; an `after` operand (`chunk_prep`) is among them, never read."""
+    _prep_chunk(lengths_ref, q_ref, k_ref, g_ref, beta_ref, *refs[-7:], scale=scale, use_qk_l2norm=use_qk_l2norm,
+                low_precision=low_precision, chunk_offset=chunk_offset)
+
+
+def _prep_chunk(
     lengths_ref, q_ref, k_ref, g_ref, beta_ref,
     t_ref, scores_ref, gcum_ref, q_fac_ref, k_fac_ref, w_fac_ref, u_fac_ref,
     *, scale, use_qk_l2norm, low_precision, chunk_offset,
@@ -297,13 +305,15 @@ def chunk_prep(
     heads_per_program: int | None = None,
     num_warps: int = 2,
     chunk_range: tuple[int, int] | None = None,
+    after: jax.Array | None = None,
     interpret: bool = False,
 ) -> tuple[jax.Array, ...]:
     """The parallel stage on whole chunks (T a multiple of 64): per chunk the inverse T = (I + A)^-1 and the
     masked scores, each [B, Hv, T, 64] (bf16 for bf16 inputs, else fp32), and fp32 [B, Hv, T] G and the q, k,
     w, u row factors. heads_per_program (a power of two dividing Hv / Hk) value heads of one key head share a
     program; None picks by the grid's size (`_prep_heads`). chunk_range (first, stop) prepares those chunks
-    only (T then counts their tokens): a segment of the sequence."""
+    only (T then counts their tokens): a segment of the sequence. `after`, an array the kernel takes but never
+    reads, orders it after that array's producer where XLA would otherwise run them concurrently."""
     batch, padded_len, num_k_heads, head_k = q_btk.shape
     num_v_heads = g_bth.shape[2]
     group = num_v_heads // num_k_heads
@@ -327,13 +337,14 @@ def chunk_prep(
     return pl.pallas_call(
         kernel,
         grid=(batch, num_v_heads // heads, padded_len // CHUNK),
-        in_specs=[pl.BlockSpec(memory_space=None), qk_chunk, qk_chunk, gate_chunk, gate_chunk],
+        in_specs=[pl.BlockSpec(memory_space=None), qk_chunk, qk_chunk, gate_chunk, gate_chunk,
+                  *[pl.BlockSpec(memory_space=None)] * (after is not None)],
         out_specs=[square, square, *[row_spec] * 5],
         out_shape=[square_shape, square_shape, *[row_shape] * 5],
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name="gdr_chunk_prep",
-    )(lengths_b, q_btk, k_btk, g_bth, beta_bth)
+    )(lengths_b, q_btk, k_btk, g_bth, beta_bth, *[after] * (after is not None))
 
 
 def triton_chunk_scan(
@@ -436,10 +447,13 @@ def chunk_prefill(
             raise ValueError("segments > 1 needs the Triton scan (scan='triton')")
         num_chunks = padded_len // CHUNK
         bounds = [num_chunks * i // segments for i in range(segments + 1)]
-        o_btv = None
+        o_btv, prepared = None, None
         for first, stop in zip(bounds[:-1], bounds[1:]):
+            # Each prep after the previous one: with concurrent command buffers it then runs beside the previous
+            # segment's scan, not all of them at once at the start.
+            prepared = prep(chunk_range=(first, stop), after=None if prepared is None else prepared[2])
             o_btv, state_bhkv = triton_chunk_scan(
-                q_btk, k_btk, v_btv, prep(chunk_range=(first, stop)), state_bhkv, lengths_b,
+                q_btk, k_btk, v_btv, prepared, state_bhkv, lengths_b,
                 block_v=block_v, num_warps=num_warps, num_stages=num_stages, chunk_offset=first, o_btv=o_btv,
                 interpret=interpret,
             )
