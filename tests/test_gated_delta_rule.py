@@ -158,14 +158,6 @@ def test_interpreted_chunk_prep_shares_key_heads_across_value_heads(prep_heads):
     check_interpreted_chunk_prefill(9, 2, 8, 32, [100, 57], prep_heads=prep_heads)
 
 
-@pytest.mark.parametrize("segments", [2, 5])
-def test_interpreted_chunk_prefill_split_into_segments_matches_reference(segments):
-    """The sequence split into segments, each prepared and scanned in turn (5 segments of the 5 chunks: one
-    each): the state passes from segment to segment, each scan writes only its own rows of o, and rows end in
-    an earlier segment (130) or in the first chunk (64)."""
-    check_interpreted_chunk_prefill(11, 2, 4, 32, [300, 130, 64], segments=segments)
-
-
 def test_chunk_prep_refuses_a_head_count_that_does_not_divide_the_group():
     q, k, v, g, beta, state = make_inputs(9, 1, 64, 2, 8, 16, 32)
     with pytest.raises(ValueError, match="power of two dividing"):

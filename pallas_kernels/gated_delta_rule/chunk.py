@@ -155,17 +155,9 @@ class _Half(NamedTuple):
 
 
 def _prep_kernel(
-    lengths_ref, q_ref, k_ref, g_ref, beta_ref, *refs, scale, use_qk_l2norm, low_precision, chunk_offset,
-):
-    """`_prep_chunk` on the refs past the inputs; an `after` operand (`chunk_prep`) is among them, never read."""
-    _prep_chunk(lengths_ref, q_ref, k_ref, g_ref, beta_ref, *refs[-7:], scale=scale, use_qk_l2norm=use_qk_l2norm,
-                low_precision=low_precision, chunk_offset=chunk_offset)
-
-
-def _prep_chunk(
     lengths_ref, q_ref, k_ref, g_ref, beta_ref,
     t_ref, scores_ref, gcum_ref, q_fac_ref, k_fac_ref, w_fac_ref, u_fac_ref,
-    *, scale, use_qk_l2norm, low_precision, chunk_offset,
+    *, scale, use_qk_l2norm, low_precision,
 ):
     """One (row, group of value heads that read the same key head, chunk). q k^T and k k^T depend on the key
     head only, so the group forms them once (they are ~80% of the prep's products) and reads q, k once; each
@@ -173,7 +165,7 @@ def _prep_chunk(
     halves: the system (I + A) is block lower-triangular, so its inverse needs two 32x32 inverses and one
     off-diagonal block, X10 = -X11 A10 X00 (ten 32^3 products instead of ten 64^3 ones), and the upper-right
     blocks of the inverse and of the scores are zero by construction."""
-    b, c = pl.program_id(0), chunk_offset + pl.program_id(2)
+    b, c = pl.program_id(0), pl.program_id(2)
     dot = functools.partial(_dot, low_precision=low_precision)
     halves = []
     for i in range(2):
@@ -232,14 +224,11 @@ def _prep_chunk(
 
 def _scan_kernel(
     lengths_ref, q_ref, k_ref, v_ref, t_ref, scores_ref, gcum_ref, q_fac_ref, k_fac_ref, w_fac_ref, u_fac_ref,
-    state_in_ref, *o_and_state_refs, low_precision, chunk, chunk_offset,
+    state_in_ref, o_ref, state_ref, *, low_precision, chunk,
 ):
-    """Walks the prepared chunks in order; they are chunks chunk_offset... of q, k, v and o (a segment of the
-    sequence when the prefill is split, `chunk_prefill`'s `segments`)."""
-    o_ref, state_ref = o_and_state_refs[-2:]  # an aliased o (a later segment's) comes first, unread
-    length = lengths_ref[pl.program_id(0)] - chunk_offset * chunk
+    length = lengths_ref[pl.program_id(0)]
     dot = functools.partial(_dot, low_precision=low_precision)
-    num_chunks = t_ref.shape[0] // chunk
+    num_chunks = q_ref.shape[0] // chunk
 
     def row_factors(c):
         """The chunk's per-row factors and its state decay exp(G_C), read one chunk ahead and carried: read
@@ -254,25 +243,24 @@ def _scan_kernel(
         factors_next = row_factors(jnp.minimum(c + 1, num_chunks - 1))
         start = pl.multiple_of(c * chunk, chunk)
         rows = pl.ds(start, chunk)
-        seq_rows = pl.ds(pl.multiple_of((c + chunk_offset) * chunk, chunk), chunk)
         valid_c = (start + lax.broadcasted_iota(jnp.int32, (chunk,), 0) < length) if masked else None
 
         def load(ref):
-            return _masked(ref[seq_rows, :], valid_c) if masked else ref[seq_rows, :]
+            return _masked(ref[rows, :], valid_c) if masked else ref[rows, :]
 
         q_ck, k_ck, v_cv = load(q_ref), load(k_ref), load(v_ref).astype(jnp.float32)
         # v_new = T diag(beta) (v - diag(exp(G)) k_normalised S): the WY form with W and U never stored.
         residual_cv = u_fac_c[:, None] * v_cv - w_fac_c[:, None] * dot(k_ck, s_kv)
         vnew_cv = dot(t_ref[rows, :], residual_cv)
         o_cv = q_fac_c[:, None] * dot(q_ck, s_kv) + dot(scores_ref[rows, :], vnew_cv)
-        o_ref[seq_rows, :] = o_cv.astype(o_ref.dtype)
+        o_ref[rows, :] = o_cv.astype(o_ref.dtype)
         return s_kv * decay + dot(k_ck, k_fac_c[:, None] * vnew_cv, contract_a=0), factors_next
 
     # Chunks wholly inside the row's length skip the masking: masked q, k tiles went through registers
     # (select, repack, store) on their way to the tensor cores, and waits on that path held ~18% of the
     # scan's stall samples (ncu; without it the scan took 512 instead of 628 us at B1xT16384). Only the
     # chunks from the first partial one on need it.
-    full_chunks = jnp.clip(length // chunk, 0, num_chunks)
+    full_chunks = jnp.minimum(length // chunk, num_chunks)
     carry = (state_in_ref[...], row_factors(0))
     carry = lax.fori_loop(0, full_chunks, functools.partial(one_chunk, masked=False), carry)
     state_ref[...], _ = lax.fori_loop(full_chunks, num_chunks, functools.partial(one_chunk, masked=True), carry)
@@ -290,9 +278,7 @@ def _prep_heads(batch: int, num_v_heads: int, group: int, num_chunks: int) -> in
     return heads
 
 
-@functools.partial(
-    jax.jit, static_argnames=("scale", "use_qk_l2norm", "heads_per_program", "num_warps", "chunk_range", "interpret")
-)
+@functools.partial(jax.jit, static_argnames=("scale", "use_qk_l2norm", "heads_per_program", "num_warps", "interpret"))
 def chunk_prep(
     q_btk: jax.Array,
     k_btk: jax.Array,
@@ -304,21 +290,15 @@ def chunk_prep(
     use_qk_l2norm: bool = True,
     heads_per_program: int | None = None,
     num_warps: int = 2,
-    chunk_range: tuple[int, int] | None = None,
-    after: jax.Array | None = None,
     interpret: bool = False,
 ) -> tuple[jax.Array, ...]:
     """The parallel stage on whole chunks (T a multiple of 64): per chunk the inverse T = (I + A)^-1 and the
     masked scores, each [B, Hv, T, 64] (bf16 for bf16 inputs, else fp32), and fp32 [B, Hv, T] G and the q, k,
     w, u row factors. heads_per_program (a power of two dividing Hv / Hk) value heads of one key head share a
-    program; None picks by the grid's size (`_prep_heads`). chunk_range (first, stop) prepares those chunks
-    only (T then counts their tokens): a segment of the sequence. `after`, an array the kernel takes but never
-    reads, orders it after that array's producer where XLA would otherwise run them concurrently."""
+    program; None picks by the grid's size (`_prep_heads`)."""
     batch, padded_len, num_k_heads, head_k = q_btk.shape
     num_v_heads = g_bth.shape[2]
     group = num_v_heads // num_k_heads
-    first, stop = chunk_range or (0, padded_len // CHUNK)
-    padded_len = (stop - first) * CHUNK
     heads = heads_per_program
     if heads is None:
         heads = _prep_heads(batch, num_v_heads, group, padded_len // CHUNK)
@@ -326,79 +306,30 @@ def chunk_prep(
         raise ValueError(f"heads_per_program must be a power of two dividing Hv / Hk = {group}, got {heads}")
     low_precision = q_btk.dtype == jnp.bfloat16
     inter_dtype = jnp.bfloat16 if low_precision else jnp.float32
-    qk_chunk = pl.BlockSpec((None, CHUNK, None, head_k), lambda b, h, c: (b, first + c, h * heads // group, 0))
-    gate_chunk = pl.BlockSpec((None, CHUNK, heads), lambda b, h, c: (b, first + c, h))
+    qk_chunk = pl.BlockSpec((None, CHUNK, None, head_k), lambda b, h, c: (b, c, h * heads // group, 0))
+    gate_chunk = pl.BlockSpec((None, CHUNK, heads), lambda b, h, c: (b, c, h))
     square = pl.BlockSpec((None, heads, CHUNK, CHUNK), lambda b, h, c: (b, h, c, 0))
     row_spec = pl.BlockSpec((None, heads, CHUNK), lambda b, h, c: (b, h, c))
     square_shape = jax.ShapeDtypeStruct((batch, num_v_heads, padded_len, CHUNK), inter_dtype)
     row_shape = jax.ShapeDtypeStruct((batch, num_v_heads, padded_len), jnp.float32)
-    kernel = functools.partial(_prep_kernel, scale=scale, use_qk_l2norm=use_qk_l2norm, low_precision=low_precision,
-                               chunk_offset=first)
+    kernel = functools.partial(_prep_kernel, scale=scale, use_qk_l2norm=use_qk_l2norm, low_precision=low_precision)
     return pl.pallas_call(
         kernel,
         grid=(batch, num_v_heads // heads, padded_len // CHUNK),
-        in_specs=[pl.BlockSpec(memory_space=None), qk_chunk, qk_chunk, gate_chunk, gate_chunk,
-                  *[pl.BlockSpec(memory_space=None)] * (after is not None)],
+        in_specs=[pl.BlockSpec(memory_space=None), qk_chunk, qk_chunk, gate_chunk, gate_chunk],
         out_specs=[square, square, *[row_spec] * 5],
         out_shape=[square_shape, square_shape, *[row_shape] * 5],
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name="gdr_chunk_prep",
-    )(lengths_b, q_btk, k_btk, g_bth, beta_bth, *[after] * (after is not None))
-
-
-def triton_chunk_scan(
-    q_btk: jax.Array,
-    k_btk: jax.Array,
-    v_btv: jax.Array,
-    prepared: tuple[jax.Array, ...],
-    state_bhkv: jax.Array,
-    lengths_b: jax.Array,
-    *,
-    block_v: int,
-    num_warps: int,
-    num_stages: int,
-    chunk_offset: int = 0,
-    o_btv: jax.Array | None = None,
-    interpret: bool = False,
-) -> tuple[jax.Array, jax.Array]:
-    """`_scan_kernel` over whole chunks (T a multiple of 64) of `chunk_prep`'s output; returns (o [B, T, Hv, Dv]
-    v.dtype, final state, aliased to state_bhkv). A segment's scan (prepared for chunk_offset onwards) takes
-    the o written so far, aliased, and writes its own rows of it."""
-    batch, padded_len, num_k_heads, head_k = q_btk.shape
-    num_v_heads, head_v = v_btv.shape[2:]
-    group = num_v_heads // num_k_heads
-    qk_all = pl.BlockSpec((None, padded_len, None, head_k), lambda b, h, j: (b, 0, h // group, 0))
-    v_tile = pl.BlockSpec((None, padded_len, None, block_v), lambda b, h, j: (b, 0, h, j))
-    prepared_len = prepared[0].shape[2]
-    square = pl.BlockSpec((None, None, prepared_len, CHUNK), lambda b, h, j: (b, h, 0, 0))
-    per_row = pl.BlockSpec((None, None, prepared_len), lambda b, h, j: (b, h, 0))
-    state_spec = pl.BlockSpec((None, None, head_k, block_v), lambda b, h, j: (b, h, 0, j))
-    kernel = functools.partial(_scan_kernel, low_precision=v_btv.dtype == jnp.bfloat16, chunk=CHUNK,
-                               chunk_offset=chunk_offset)
-    o_in = () if o_btv is None else (o_btv,)
-    return pl.pallas_call(
-        kernel,
-        grid=(batch, num_v_heads, head_v // block_v),
-        in_specs=[pl.BlockSpec(memory_space=None), qk_all, qk_all, v_tile, square, square, *[per_row] * 5, state_spec,
-                  *[v_tile] * len(o_in)],
-        out_specs=[v_tile, state_spec],
-        out_shape=[
-            jax.ShapeDtypeStruct((batch, padded_len, num_v_heads, head_v), v_btv.dtype),
-            jax.ShapeDtypeStruct(state_bhkv.shape, jnp.float32),
-        ],
-        input_output_aliases={11: 1, **({12: 0} if o_in else {})},
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret,
-        name="gdr_chunk_scan",
-    )(lengths_b, q_btk, k_btk, v_btv, *prepared, state_bhkv, *o_in)
+    )(lengths_b, q_btk, k_btk, g_bth, beta_bth)
 
 
 @functools.partial(
     jax.jit,
     static_argnames=(
         "scale", "use_qk_l2norm", "scan", "block_v", "num_warps", "num_stages", "prep_heads", "prep_warps",
-        "segments", "interpret",
+        "interpret",
     ),
 )
 def chunk_prefill(
@@ -418,7 +349,6 @@ def chunk_prefill(
     num_stages: int | None = None,
     prep_heads: int | None = None,
     prep_warps: int = 2,
-    segments: int = 1,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """q/k [B, T, Hk, Dk], v [B, T, Hv, Dv], g/beta [B, T, Hv], state [B, Hv, Dk, Dv] fp32 (aliased to the
@@ -430,6 +360,7 @@ def chunk_prefill(
     the prep grid's size (`_prep_heads`)."""
     batch, seq_len, num_k_heads, head_k = q_btk.shape
     num_v_heads, head_v = v_btv.shape[2:]
+    group = num_v_heads // num_k_heads
     pad = -seq_len % CHUNK
     scan = _scan_backend(scan, q_btk.dtype, v_btv.dtype, batch, num_v_heads, head_k, head_v, seq_len + pad)
     block_v, num_stages = _scan_tiling(batch, num_v_heads, head_k, head_v, q_btk.dtype.itemsize, block_v, num_stages)
@@ -437,35 +368,34 @@ def chunk_prefill(
         q_btk, k_btk, v_btv = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q_btk, k_btk, v_btv))
         g_bth, beta_bth = (jnp.pad(x, ((0, 0), (0, pad), (0, 0))) for x in (g_bth, beta_bth))
     padded_len = seq_len + pad
-    prep = functools.partial(
-        chunk_prep, q_btk, k_btk, g_bth, beta_bth, lengths_b,
+    prepared = chunk_prep(
+        q_btk, k_btk, g_bth, beta_bth, lengths_b,
         scale=scale, use_qk_l2norm=use_qk_l2norm, heads_per_program=prep_heads, num_warps=prep_warps,
         interpret=interpret,
     )
-    if segments > 1:
-        if scan == "mosaic":
-            raise ValueError("segments > 1 needs the Triton scan (scan='triton')")
-        num_chunks = padded_len // CHUNK
-        bounds = [num_chunks * i // segments for i in range(segments + 1)]
-        o_btv, prepared = None, None
-        for first, stop in zip(bounds[:-1], bounds[1:]):
-            # Each prep after the previous one: with concurrent command buffers it then runs beside the previous
-            # segment's scan, not all of them at once at the start.
-            prepared = prep(chunk_range=(first, stop), after=None if prepared is None else prepared[2])
-            o_btv, state_bhkv = triton_chunk_scan(
-                q_btk, k_btk, v_btv, prepared, state_bhkv, lengths_b,
-                block_v=block_v, num_warps=num_warps, num_stages=num_stages, chunk_offset=first, o_btv=o_btv,
-                interpret=interpret,
-            )
-        return o_btv[:, :seq_len], state_bhkv
-    prepared = prep()
     if scan == "mosaic":
         valid_bt = (jnp.arange(padded_len)[None, :] < lengths_b[:, None]).astype(jnp.float32)
         o_btv, state_bhkv = mosaic_chunk_scan(q_btk, k_btk, v_btv, prepared, valid_bt, state_bhkv, interpret=interpret)
         return o_btv[:, :seq_len], state_bhkv
 
-    o_btv, state_bhkv = triton_chunk_scan(
-        q_btk, k_btk, v_btv, prepared, state_bhkv, lengths_b,
-        block_v=block_v, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
-    )
+    qk_all = pl.BlockSpec((None, padded_len, None, head_k), lambda b, h, j: (b, 0, h // group, 0))
+    v_tile = pl.BlockSpec((None, padded_len, None, block_v), lambda b, h, j: (b, 0, h, j))
+    square = pl.BlockSpec((None, None, padded_len, CHUNK), lambda b, h, j: (b, h, 0, 0))
+    per_row = pl.BlockSpec((None, None, padded_len), lambda b, h, j: (b, h, 0))
+    state_spec = pl.BlockSpec((None, None, head_k, block_v), lambda b, h, j: (b, h, 0, j))
+    kernel = functools.partial(_scan_kernel, low_precision=v_btv.dtype == jnp.bfloat16, chunk=CHUNK)
+    o_btv, state_bhkv = pl.pallas_call(
+        kernel,
+        grid=(batch, num_v_heads, head_v // block_v),
+        in_specs=[pl.BlockSpec(memory_space=None), qk_all, qk_all, v_tile, square, square, *[per_row] * 5, state_spec],
+        out_specs=[v_tile, state_spec],
+        out_shape=[
+            jax.ShapeDtypeStruct((batch, padded_len, num_v_heads, head_v), v_btv.dtype),
+            jax.ShapeDtypeStruct(state_bhkv.shape, jnp.float32),
+        ],
+        input_output_aliases={11: 1},
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="gdr_chunk_scan",
+    )(lengths_b, q_btk, k_btk, v_btv, *prepared, state_bhkv)
     return o_btv[:, :seq_len], state_bhkv
