@@ -24,7 +24,9 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from bench.kernels import DK, chunk_flops, gdr_bytes, gdr_inputs, rel_err, time_jax_calls, time_jax_loop  # noqa: E402
+from bench.kernels import (  # noqa: E402
+    DK, chunk_flops, chunk_loop_seconds, gdr_bytes, gdr_inputs, rel_err, time_jax_calls,
+)
 from bench.run_info import run_info  # noqa: E402
 from pallas_kernels.gated_delta_rule.chunk import chunk_prefill, chunk_prep  # noqa: E402
 
@@ -37,19 +39,6 @@ CONFIGS = {
 }
 
 
-def loop_seconds(cfg, inputs, lengths) -> float:
-    """Device seconds per chunk_prefill call (unrolled loop, the bench's `loop` timing)."""
-    q, k, v, g, beta, state = inputs
-    seq_len = q.shape[1]
-
-    def step(carry, q, k, v, g, beta):
-        s, acc = carry
-        o, s = chunk_prefill(q, k, v, g, beta, s, lengths, scale=SCALE, **cfg)
-        return s, acc + o[:, :: max(1, seq_len // 8)].astype(jnp.float32).sum()
-
-    return time_jax_loop(step, (jnp.array(state), jnp.float32(0)), (q, k, v, g, beta), 5, tie_inputs=True)
-
-
 def equal_tokens_rows(out: dict, path: pathlib.Path) -> None:
     for batch in (1, 2, 4, 8, 16):
         seq_len = TOKENS // batch
@@ -57,7 +46,7 @@ def equal_tokens_rows(out: dict, path: pathlib.Path) -> None:
         lengths = jnp.full((batch,), seq_len, jnp.int32)
         first = None
         for name, cfg in CONFIGS.items():
-            loop_s = loop_seconds(cfg, inputs, lengths)
+            loop_s = chunk_loop_seconds(cfg, inputs, lengths)
             o, s = chunk_prefill(*inputs, lengths, scale=SCALE, **cfg)
             first = first or (o, s)
             out["rows"].append({
@@ -93,7 +82,7 @@ def prep_warps_rows(out: dict, path: pathlib.Path) -> None:
                 "max_rel_err_vs_default": max(rel_err(a, b) for a, b in zip(outs, default)),
             })
             print(json.dumps(out["rows"][-1]), flush=True)
-        loop_s = loop_seconds(dict(prep_warps=1), inputs, lengths)
+        loop_s = chunk_loop_seconds(dict(prep_warps=1), inputs, lengths)
         out["rows"].append({"name": f"B{batch}xT{seq_len} default scan, prep_warps=1 loop", "us": loop_s * 1e6})
         print(json.dumps(out["rows"][-1]), flush=True)
         path.write_text(json.dumps(out, indent=1))
@@ -109,7 +98,7 @@ def mosaic_threshold_rows(out: dict, path: pathlib.Path) -> None:
         lengths = jnp.full((batch,), seq_len, jnp.int32)
         results = {}
         for name in ("triton32", "mosaic64"):
-            seconds = loop_seconds(CONFIGS[name], inputs, lengths)
+            seconds = chunk_loop_seconds(CONFIGS[name], inputs, lengths)
             results[name] = chunk_prefill(*inputs, lengths, scale=SCALE, **CONFIGS[name])
             out["rows"].append({
                 "name": f"Hk{hk} Hv{hv} B{batch}xT{seq_len} {name} loop", "us": seconds * 1e6,
