@@ -170,11 +170,11 @@ def gdr_bytes(batch, seq_len) -> int:
     return qkv + gates + out + state
 
 
-def chunk_flops(batch, seq_len, c=64) -> int:
+def chunk_flops(batch, seq_len, c=64, num_v_heads=HV, dk=DK, dv=DV) -> int:
     """FLOPs of the chunked algorithm (per chunk and value head: q k^T, k k^T, the triangular solve applied to
     [k, v], W S, q S, scores v_new, k^T v_new), the least a chunked kernel must do."""
-    per_chunk = 2 * (2 * c * c * DK + c * c * (DK + DV) + 3 * c * DK * DV + c * c * DV)
-    return batch * HV * -(-seq_len // c) * per_chunk
+    per_chunk = 2 * (2 * c * c * dk + c * c * (dk + dv) + 3 * c * dk * dv + c * c * dv)
+    return batch * num_v_heads * -(-seq_len // c) * per_chunk
 
 
 def chunk_loop_seconds(cfg: dict, inputs, lengths, iters: int = 5) -> float:

@@ -1,0 +1,165 @@
+"""What the Gated DeltaNet chunk kernels weigh in a whole Qwen3.5 prefill (issue 5's B1xT16384 target, end to end).
+
+    python bench/prefill_share.py [--prompts 4096,16384] [--repeats 5] [--tiny]
+
+Qwen3.5-9B's text stack (HF's default config, random bf16 weights made on the device), one prompt per prefill.
+Per prompt length: time to first token (median of --repeats runs of the engine), then one prefill under
+jax.profiler: the GPU kernels' device time, summed by name, and the share taken by the chunk kernels
+(gdr_chunk_*), next to the standalone chunk_prefill call at the same shape and the prefill's FLOP floor
+(2 x tokens x matmul weights + causal attention + chunk FLOPs, at the bf16 matmul rate measured in the same run).
+``--tiny`` runs a tiny config on the CPU to check the script (no GPU kernels in its profile).
+
+Prints a table and writes bench/results/prefill_share-<device>.json (device, jax version, commit, date, figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch measures the ceilings in this process
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from bench.decode import random_params, real_config  # noqa: E402
+from bench.kernels import chunk_flops, gdr_inputs, measure_ceilings, time_jax_calls  # noqa: E402
+from bench.run_info import run_info  # noqa: E402
+from pallas_kernels.gated_delta_rule.chunk import chunk_prefill  # noqa: E402
+from qwenvl_jax.config import parse_config  # noqa: E402
+from qwenvl_jax.engine import Engine, EngineConfig, Request  # noqa: E402
+from qwenvl_jax.models.model import abstract_model  # noqa: E402
+from qwenvl_jax.sampling import SamplingParams  # noqa: E402
+from qwenvl_jax.tiny_model import TINY_CONFIGS, hf_config_dict  # noqa: E402
+
+GDR_PREFIX = "gdr_chunk"
+
+
+def prefill_flops(cfg, params, tokens: int) -> int:
+    """Dense text stack: every projection weight once per token, causal attention in the full-attention layers,
+    the chunked delta rule in the linear ones (the LM head runs on the last token only)."""
+    weights = sum(x.size for path, x in jax.tree_util.tree_leaves_with_path(params["language_model"])
+                  if x.ndim >= 2 and "embed_tokens" not in jax.tree_util.keystr(path))
+    text = cfg.text
+    full = text.layer_types.count("full_attention")
+    linear = text.layer_types.count("linear_attention")
+    attention = full * 2 * tokens * tokens * text.num_attention_heads * text.head_dim  # QK^T + PV, half masked
+    delta_rule = chunk_flops(1, tokens, num_v_heads=text.linear_num_value_heads, dk=text.linear_key_head_dim,
+                             dv=text.linear_value_head_dim)
+    return 2 * tokens * weights + attention + linear * delta_rule
+
+
+def time_to_first_token(engine: Engine, vocab: int, prompt: int, repeats: int) -> list[float]:
+    rng = np.random.default_rng(0)
+    times = []
+    for _ in range(repeats):
+        ids = rng.integers(0, vocab, prompt).astype(np.int32)
+        pos = np.broadcast_to(np.arange(prompt, dtype=np.int32), (3, prompt)).copy()
+        t0, first = time.perf_counter(), None
+        for _ in engine.run([Request(ids, pos, 0, SamplingParams(), 1)]):
+            first = time.perf_counter() - t0 if first is None else first
+        times.append(first)
+    return times
+
+
+def gpu_kernel_seconds(trace_dir: str) -> dict[str, float]:
+    """Device seconds per kernel name in a jax.profiler trace (every GPU plane's stream lines; empty on CPU)."""
+    from jax.profiler import ProfileData
+
+    totals: dict[str, float] = collections.defaultdict(float)
+    for path in pathlib.Path(trace_dir).rglob("*.xplane.pb"):
+        for plane in ProfileData.from_file(str(path)).planes:
+            if not plane.name.startswith("/device:GPU"):
+                continue
+            for line in plane.lines:
+                if line.name.startswith("Stream"):
+                    for event in line.events:
+                        totals[event.name] += event.duration_ns * 1e-9
+    return dict(totals)
+
+
+def profile_prefill(engine: Engine, vocab: int, prompt: int) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir):
+            time_to_first_token(engine, vocab, prompt, 1)
+        return gpu_kernel_seconds(trace_dir)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompts", default="4096,16384")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--tiny", action="store_true", help="tiny config on the CPU (checks the script)")
+    ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
+    args = ap.parse_args()
+    prompts = [int(p) for p in args.prompts.split(",")]
+
+    if args.tiny:
+        name, raw = "tiny qwen3_5", hf_config_dict("qwen3_5", *TINY_CONFIGS["qwen3_5"])
+    else:
+        name, raw = real_config("qwen3_5")
+    cfg = parse_config(raw)
+    dtype = jax.numpy.float32 if args.tiny else jax.numpy.bfloat16
+    graphdef, params = random_params(abstract_model(cfg, dtype), jax.random.key(0))
+    on_gpu = jax.default_backend() == "gpu"
+    ceilings = measure_ceilings() if on_gpu else None
+    linear_layers = cfg.text.layer_types.count("linear_attention")
+    device = jax.devices()[0].device_kind
+    print(f"{device}: {name}, {linear_layers} Gated DeltaNet layers of {len(cfg.text.layer_types)}; ceilings {ceilings}")
+
+    rows = []
+    for prompt in prompts:
+        engine = Engine(graphdef, params, EngineConfig(max_batch=1, max_len=prompt + 8, prompt_buckets=(prompt,),
+                                                       decode_steps=1, chunked_prefill=False), eos_ids=())
+        engine.warmup(progress=False, vision=False)
+        ttft = time_to_first_token(engine, cfg.text.vocab_size, prompt, args.repeats)
+        kernels = profile_prefill(engine, cfg.text.vocab_size, prompt)
+        del engine
+        kernel_s = sum(kernels.values())
+        gdr_s = sum(s for k, s in kernels.items() if GDR_PREFIX in k)
+        flops = prefill_flops(cfg, params, prompt)
+        r = dict(prompt=prompt, ttft_ms=[1e3 * t for t in ttft], ttft_median_ms=1e3 * statistics.median(ttft),
+                 prefill_gflop=flops / 1e9, gpu_kernel_ms=1e3 * kernel_s, gdr_kernel_ms=1e3 * gdr_s,
+                 gdr_share_of_kernels=gdr_s / kernel_s if kernel_s else None,
+                 top_kernels_ms={k: 1e3 * s for k, s in sorted(kernels.items(), key=lambda kv: -kv[1])[:15]})
+        if on_gpu:
+            q, k, v, g, beta, state = gdr_inputs(1, prompt)
+            lengths = jax.numpy.full((1,), prompt, jax.numpy.int32)
+            call = jax.jit(lambda *a: chunk_prefill(*a, scale=q.shape[-1] ** -0.5))
+            chunk_s = time_jax_calls(call, (q, k, v, g, beta, state, lengths))
+            chunk_floor_s = chunk_flops(1, prompt) / (ceilings["bf16_matmul_TFLOPs"] * 1e12)
+            r.update(prefill_floor_ms=1e3 * flops / (ceilings["bf16_matmul_TFLOPs"] * 1e12),
+                     chunk_call_us=1e6 * chunk_s, chunk_floor_us=1e6 * chunk_floor_s,
+                     # What meeting "within 2x of the floor" would take off this prefill, by the profile's figure.
+                     saving_at_2x_floor_ms=1e3 * max(0.0, gdr_s - linear_layers * 2 * chunk_floor_s))
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+
+    print(f"\n{'prompt':>7} {'TTFT ms':>8} {'floor ms':>9} {'kernels ms':>11} {'gdr ms':>7} {'gdr %':>6} "
+          f"{'chunk call us':>14} {'x layers ms':>12} {'2x-floor saves ms':>18}")
+    for r in rows:
+        share = 100 * r["gdr_share_of_kernels"] if r["gdr_share_of_kernels"] is not None else float("nan")
+        print(f"{r['prompt']:>7} {r['ttft_median_ms']:>8.1f} {r.get('prefill_floor_ms', float('nan')):>9.1f} "
+              f"{r['gpu_kernel_ms']:>11.1f} {r['gdr_kernel_ms']:>7.2f} {share:>6.1f} "
+              f"{r.get('chunk_call_us', float('nan')):>14.1f} "
+              f"{linear_layers * r.get('chunk_call_us', float('nan')) / 1e3:>12.2f} "
+              f"{r.get('saving_at_2x_floor_ms', float('nan')):>18.2f}")
+    result = dict(**run_info(), model=name, tiny=args.tiny, linear_layers=linear_layers, ceilings=ceilings,
+                  rows=rows)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"prefill_share{'-tiny' if args.tiny else ''}-{device.replace(' ', '_')}.json"
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
