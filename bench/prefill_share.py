@@ -6,7 +6,8 @@ Qwen3.5-9B's text stack (HF's default config, random bf16 weights made on the de
 Per prompt length: time to first token (median of --repeats runs of the engine), then one prefill under
 jax.profiler: the GPU kernels' device time, summed by name, and the share taken by the chunk kernels
 (gdr_chunk_*), next to the standalone chunk_prefill call at the same shape and the prefill's FLOP floor
-(2 x tokens x matmul weights + causal attention + chunk FLOPs, at the bf16 matmul rate measured in the same run).
+(2 x tokens x matmul weights + causal attention + chunk FLOPs, at the bf16 matmul rate measured in the same run),
+and one full-attention layer's attention alone: the model's path against cuDNN's flash attention.
 ``--tiny`` runs a tiny config on the CPU to check the script (no GPU kernels in its profile).
 
 Prints a table and writes bench/results/prefill_share-<device>.json (device, jax version, commit, date, figures).
@@ -36,6 +37,7 @@ from bench.run_info import run_info  # noqa: E402
 from pallas_kernels.gated_delta_rule.chunk import chunk_prefill  # noqa: E402
 from qwenvl_jax.config import parse_config  # noqa: E402
 from qwenvl_jax.engine import Engine, EngineConfig, Request  # noqa: E402
+from qwenvl_jax.models.attention import causal_attention  # noqa: E402
 from qwenvl_jax.models.model import abstract_model  # noqa: E402
 from qwenvl_jax.sampling import SamplingParams  # noqa: E402
 from qwenvl_jax.tiny_model import TINY_CONFIGS, hf_config_dict  # noqa: E402
@@ -55,6 +57,22 @@ def prefill_flops(cfg, params, tokens: int) -> int:
     delta_rule = chunk_flops(1, tokens, num_v_heads=text.linear_num_value_heads, dk=text.linear_key_head_dim,
                              dv=text.linear_value_head_dim)
     return 2 * tokens * weights + attention + linear * delta_rule
+
+
+def attention_seconds(text, prompt: int) -> dict:
+    """One full-attention layer's causal attention at this prompt length, jitted: the model's path
+    (`causal_attention`, XLA with a dense mask) against cuDNN's flash attention, and their largest difference."""
+    ks = jax.random.split(jax.random.key(1), 3)
+    q = jax.random.normal(ks[0], (1, prompt, text.num_attention_heads, text.head_dim), jax.numpy.bfloat16)
+    k, v = (jax.random.normal(key, (1, prompt, text.num_key_value_heads, text.head_dim), jax.numpy.bfloat16)
+            for key in ks[1:])
+    lengths = jax.numpy.full((1,), prompt, jax.numpy.int32)
+    ours = jax.jit(causal_attention)
+    cudnn = jax.jit(lambda q, k, v, n: jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, query_seq_lengths=n, key_value_seq_lengths=n, implementation="cudnn"))
+    diff = jax.numpy.abs(ours(q, k, v, lengths).astype(float) - cudnn(q, k, v, lengths).astype(float)).max()
+    return dict(model_path_ms=1e3 * time_jax_calls(ours, (q, k, v, lengths), calls=5),
+                cudnn_ms=1e3 * time_jax_calls(cudnn, (q, k, v, lengths), calls=5), max_abs_diff=float(diff))
 
 
 def time_to_first_token(engine: Engine, vocab: int, prompt: int, repeats: int) -> list[float]:
@@ -136,6 +154,7 @@ def main() -> None:
             call = jax.jit(lambda *a: chunk_prefill(*a, scale=q.shape[-1] ** -0.5))
             chunk_s = time_jax_calls(call, (q, k, v, g, beta, state, lengths))
             chunk_floor_s = chunk_flops(1, prompt) / (ceilings["bf16_matmul_TFLOPs"] * 1e12)
+            r["attention_per_layer"] = attention_seconds(cfg.text, prompt)
             r.update(prefill_floor_ms=1e3 * flops / (ceilings["bf16_matmul_TFLOPs"] * 1e12),
                      chunk_call_us=1e6 * chunk_s, chunk_floor_us=1e6 * chunk_floor_s,
                      # What meeting "within 2x of the floor" would take off this prefill, by the profile's figure.
@@ -143,6 +162,7 @@ def main() -> None:
         rows.append(r)
         print(json.dumps(r), flush=True)
 
+    full_layers = cfg.text.layer_types.count("full_attention")
     print(f"\n{'prompt':>7} {'TTFT ms':>8} {'floor ms':>9} {'kernels ms':>11} {'gdr ms':>7} {'gdr %':>6} "
           f"{'chunk call us':>14} {'x layers ms':>12} {'2x-floor saves ms':>18}")
     for r in rows:
@@ -152,6 +172,10 @@ def main() -> None:
               f"{r.get('chunk_call_us', float('nan')):>14.1f} "
               f"{linear_layers * r.get('chunk_call_us', float('nan')) / 1e3:>12.2f} "
               f"{r.get('saving_at_2x_floor_ms', float('nan')):>18.2f}")
+        if "attention_per_layer" in r:
+            a = r["attention_per_layer"]
+            print(f"{'':>7} attention x {full_layers} layers: model path {full_layers * a['model_path_ms']:.1f} ms, "
+                  f"cuDNN flash {full_layers * a['cudnn_ms']:.1f} ms (max |diff| {a['max_abs_diff']:.2e})")
     result = dict(**run_info(), model=name, tiny=args.tiny, linear_layers=linear_layers, ceilings=ceilings,
                   rows=rows)
     out = pathlib.Path(args.out)
