@@ -141,7 +141,6 @@ def main() -> None:
         engine.warmup(progress=False, vision=False)
         ttft = time_to_first_token(engine, cfg.text.vocab_size, prompt, args.repeats)
         kernels = profiled_kernel_seconds(lambda: time_to_first_token(engine, cfg.text.vocab_size, prompt, 1))
-        del engine
         kernel_s = sum(kernels.values())
         gdr_s = sum(s for k, s in kernels.items() if GDR_PREFIX in k)
         flops = prefill_flops(cfg, params, prompt)
