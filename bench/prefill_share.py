@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import pathlib
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -112,6 +114,21 @@ def profiled_kernel_seconds(run) -> dict[str, float]:
         return gpu_kernel_seconds(trace_dir)
 
 
+@contextlib.contextmanager
+def sampled_clocks(into: dict, key: str):
+    """Samples the GPU's SM clock and power draw every 50 ms while the block runs (nvidia-smi), and stores
+    their medians under into[key]: the chunk kernels ran slower inside the prefill than alone."""
+    proc = subprocess.Popen(["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits",
+                             "-lms", "50"], stdout=subprocess.PIPE, text=True)
+    try:
+        yield
+    finally:
+        proc.terminate()
+        samples = [line.split(",") for line in proc.communicate()[0].splitlines() if line.count(",") == 1]
+        into[key] = dict(samples=len(samples), sm_mhz=statistics.median(float(c) for c, _ in samples),
+                         power_w=statistics.median(float(w) for _, w in samples)) if samples else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", default="4096,16384")
@@ -139,7 +156,9 @@ def main() -> None:
         engine = Engine(graphdef, params, EngineConfig(max_batch=1, max_len=prompt + 8, prompt_buckets=(prompt,),
                                                        decode_steps=1, chunked_prefill=False), eos_ids=())
         engine.warmup(progress=False, vision=False)
-        ttft = time_to_first_token(engine, cfg.text.vocab_size, prompt, args.repeats)
+        clocks: dict = {}
+        with sampled_clocks(clocks, "prefill") if on_gpu else contextlib.nullcontext():
+            ttft = time_to_first_token(engine, cfg.text.vocab_size, prompt, args.repeats)
         kernels = profiled_kernel_seconds(lambda: time_to_first_token(engine, cfg.text.vocab_size, prompt, 1))
         kernel_s = sum(kernels.values())
         gdr_s = sum(s for k, s in kernels.items() if GDR_PREFIX in k)
@@ -152,10 +171,23 @@ def main() -> None:
             q, k, v, g, beta, state = gdr_inputs(1, prompt)
             lengths = jax.numpy.full((1,), prompt, jax.numpy.int32)
             call = jax.jit(lambda *a: chunk_prefill(*a, scale=q.shape[-1] ** -0.5))
-            chunk_s = time_jax_calls(call, (q, k, v, g, beta, state, lengths))
-            # The same call under the profiler: its kernels' figures beside the ones inside the prefill.
+            with sampled_clocks(clocks, "chunk_alone"):
+                chunk_s = time_jax_calls(call, (q, k, v, g, beta, state, lengths), calls=200)
+            # The same call under the profiler: its kernels' figures beside the ones inside the prefill, once
+            # right after the timed calls and once per call after a pass over 1 GiB has evicted L2.
             alone = profiled_kernel_seconds(lambda: jax.block_until_ready(call(q, k, v, g, beta, state, lengths)))
             r["chunk_alone_profiled_us"] = {n: 1e6 * t for n, t in alone.items() if GDR_PREFIX in n}
+            evict = jax.jit(lambda x: x + 1)
+            scratch = jax.numpy.zeros((1 << 28,), jax.numpy.float32)
+
+            def after_eviction(calls: int = 5) -> None:
+                for _ in range(calls):
+                    jax.block_until_ready(evict(scratch))
+                    jax.block_until_ready(call(q, k, v, g, beta, state, lengths))
+
+            flushed = profiled_kernel_seconds(after_eviction)
+            r["chunk_after_l2_eviction_profiled_us"] = {n: 1e6 * t / 5 for n, t in flushed.items() if GDR_PREFIX in n}
+            r["clocks"] = clocks
             r["chunk_in_prefill_per_layer_us"] = {n: 1e6 * t / linear_layers for n, t in kernels.items()
                                                   if GDR_PREFIX in n}
             chunk_floor_s = chunk_flops(1, prompt) / (ceilings["bf16_matmul_TFLOPs"] * 1e12)
