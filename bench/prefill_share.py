@@ -7,7 +7,9 @@ Per prompt length: time to first token (median of --repeats runs of the engine),
 jax.profiler: the GPU kernels' device time, summed by name, and the share taken by the chunk kernels
 (gdr_chunk_*), next to the standalone chunk_prefill call at the same shape and the prefill's FLOP floor
 (2 x tokens x matmul weights + causal attention + chunk FLOPs, at the bf16 matmul rate measured in the same run),
-and one full-attention layer's attention alone: the model's path against cuDNN's flash attention.
+and one full-attention layer's attention alone: the model's path against cuDNN's flash attention. The SM clock
+and power draw are sampled during the prefills and the standalone calls (a GEMM-bound prefill runs at the power
+cap, so its kernels see lower clocks than the same kernels alone).
 ``--tiny`` runs a tiny config on the CPU to check the script (no GPU kernels in its profile).
 
 Prints a table and writes bench/results/prefill_share-<device>.json (device, jax version, commit, date, figures).
