@@ -97,16 +97,18 @@ def copy_bandwidth(n_bytes: int = 1 << 30) -> float:
     return 2 * n_bytes * 10 / (median_s(20) - median_s(10))
 
 
+def random_text_request(rng: np.random.Generator, vocab: int, prompt: int, max_new: int) -> Request:
+    """A greedy text-only request of `prompt` random token ids (text positions on all three mRoPE axes)."""
+    ids = rng.integers(0, vocab, prompt).astype(np.int32)
+    pos = np.broadcast_to(np.arange(prompt, dtype=np.int32), (3, prompt)).copy()
+    return Request(ids, pos, 0, SamplingParams(), max_new)
+
+
 def time_ours(engine: Engine, vocab: int, batch: int, prompt: int, new: int) -> dict:
     rng = np.random.default_rng(0)
 
     def requests(n: int, max_new: int) -> list[Request]:
-        out = []
-        for _ in range(n):
-            ids = rng.integers(0, vocab, prompt).astype(np.int32)
-            pos = np.broadcast_to(np.arange(prompt, dtype=np.int32), (3, prompt)).copy()
-            out.append(Request(ids, pos, 0, SamplingParams(), max_new))
-        return out
+        return [random_text_request(rng, vocab, prompt, max_new) for _ in range(n)]
 
     # TTFT: one prompt, until its first token event. The run goes on after it: the engine queues a decode call
     # behind every prefill before it has read the first token, so timing the whole run would add that call.

@@ -35,18 +35,18 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from bench.decode import random_params, real_config  # noqa: E402
+from bench.decode import random_params, random_text_request, real_config  # noqa: E402
 from bench.kernels import chunk_flops, gdr_inputs, measure_ceilings, time_jax_calls  # noqa: E402
 from bench.run_info import run_info  # noqa: E402
 from pallas_kernels.gated_delta_rule.chunk import chunk_prefill  # noqa: E402
 from qwenvl_jax.config import parse_config  # noqa: E402
-from qwenvl_jax.engine import Engine, EngineConfig, Request  # noqa: E402
+from qwenvl_jax.engine import Engine, EngineConfig  # noqa: E402
 from qwenvl_jax.models.attention import causal_attention  # noqa: E402
 from qwenvl_jax.models.model import abstract_model  # noqa: E402
-from qwenvl_jax.sampling import SamplingParams  # noqa: E402
 from qwenvl_jax.tiny_model import TINY_CONFIGS, hf_config_dict  # noqa: E402
 
 GDR_PREFIX = "gdr_chunk"
+EVICTED_CALLS = 5  # chunk calls profiled, each after an L2 eviction
 
 
 def prefill_flops(cfg, params, tokens: int) -> int:
@@ -58,9 +58,13 @@ def prefill_flops(cfg, params, tokens: int) -> int:
     full = text.layer_types.count("full_attention")
     linear = text.layer_types.count("linear_attention")
     attention = full * 2 * tokens * tokens * text.num_attention_heads * text.head_dim  # QK^T + PV, half masked
-    delta_rule = chunk_flops(1, tokens, num_v_heads=text.linear_num_value_heads, dk=text.linear_key_head_dim,
-                             dv=text.linear_value_head_dim)
-    return 2 * tokens * weights + attention + linear * delta_rule
+    return 2 * tokens * weights + attention + linear * delta_rule_flops(text, tokens)
+
+
+def delta_rule_flops(text, tokens: int) -> int:
+    """One Gated DeltaNet layer's chunked delta rule at batch 1, at the model's head count and dims."""
+    return chunk_flops(1, tokens, num_v_heads=text.linear_num_value_heads, dk=text.linear_key_head_dim,
+                       dv=text.linear_value_head_dim)
 
 
 def attention_seconds(text, prompt: int) -> dict:
@@ -83,10 +87,9 @@ def time_to_first_token(engine: Engine, vocab: int, prompt: int, repeats: int) -
     rng = np.random.default_rng(0)
     times = []
     for _ in range(repeats):
-        ids = rng.integers(0, vocab, prompt).astype(np.int32)
-        pos = np.broadcast_to(np.arange(prompt, dtype=np.int32), (3, prompt)).copy()
+        request = random_text_request(rng, vocab, prompt, 1)
         t0, first = time.perf_counter(), None
-        for _ in engine.run([Request(ids, pos, 0, SamplingParams(), 1)]):
+        for _ in engine.run([request]):
             first = time.perf_counter() - t0 if first is None else first
         times.append(first)
     return times
@@ -170,7 +173,8 @@ def main() -> None:
                  gdr_share_of_kernels=gdr_s / kernel_s if kernel_s else None,
                  top_kernels_ms={k: 1e3 * s for k, s in sorted(kernels.items(), key=lambda kv: -kv[1])[:15]})
         if on_gpu:
-            q, k, v, g, beta, state = gdr_inputs(1, prompt)
+            q, k, v, g, beta, state = gdr_inputs(1, prompt, num_k_heads=cfg.text.linear_num_key_heads,
+                                                 num_v_heads=cfg.text.linear_num_value_heads)
             lengths = jax.numpy.full((1,), prompt, jax.numpy.int32)
             call = jax.jit(lambda *a: chunk_prefill(*a, scale=q.shape[-1] ** -0.5))
             with sampled_clocks(clocks, "chunk_alone"):
@@ -182,17 +186,18 @@ def main() -> None:
             evict = jax.jit(lambda x: x + 1)
             scratch = jax.numpy.zeros((1 << 28,), jax.numpy.float32)
 
-            def after_eviction(calls: int = 5) -> None:
-                for _ in range(calls):
+            def after_eviction() -> None:
+                for _ in range(EVICTED_CALLS):
                     jax.block_until_ready(evict(scratch))
                     jax.block_until_ready(call(q, k, v, g, beta, state, lengths))
 
             flushed = profiled_kernel_seconds(after_eviction)
-            r["chunk_after_l2_eviction_profiled_us"] = {n: 1e6 * t / 5 for n, t in flushed.items() if GDR_PREFIX in n}
+            r["chunk_after_l2_eviction_profiled_us"] = {n: 1e6 * t / EVICTED_CALLS for n, t in flushed.items()
+                                                        if GDR_PREFIX in n}
             r["clocks"] = clocks
             r["chunk_in_prefill_per_layer_us"] = {n: 1e6 * t / linear_layers for n, t in kernels.items()
                                                   if GDR_PREFIX in n}
-            chunk_floor_s = chunk_flops(1, prompt) / (ceilings["bf16_matmul_TFLOPs"] * 1e12)
+            chunk_floor_s = delta_rule_flops(cfg.text, prompt) / (ceilings["bf16_matmul_TFLOPs"] * 1e12)
             r["attention_per_layer"] = attention_seconds(cfg.text, prompt)
             r.update(prefill_floor_ms=1e3 * flops / (ceilings["bf16_matmul_TFLOPs"] * 1e12),
                      chunk_call_us=1e6 * chunk_s, chunk_floor_us=1e6 * chunk_floor_s,
