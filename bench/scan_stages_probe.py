@@ -1,13 +1,13 @@
 """The Triton chunk scan's prefetch depth at batch 1, timed and under Nsight Compute (bench/KERNELS_NOTES.md item
 21).
 
-ncu at 1f46380 (H200, B1xT16384, one 32-wide program per SM on three stages) put 30% of the scan's stall samples
-on the long scoreboard, which holds both global loads and waits for the cp.async copies that feed the pipeline
-stages: the chunk's q, k, T, P and v tile, ~53 KB a step, reloaded by each of a head's four v-tile programs. A
-fourth stage (208 KB of stages, still one program per SM) prefetches one chunk further. `time` runs
-chunk_prefill (loop timing, and device time per kernel under jax.profiler) at B1 from 2048 to 16384 tokens on
-three and four stages and B2xT8192 on two and three, checks outputs against the default's and writes $OUT/scan_stages.json (or /tmp); `ncu NAME` runs one
-configuration, warmed up, for Nsight Compute to profile its last scan:
+ncu at 1f46380 (H200, B1xT16384, one 32-wide program per SM on three stages) put ~30% of the scan's stall samples
+on the long scoreboard (at the fences that publish register tiles to wgmma and at address arithmetic) and none on
+the explicit wait for a stage's cp.async copies. A fourth stage (221 KB of shared memory, still one program per
+SM) prefetches one chunk further; if the stages are not late, it gains nothing. `time` runs chunk_prefill (loop
+timing, and device time per kernel under jax.profiler) at B1 from 2048 to 16384 tokens on three and four stages
+and B2xT8192 on two and three, checks outputs against the default's and writes $OUT/scan_stages.json (or /tmp);
+`ncu NAME` runs one configuration, warmed up, for Nsight Compute to profile its last scan:
 
     python bench/scan_stages_probe.py time
     ncu --set full -k regex:gdr_chunk_scan --launch-skip 2 --launch-count 1 python bench/scan_stages_probe.py ncu b1
