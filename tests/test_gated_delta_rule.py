@@ -158,13 +158,6 @@ def test_interpreted_chunk_prep_shares_key_heads_across_value_heads(prep_heads):
     check_interpreted_chunk_prefill(9, 2, 8, 32, [100, 57], prep_heads=prep_heads)
 
 
-@pytest.mark.parametrize("block_rows", [16, 32, 64])
-def test_interpreted_chunk_prep_inverts_in_blocks_of_any_size(block_rows):
-    """The inverse built from 16-, 32- or 64-row blocks (block forward substitution over 4, 2 or 1 diagonal
-    blocks): a misplaced block or a wrong term of the substitution fails here."""
-    check_interpreted_chunk_prefill(11, 2, 4, 32, [130, 77], prep_block_rows=block_rows)
-
-
 def test_chunk_prep_refuses_a_head_count_that_does_not_divide_the_group():
     q, k, v, g, beta, state = make_inputs(9, 1, 64, 2, 8, 16, 32)
     with pytest.raises(ValueError, match="power of two dividing"):

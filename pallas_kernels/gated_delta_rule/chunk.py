@@ -43,6 +43,9 @@ from pallas_kernels.gated_delta_rule.reference import L2NORM_EPS
 CHUNK = 64
 
 
+HALF = CHUNK // 2
+
+
 def _scan_programs(batch: int, num_v_heads: int, head_v: int, width: int) -> int:
     """Programs of the scan's grid: one per (row, value head, v tile of `width` columns)."""
     return batch * num_v_heads * -(-head_v // width)
@@ -140,8 +143,8 @@ def _unit_lower_inverse(a_nn, low_precision):
     return inverse_nn
 
 
-class _RowBlock(NamedTuple):
-    """`block_rows` rows of a chunk in the prep kernel: q, k L2-normalised (q also scaled), fp32."""
+class _Half(NamedTuple):
+    """32 rows of a chunk in the prep kernel: q, k L2-normalised (q also scaled), fp32."""
 
     rows: pl.Slice
     valid_n: jax.Array
@@ -151,58 +154,43 @@ class _RowBlock(NamedTuple):
     k_inv_n: jax.Array
 
 
-def _block_lower_inverse(a, num_blocks, low_precision):
-    """(I + A)^-1 for A strictly lower, given as its lower blocks a[i, j] (i >= j; the upper ones are zero). The
-    inverse X is block lower-triangular: X_ii = (I + A_ii)^-1 by doubling, and X_ij = -X_ii sum_k A_ik X_kj
-    (j <= k < i) by block forward substitution, row by row."""
-    dot = functools.partial(_dot, low_precision=low_precision)
-    x = {}
-    for i in range(num_blocks):
-        x[i, i] = _unit_lower_inverse(a[i, i], low_precision)
-        for j in range(i - 1, -1, -1):
-            a_x = functools.reduce(jnp.add, (dot(a[i, k], x[k, j]) for k in range(j, i)))
-            x[i, j] = -dot(x[i, i], a_x)
-    return x
-
-
 def _prep_kernel(
     lengths_ref, q_ref, k_ref, g_ref, beta_ref,
     t_ref, scores_ref, gcum_ref, q_fac_ref, k_fac_ref, w_fac_ref, u_fac_ref,
-    *, scale, use_qk_l2norm, low_precision, block_rows,
+    *, scale, use_qk_l2norm, low_precision,
 ):
     """One (row, group of value heads that read the same key head, chunk). q k^T and k k^T depend on the key
     head only, so the group forms them once (they are ~80% of the prep's products) and reads q, k once; each
-    value head then applies its own gates and inverts its own system. The chunk is handled in blocks of
-    `block_rows` rows: the system (I + A) is block lower-triangular, so its inverse needs only the diagonal
-    blocks' inverses and block forward substitution (`_block_lower_inverse`), and the upper blocks of the
-    inverse and of the scores are zero by construction."""
+    value head then applies its own gates and inverts its own system. The chunk is handled as two 32-row
+    halves: the system (I + A) is block lower-triangular, so its inverse needs two 32x32 inverses and one
+    off-diagonal block, X10 = -X11 A10 X00 (ten 32^3 products instead of ten 64^3 ones), and the upper-right
+    blocks of the inverse and of the scores are zero by construction."""
     b, c = pl.program_id(0), pl.program_id(2)
     dot = functools.partial(_dot, low_precision=low_precision)
-    num_blocks = CHUNK // block_rows
-    blocks = []
-    for i in range(num_blocks):
-        rows = pl.ds(i * block_rows, block_rows)
-        t_n = c * CHUNK + i * block_rows + lax.broadcasted_iota(jnp.int32, (block_rows,), 0)
+    halves = []
+    for i in range(2):
+        rows = pl.ds(i * HALF, HALF)
+        t_n = c * CHUNK + i * HALF + lax.broadcasted_iota(jnp.int32, (HALF,), 0)
         valid_n = t_n < lengths_ref[b]
         q_nk = _masked(q_ref[rows, :], valid_n).astype(jnp.float32)
         k_nk = _masked(k_ref[rows, :], valid_n).astype(jnp.float32)
         q_inv_n, k_inv_n = _inverse_norm(q_nk, use_qk_l2norm), _inverse_norm(k_nk, use_qk_l2norm)
-        blocks.append(_RowBlock(rows, valid_n, q_nk * (q_inv_n * scale)[:, None], k_nk * k_inv_n[:, None],
-                                q_inv_n, k_inv_n))
-    lower = [(i, j) for i in range(num_blocks) for j in range(i + 1)]
-    kk = {(i, j): dot(blocks[i].k_nk, blocks[j].k_nk, contract_b=1) for i, j in lower}
-    qk = {(i, j): dot(blocks[i].q_nk, blocks[j].k_nk, contract_b=1) for i, j in lower}
+        halves.append(_Half(rows, valid_n, q_nk * (q_inv_n * scale)[:, None], k_nk * k_inv_n[:, None],
+                            q_inv_n, k_inv_n))
+    lower = [(0, 0), (1, 0), (1, 1)]
+    kk = {(i, j): dot(halves[i].k_nk, halves[j].k_nk, contract_b=1) for i, j in lower}
+    qk = {(i, j): dot(halves[i].q_nk, halves[j].k_nk, contract_b=1) for i, j in lower}
 
-    square = (block_rows, block_rows)
-    i_nn, j_nn = lax.broadcasted_iota(jnp.int32, square, 0), lax.broadcasted_iota(jnp.int32, square, 1)
-    zeros = jnp.zeros(square, t_ref.dtype)
+    i_nn = lax.broadcasted_iota(jnp.int32, (HALF, HALF), 0)
+    j_nn = lax.broadcasted_iota(jnp.int32, (HALF, HALF), 1)
+    zeros = jnp.zeros((HALF, HALF), t_ref.dtype)
     for head in range(t_ref.shape[0]):
         # g = beta = 0 on padding: pad rows of the system, the scores and the row factors come out neutral.
         g_before = jnp.float32(0.0)
         gcum, beta = [], []
-        for blk in blocks:
-            g_n = jnp.where(blk.valid_n, g_ref[blk.rows, head].astype(jnp.float32), 0.0)
-            beta.append(jnp.where(blk.valid_n, beta_ref[blk.rows, head].astype(jnp.float32), 0.0))
+        for h in halves:
+            g_n = jnp.where(h.valid_n, g_ref[h.rows, head].astype(jnp.float32), 0.0)
+            beta.append(jnp.where(h.valid_n, beta_ref[h.rows, head].astype(jnp.float32), 0.0))
             gcum.append(g_before + jnp.cumsum(g_n))
             g_before = g_before + jnp.sum(g_n)
 
@@ -215,21 +203,23 @@ def _prep_kernel(
             a[i, j] = jnp.where(strict, beta[i][:, None] * kk[i, j] * decay_nn, 0.0)
             scores[i, j] = jnp.where(causal, qk[i, j] * decay_nn, 0.0)
 
-        inverse = _block_lower_inverse(a, num_blocks, low_precision)
-        for i in range(num_blocks):
-            for j in range(num_blocks):
-                block = (head, pl.ds(i * block_rows, block_rows), pl.ds(j * block_rows, block_rows))
-                t_ref[block] = inverse[i, j].astype(t_ref.dtype) if i >= j else zeros
-                scores_ref[block] = scores[i, j].astype(scores_ref.dtype) if i >= j else zeros
+        x00 = _unit_lower_inverse(a[0, 0], low_precision)
+        x11 = _unit_lower_inverse(a[1, 1], low_precision)
+        inverse = {(0, 0): x00, (1, 0): -dot(x11, dot(a[1, 0], x00)), (1, 1): x11}
+        for i, j in lower:
+            t_ref[head, pl.ds(i * HALF, HALF), pl.ds(j * HALF, HALF)] = inverse[i, j].astype(t_ref.dtype)
+            scores_ref[head, pl.ds(i * HALF, HALF), pl.ds(j * HALF, HALF)] = scores[i, j].astype(scores_ref.dtype)
+        t_ref[head, pl.ds(0, HALF), pl.ds(HALF, HALF)] = zeros
+        scores_ref[head, pl.ds(0, HALF), pl.ds(HALF, HALF)] = zeros
 
         # Row factors that let the scan multiply raw (unnormalised, undecayed) q, k, v rows: it then needs no
         # row reductions or exponentials on its serial path.
-        for blk, gcum_n, beta_n in zip(blocks, gcum, beta):
-            gcum_ref[head, blk.rows] = gcum_n
-            q_fac_ref[head, blk.rows] = blk.q_inv_n * scale * jnp.exp(gcum_n)
-            k_fac_ref[head, blk.rows] = blk.k_inv_n * jnp.exp(g_before - gcum_n)
-            w_fac_ref[head, blk.rows] = beta_n * blk.k_inv_n * jnp.exp(gcum_n)
-            u_fac_ref[head, blk.rows] = beta_n
+        for h, gcum_n, beta_n in zip(halves, gcum, beta):
+            gcum_ref[head, h.rows] = gcum_n
+            q_fac_ref[head, h.rows] = h.q_inv_n * scale * jnp.exp(gcum_n)
+            k_fac_ref[head, h.rows] = h.k_inv_n * jnp.exp(g_before - gcum_n)
+            w_fac_ref[head, h.rows] = beta_n * h.k_inv_n * jnp.exp(gcum_n)
+            u_fac_ref[head, h.rows] = beta_n
 
 
 def _scan_kernel(
@@ -288,9 +278,7 @@ def _prep_heads(batch: int, num_v_heads: int, group: int, num_chunks: int) -> in
     return heads
 
 
-@functools.partial(
-    jax.jit, static_argnames=("scale", "use_qk_l2norm", "heads_per_program", "block_rows", "num_warps", "interpret")
-)
+@functools.partial(jax.jit, static_argnames=("scale", "use_qk_l2norm", "heads_per_program", "num_warps", "interpret"))
 def chunk_prep(
     q_btk: jax.Array,
     k_btk: jax.Array,
@@ -301,15 +289,13 @@ def chunk_prep(
     scale: float,
     use_qk_l2norm: bool = True,
     heads_per_program: int | None = None,
-    block_rows: int = 32,
     num_warps: int = 2,
     interpret: bool = False,
 ) -> tuple[jax.Array, ...]:
     """The parallel stage on whole chunks (T a multiple of 64): per chunk the inverse T = (I + A)^-1 and the
     masked scores, each [B, Hv, T, 64] (bf16 for bf16 inputs, else fp32), and fp32 [B, Hv, T] G and the q, k,
     w, u row factors. heads_per_program (a power of two dividing Hv / Hk) value heads of one key head share a
-    program; None picks by the grid's size (`_prep_heads`). block_rows (16, 32 or 64) is the size of the row
-    blocks the inverse is built from."""
+    program; None picks by the grid's size (`_prep_heads`)."""
     batch, padded_len, num_k_heads, head_k = q_btk.shape
     num_v_heads = g_bth.shape[2]
     group = num_v_heads // num_k_heads
@@ -318,8 +304,6 @@ def chunk_prep(
         heads = _prep_heads(batch, num_v_heads, group, padded_len // CHUNK)
     if group % heads or heads & (heads - 1):
         raise ValueError(f"heads_per_program must be a power of two dividing Hv / Hk = {group}, got {heads}")
-    if block_rows not in (16, 32, 64):
-        raise ValueError(f"block_rows must be 16, 32 or 64 (Triton's products need 16 rows), got {block_rows}")
     low_precision = q_btk.dtype == jnp.bfloat16
     inter_dtype = jnp.bfloat16 if low_precision else jnp.float32
     qk_chunk = pl.BlockSpec((None, CHUNK, None, head_k), lambda b, h, c: (b, c, h * heads // group, 0))
@@ -328,8 +312,7 @@ def chunk_prep(
     row_spec = pl.BlockSpec((None, heads, CHUNK), lambda b, h, c: (b, h, c))
     square_shape = jax.ShapeDtypeStruct((batch, num_v_heads, padded_len, CHUNK), inter_dtype)
     row_shape = jax.ShapeDtypeStruct((batch, num_v_heads, padded_len), jnp.float32)
-    kernel = functools.partial(_prep_kernel, scale=scale, use_qk_l2norm=use_qk_l2norm, low_precision=low_precision,
-                               block_rows=block_rows)
+    kernel = functools.partial(_prep_kernel, scale=scale, use_qk_l2norm=use_qk_l2norm, low_precision=low_precision)
     return pl.pallas_call(
         kernel,
         grid=(batch, num_v_heads // heads, padded_len // CHUNK),
@@ -345,8 +328,8 @@ def chunk_prep(
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "scale", "use_qk_l2norm", "scan", "block_v", "num_warps", "num_stages", "prep_heads", "prep_block_rows",
-        "prep_warps", "interpret",
+        "scale", "use_qk_l2norm", "scan", "block_v", "num_warps", "num_stages", "prep_heads", "prep_warps",
+        "interpret",
     ),
 )
 def chunk_prefill(
@@ -365,7 +348,6 @@ def chunk_prefill(
     num_warps: int = 4,
     num_stages: int | None = None,
     prep_heads: int | None = None,
-    prep_block_rows: int = 32,
     prep_warps: int = 2,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
@@ -373,9 +355,9 @@ def chunk_prefill(
     returned state), lengths [B]. Returns (o [B, T, Hv, Dv] v.dtype, final state).
     scan picks the sequential scan: "triton" (`_scan_kernel`), "mosaic" (`chunk_scan_mosaic`, bf16 only) or
     None, the faster one measured for the grid (`_scan_backend`). block_v, num_warps, num_stages tune the
-    Triton scan, prep_heads (value heads per program), prep_block_rows (`chunk_prep`'s block_rows) and
-    prep_warps the parallel stage; block_v and num_stages None pick what measured fastest on an H100 for the
-    grid (`_scan_tiling`), prep_heads None by the prep grid's size (`_prep_heads`)."""
+    Triton scan, prep_heads (value heads per program) and prep_warps the parallel stage; block_v and
+    num_stages None pick what measured fastest on an H100 for the grid (`_scan_tiling`), prep_heads None by
+    the prep grid's size (`_prep_heads`)."""
     batch, seq_len, num_k_heads, head_k = q_btk.shape
     num_v_heads, head_v = v_btv.shape[2:]
     group = num_v_heads // num_k_heads
@@ -388,8 +370,8 @@ def chunk_prefill(
     padded_len = seq_len + pad
     prepared = chunk_prep(
         q_btk, k_btk, g_bth, beta_bth, lengths_b,
-        scale=scale, use_qk_l2norm=use_qk_l2norm, heads_per_program=prep_heads, block_rows=prep_block_rows,
-        num_warps=prep_warps, interpret=interpret,
+        scale=scale, use_qk_l2norm=use_qk_l2norm, heads_per_program=prep_heads, num_warps=prep_warps,
+        interpret=interpret,
     )
     if scan == "mosaic":
         valid_bt = (jnp.arange(padded_len)[None, :] < lengths_b[:, None]).astype(jnp.float32)
