@@ -41,7 +41,6 @@ from pallas_kernels.gated_delta_rule.chunk_scan_mosaic import mosaic_chunk_scan,
 from pallas_kernels.gated_delta_rule.reference import L2NORM_EPS
 
 CHUNK = 64
-FACTOR_LOADS_LAST = True  # experiment switch (sixteenth session): the next chunk's row factors read last
 
 
 HALF = CHUNK // 2
@@ -241,8 +240,7 @@ def _scan_kernel(
 
     def one_chunk(c, carry, *, masked):
         s_kv, (q_fac_c, w_fac_c, u_fac_c, k_fac_c, decay) = carry
-        if not FACTOR_LOADS_LAST:
-            factors_next = row_factors(jnp.minimum(c + 1, num_chunks - 1))
+        factors_next = row_factors(jnp.minimum(c + 1, num_chunks - 1))
         start = pl.multiple_of(c * chunk, chunk)
         rows = pl.ds(start, chunk)
         valid_c = (start + lax.broadcasted_iota(jnp.int32, (chunk,), 0) < length) if masked else None
@@ -256,10 +254,7 @@ def _scan_kernel(
         vnew_cv = dot(t_ref[rows, :], residual_cv)
         o_cv = q_fac_c[:, None] * dot(q_ck, s_kv) + dot(scores_ref[rows, :], vnew_cv)
         o_ref[rows, :] = o_cv.astype(o_ref.dtype)
-        s_kv = s_kv * decay + dot(k_ck, k_fac_c[:, None] * vnew_cv, contract_a=0)
-        if FACTOR_LOADS_LAST:
-            factors_next = row_factors(jnp.minimum(c + 1, num_chunks - 1))
-        return s_kv, factors_next
+        return s_kv * decay + dot(k_ck, k_fac_c[:, None] * vnew_cv, contract_a=0), factors_next
 
     # Chunks wholly inside the row's length skip the masking: masked q, k tiles went through registers
     # (select, repack, store) on their way to the tensor cores, and waits on that path held ~18% of the
