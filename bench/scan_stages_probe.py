@@ -79,7 +79,9 @@ def time_stages() -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "ncu":
+    if sys.argv[1:2] == ["ncu"]:
         warm_for_ncu(sys.argv[2])
-    else:
+    elif sys.argv[1:] in ([], ["time"]):
         time_stages()
+    else:
+        sys.exit(f"usage: {sys.argv[0]} [time | ncu {'|'.join(NCU_CONFIGS)}]")
