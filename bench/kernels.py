@@ -420,8 +420,13 @@ def main():
 
     def save():
         names = {r["name"] for r in rows}
-        kept = [r for r in previous.get("rows", []) if same_device and r["name"] not in names]
-        result["rows"] = kept + [dict(r, commit=result["commit"]) for r in rows]
+        earlier = previous.get("rows", []) if same_device else []
+        result["rows"] = [r for r in earlier if r["name"] not in names] + [dict(r, commit=result["commit"]) for r in rows]
+        # Rows measured again move to rows_superseded instead of vanishing: KERNELS_NOTES.md cites them by commit.
+        result["rows_superseded"] = [*(previous.get("rows_superseded", []) if same_device else []),
+                                     *(r for r in earlier if r["name"] in names)]
+        if same_device and "rows_repeated" in previous:
+            result["rows_repeated"] = previous["rows_repeated"]
         path.write_text(json.dumps(result, indent=1))
 
     sections = {
