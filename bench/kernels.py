@@ -22,6 +22,7 @@ second anchor. Neither is on the device machine: bench/carry_flashqla.sh packs F
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import importlib.metadata
 import json
@@ -29,6 +30,7 @@ import os
 import pathlib
 import statistics
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch and JAX share the GPU here
@@ -100,6 +102,30 @@ def time_jax_calls(fn, args, calls: int = 50, reps: int = 5, threaded: tuple[int
         jax.block_until_ready(out)
         times.append((time.perf_counter() - t0) / calls)
     return statistics.median(times)
+
+
+def gpu_kernel_seconds(trace_dir: str) -> dict[str, float]:
+    """Device seconds per kernel name in a jax.profiler trace (every GPU plane's stream lines; empty on CPU)."""
+    from jax.profiler import ProfileData
+
+    totals: dict[str, float] = collections.defaultdict(float)
+    for path in pathlib.Path(trace_dir).rglob("*.xplane.pb"):
+        for plane in ProfileData.from_file(str(path)).planes:
+            if not plane.name.startswith("/device:GPU"):
+                continue
+            for line in plane.lines:
+                if line.name.startswith("Stream"):
+                    for event in line.events:
+                        totals[event.name] += event.duration_ns * 1e-9
+    return dict(totals)
+
+
+def profiled_kernel_seconds(run) -> dict[str, float]:
+    """GPU kernel seconds by name while `run()` executes under jax.profiler."""
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir):
+            run()
+        return gpu_kernel_seconds(trace_dir)
 
 
 def time_torch(fn) -> tuple[float, float]:
@@ -420,13 +446,13 @@ def main():
 
     def save():
         names = {r["name"] for r in rows}
-        earlier = previous.get("rows", []) if same_device else []
+        kept = previous if same_device else {}
+        earlier = kept.get("rows", [])
         result["rows"] = [r for r in earlier if r["name"] not in names] + [dict(r, commit=result["commit"]) for r in rows]
         # Rows measured again move to rows_superseded instead of vanishing: KERNELS_NOTES.md cites them by commit.
-        result["rows_superseded"] = [*(previous.get("rows_superseded", []) if same_device else []),
-                                     *(r for r in earlier if r["name"] in names)]
-        if same_device and "rows_repeated" in previous:
-            result["rows_repeated"] = previous["rows_repeated"]
+        result["rows_superseded"] = [*kept.get("rows_superseded", []), *(r for r in earlier if r["name"] in names)]
+        if "rows_repeated" in kept:
+            result["rows_repeated"] = kept["rows_repeated"]
         path.write_text(json.dumps(result, indent=1))
 
     sections = {

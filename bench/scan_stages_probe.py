@@ -24,8 +24,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from bench.kernels import DK, chunk_loop_seconds, gdr_inputs, rel_err  # noqa: E402
-from bench.prefill_share import profiled_kernel_seconds  # noqa: E402
+from bench.kernels import DK, chunk_loop_seconds, gdr_inputs, profiled_kernel_seconds, rel_err  # noqa: E402
 from bench.run_info import run_info  # noqa: E402
 from pallas_kernels.gated_delta_rule.chunk import chunk_prefill  # noqa: E402
 
