@@ -13,8 +13,10 @@ import jax
 import jax.numpy as jnp
 from jax import export
 
+from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.gated_delta_rule.chunk import chunk_prefill
 from pallas_kernels.gated_delta_rule.recurrent import recurrent_decode
+from pallas_kernels.moe_matmul import moe_experts
 from pallas_kernels.vision_rotary import apply_vision_rotary_pallas
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
@@ -93,3 +95,29 @@ def test_vision_rotary_kernel_lowers_to_triton(hopper, head_dim):
     shapes = (spec((tokens, heads, head_dim)), spec((tokens, heads, head_dim)), spec((tokens, 2), jnp.int32),
               spec((positions, head_dim // 4), jnp.float32), spec((positions, head_dim // 4), jnp.float32))
     assert triton_kernels_in(apply_vision_rotary_pallas, *shapes) == 1
+
+
+@pytest.mark.parametrize("batch, num_heads, head_dim", [(1, 16, 256), (64, 16, 256), (1, 28, 128), (64, 28, 128)])
+def test_decode_attention_kernel_lowers_to_triton_on_the_whole_cache(hopper, batch, num_heads, head_dim):
+    """Qwen3.5-9B's attention (16 query, 4 kv heads of 256) and Qwen2.5-VL-7B's (28, 4 of 128) over a
+    4096-position cache with a spare slot: one Triton kernel, and the cache reaches it as the argument itself
+    (a slice of the first B slots before the call would be a copy of the cache)."""
+    num_kv_heads, max_len = 4, 4096
+    cache = spec((batch + 1, max_len, num_kv_heads, head_dim))
+    shapes = (spec((batch, num_heads, head_dim)), cache, cache, spec((batch,), jnp.int32))
+    fn = functools.partial(decode_attention, impl="pallas")
+    assert triton_kernels_in(fn, *shapes) == 1
+    cache_type = f"tensor<{batch + 1}x{max_len}x{num_kv_heads}x{head_dim}xbf16>"
+    users = [line for line in lowered_for_cuda(fn, *shapes).splitlines() if cache_type in line]
+    assert users and all("func.func" in line or " call @" in line or TRITON_CALL in line for line in users)
+
+
+@pytest.mark.parametrize("tokens", [1, 64, 1024])
+def test_moe_expert_kernels_lower_to_triton(hopper, tokens):
+    """Qwen3.5-35B-A3B's routed experts (top-8 of 256, D 2048, F 512) at decode (16-row blocks) and, at 1024
+    tokens, prefill (64-row blocks): the gate/up and the down kernel."""
+    d, f, e, k = 2048, 512, 256, 8
+    fn = functools.partial(moe_experts, impl="pallas")
+    shapes = (spec((tokens, d)), spec((tokens, k), jnp.int32), spec((tokens, k)), spec((e, d, 2 * f)),
+              spec((e, f, d)))
+    assert triton_kernels_in(fn, *shapes) == 2
