@@ -32,7 +32,8 @@ from qwenvl_jax.models.model import QwenVLModel, abstract_model
 PARAMS_DIR = "params"
 MTP_DIR = "mtp"
 MANIFEST = "qwenvl_jax.json"
-FORMAT_VERSION = 1
+# 2: one parameter array per layer (format 1 stacked the decoder layers and vision blocks).
+FORMAT_VERSION = 2
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
 _WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
@@ -85,7 +86,7 @@ def plan_conversion(hf_dir: str | Path, dtype: str | jnp.dtype = "bfloat16") -> 
     normalized = {normalize_name(n): n for n in infos}
     layout = detect_expert_layout({normalize_name(n): i for n, i in infos.items()}, cfg.text.hidden_size,
                                   cfg.text.moe_intermediate_size) if cfg.is_moe else "split"
-    wanted = build_sources(leaf_shapes, model.language_model, layout)
+    wanted = build_sources(leaf_shapes, layout)
     ignored = {n for n in normalized if is_mtp(n)}
     if cfg.text.tie_word_embeddings:
         ignored.add("lm_head.weight")  # some tied checkpoints still carry the copy
@@ -218,8 +219,11 @@ def load_params(path: str | Path, dtype: str | jnp.dtype | None = None) -> tuple
     if is_converted(path):
         manifest = json.loads((path / MANIFEST).read_text())
         if manifest.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(f"{path} was converted with format {manifest.get('format_version')}, "
-                                  f"this version reads {FORMAT_VERSION}: convert it again")
+            source = manifest.get("source", "HF_DIR")
+            raise CheckpointError(
+                f"{path} was converted with checkpoint format {manifest.get('format_version')}; this version of "
+                f"qwenvl-jax reads format {FORMAT_VERSION} (one array per layer instead of stacked layers). "
+                f"Convert it again from the HF checkpoint: qwenvl convert {source} {path} --overwrite")
         cfg = load_config(path)
         dtype = jnp.dtype(dtype or manifest["dtype"])
         graphdef, abstract = nnx.split(abstract_model(cfg, dtype))

@@ -1,13 +1,12 @@
 """Where each of our parameters comes from in a HF checkpoint.
 
-The map runs from our side: every leaf of the abstract model names the HF tensors that fill it (a stacked leaf
-names one per layer; a fused expert leaf may name one per expert). So a missing tensor is simply a name nobody
-provided, and an unexpected one a name nobody asked for.
+The map runs from our side: every leaf of the abstract model names the HF tensors that fill it (a fused expert
+leaf may name one per expert). So a missing tensor is simply a name nobody provided, and an unexpected one a name
+nobody asked for.
 
-Our tree mirrors HF's module names (see ``qwenvl_jax.models.layers``) with three differences handled here:
-``kernel`` is HF's ``weight`` reshaped to [out, -1] and transposed; decoder layers are stacked into
-``language_model.groups[j]`` (repeat r = HF layer r * period + j) and ``language_model.tail[k]``; lists that the
-vision tower stacks (``STACKED_LISTS``) gain a leading axis indexed by HF's list position.
+Our tree mirrors HF's module names and lists (``language_model.layers.{i}``, ``visual.blocks.{i}``; see
+``qwenvl_jax.models.layers``) with two differences handled here: ``kernel`` is HF's ``weight`` reshaped to
+[out, -1] and transposed, and experts may be stored one tensor per expert where we keep them fused.
 """
 
 from __future__ import annotations
@@ -19,14 +18,10 @@ from typing import Literal
 import numpy as np
 
 from convert.safetensors_io import TensorInfo
-from qwenvl_jax.models.decoder import TextModel
 
 Transform = Literal["copy", "linear", "swap_last2"]
 ExpertLayout = Literal["fused", "fused_transposed", "split"]
 Path = tuple[str | int, ...]
-
-# Module lists the vision tower stores stacked (leading axis = HF list index).
-STACKED_LISTS = {("visual", "blocks"), ("visual", "deepstack_merger_list")}
 
 _PREFIXES = [  # (pattern, replacement): HF layouts across families and transformers versions
     (re.compile(r"^model\.language_model\."), "language_model."),
@@ -89,61 +84,40 @@ def detect_expert_layout(infos: dict[str, TensorInfo], hidden: int, moe_intermed
     return "fused"  # no shape decides: the shape check then names the tensors that do not fit
 
 
-def _hf_suffix(rest: Path) -> tuple[str, Transform]:
-    *parents, leaf = (str(p) for p in rest)
+def _hf_name(path: Path) -> tuple[str, Transform]:
+    *parents, leaf = (str(p) for p in path)
     if leaf == "kernel":
         return ".".join([*parents, "weight"]), "linear"
     return ".".join([*parents, leaf]), "copy"
 
 
-def _expert_sources(prefix: str, leaf: Path, shape: tuple[int, ...], stack_index: tuple,
-                    layout: ExpertLayout) -> list[Source]:
+def _expert_sources(prefix: str, leaf: Path, shape: tuple[int, ...], layout: ExpertLayout) -> list[Source]:
     which = str(leaf[-1])  # gate_up_proj | down_proj
     if layout != "split":
         transform: Transform = "swap_last2" if layout == "fused_transposed" else "copy"
-        return [Source(f"{prefix}.{which}", leaf, stack_index, transform)]
-    n_experts = shape[len(stack_index)]
+        return [Source(f"{prefix}.{which}", leaf, (), transform)]
     sources = []
-    for e in range(n_experts):
+    for e in range(shape[0]):
         if which == "down_proj":
-            sources.append(Source(f"{prefix}.{e}.down_proj.weight", leaf, (*stack_index, e), "linear"))
+            sources.append(Source(f"{prefix}.{e}.down_proj.weight", leaf, (e,), "linear"))
         else:
             inter = shape[-1] // 2
             for part, cols in (("gate_proj", slice(0, inter)), ("up_proj", slice(inter, 2 * inter))):
-                sources.append(Source(f"{prefix}.{e}.{part}.weight", leaf,
-                                      (*stack_index, e, slice(None), cols), "linear"))
+                sources.append(Source(f"{prefix}.{e}.{part}.weight", leaf, (e, slice(None), cols), "linear"))
     return sources
 
 
-def _sources_for_leaf(path: Path, shape: tuple[int, ...], text: TextModel, layout: ExpertLayout) -> list[Source]:
-    # (HF prefix, stack index into the leaf, rest of the path) for every HF copy of this leaf
-    copies: list[tuple[str, tuple, Path]] = []
-    if path[:2] == ("language_model", "groups"):
-        j = int(path[2])
-        copies = [(f"language_model.layers.{r * text.period + j}", (r,), path[3:]) for r in range(text.n_repeats)]
-    elif path[:2] == ("language_model", "tail"):
-        layer = text.period * text.n_repeats + int(path[2])
-        copies = [(f"language_model.layers.{layer}", (), path[3:])]
-    elif path[:2] in STACKED_LISTS and not isinstance(path[2], int):
-        copies = [(f"{path[0]}.{path[1]}.{i}", (i,), path[2:]) for i in range(shape[0])]
-    else:
-        copies = [("", (), path)]
-
-    sources = []
-    for prefix, stack_index, rest in copies:
-        if rest[-2:] in (("experts", "gate_up_proj"), ("experts", "down_proj")):
-            expert_prefix = ".".join(p for p in (prefix, *map(str, rest[:-1])) if p)
-            sources += _expert_sources(expert_prefix, path, shape, stack_index, layout)
-            continue
-        suffix, transform = _hf_suffix(rest)
-        sources.append(Source(f"{prefix}.{suffix}" if prefix else suffix, path, stack_index, transform))
-    return sources
+def _sources_for_leaf(path: Path, shape: tuple[int, ...], layout: ExpertLayout) -> list[Source]:
+    if path[-2:] in (("experts", "gate_up_proj"), ("experts", "down_proj")):
+        return _expert_sources(".".join(map(str, path[:-1])), path, shape, layout)
+    name, transform = _hf_name(path)
+    return [Source(name, path, (), transform)]
 
 
-def build_sources(leaves: dict[Path, tuple[int, ...]], text: TextModel, layout: ExpertLayout) -> dict[str, Source]:
+def build_sources(leaves: dict[Path, tuple[int, ...]], layout: ExpertLayout) -> dict[str, Source]:
     """HF normalised name -> where it goes, for every leaf of our model."""
     out: dict[str, Source] = {}
     for path, shape in leaves.items():
-        for src in _sources_for_leaf(path, shape, text, layout):
+        for src in _sources_for_leaf(path, shape, layout):
             out[src.hf_name] = src
     return out

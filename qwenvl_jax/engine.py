@@ -18,8 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qwenvl_jax.cache import AttnCache, DecodeState, init_layer_caches, tree_bytes
+from qwenvl_jax.cache import DecodeState, tree_bytes
+from qwenvl_jax.models.attention import AttnCache
 from qwenvl_jax.models.context import ForwardContext
+from qwenvl_jax.models.decoder import init_layer_caches
 from qwenvl_jax.models.model import QwenVLModel
 from qwenvl_jax.models.multimodal import fuse_vision
 from qwenvl_jax.models.vision import prepare_vision_inputs
@@ -33,6 +35,10 @@ class EngineConfig:
     max_len: int = 2048  # prompt + generated tokens per request
     prompt_buckets: tuple[int, ...] = (64, 256, 1024)  # prefill lengths; longer prompts are prefilled in chunks
     decode_steps: int = 16  # tokens per decode call
+    # Tokens per decode call while streaming: a token reaches the caller at most one call after it is sampled, so
+    # fewer steps per call bound that delay (one compiled program runs either count: the count is data). At most
+    # decode_steps take effect.
+    stream_decode_steps: int = 4
     batch_buckets: tuple[int, ...] = ()  # decode batch sizes; default: powers of two up to max_batch
     vision_buckets: tuple[int, ...] = (256, 1024, 4096)  # vision patches per request (powers of two beyond)
     vision_table_rows: int = 128  # 2D rotary table rows: grids up to this many patches a side share one program
@@ -41,6 +47,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_len < 2 or self.decode_steps < 1:
             raise ValueError(f"invalid engine config {self}")
+        if self.stream_decode_steps < 1:
+            raise ValueError(f"stream_decode_steps must be >= 1, got {self.stream_decode_steps}")
         if not self.prompt_buckets or any(b < 1 for b in self.prompt_buckets):
             raise ValueError(f"prompt_buckets must be positive lengths, got {self.prompt_buckets}")
         if max(self.prompt_buckets) > self.max_len:
@@ -150,12 +158,13 @@ def vision_program(graphdef: nnx.GraphDef, params: nnx.State, patches_nd: jax.Ar
 
 def _cache_len(state: DecodeState) -> int:
     """Positions per slot: a request holds at most this many tokens (prompt + generated)."""
-    return next(c.k.shape[2] for c in state.layers if isinstance(c, AttnCache))
+    return next(c.k.shape[1] for c in state.layers if isinstance(c, AttnCache))
 
 
 def decode_program(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, host_active_s: jax.Array,
-                   eos_e: jax.Array, *, steps: int, rows: int) -> tuple[DecodeState, jax.Array]:
-    """``steps`` decode steps for slots [0, rows): tokens [steps, rows] (-1 where a slot emitted nothing)."""
+                   eos_e: jax.Array, num_steps: jax.Array, *, steps: int, rows: int) -> tuple[DecodeState, jax.Array]:
+    """``num_steps`` (<= ``steps``, a traced count) decode steps for slots [0, rows): tokens [steps, rows] (-1
+    where a slot emitted nothing, and in the rows past ``num_steps``)."""
     model: QwenVLModel = nnx.merge(graphdef, params)
     lm = model.language_model
     max_len = _cache_len(state)
@@ -171,8 +180,8 @@ def decode_program(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState
         ctx = ForwardContext(cos, sin, active_s.astype(jnp.int32), start_s, rows, False)
         hidden, layers = lm.forward(lm.embed_tokens(token_s[:, None]), ctx, state.layers)
         logits_sv = model.lm_logits(hidden[:, 0]).astype(jnp.float32)
-        seen_sv = state.seen[:rows]
-        new_s = sample(logits_sv, sampling, _step_keys(state, rows, start_s + 1), seen_sv)
+        # The whole [S, vocab] presence mask goes in: it is sliced (read) only if a row has a repetition penalty.
+        new_s = sample(logits_sv, sampling, _step_keys(state, rows, start_s + 1), state.seen)
 
         lengths_s = start_s + active_s
         remaining_s = state.remaining[:rows] - active_s
@@ -183,12 +192,12 @@ def decode_program(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState
             remaining=state.remaining.at[:rows].set(remaining_s),
             next_token=state.next_token.at[:rows].set(jnp.where(active_s, new_s, token_s)),
             active=state.active.at[:rows].set(active_s & ~done_s),
-            seen=state.seen.at[:rows].set(mark_seen(seen_sv, new_s[:, None], active_s[:, None])),
+            seen=mark_seen(state.seen, new_s[:, None], active_s[:, None]),
         )
         return state, out_ks.at[k].set(jnp.where(active_s, new_s, -1))
 
     out = jnp.full((steps, rows), -1, jnp.int32)
-    return jax.lax.fori_loop(0, steps, step, (state, out))
+    return jax.lax.fori_loop(0, jnp.minimum(num_steps, steps), step, (state, out))
 
 
 # ----------------------------------------------------------------------------------------------- host side
@@ -213,7 +222,7 @@ class Engine:
         slots = config.max_batch + 1
         dtype = text.embed_tokens.weight.get_value().dtype
         self.state = DecodeState(
-            layers=init_layer_caches(text, slots, config.max_len, dtype),
+            layers=init_layer_caches(text.cfg, slots, config.max_len, dtype),
             lengths=jnp.zeros(slots, jnp.int32), rope_delta=jnp.zeros(slots, jnp.int32),
             next_token=jnp.zeros(slots, jnp.int32), active=jnp.zeros(slots, bool),
             remaining=jnp.zeros(slots, jnp.int32), keys=request_keys([0] * slots),
@@ -274,7 +283,7 @@ class Engine:
             bar.update()
         for rows in cfg.decode_buckets:
             self.state, out = self._decode(self.graphdef, self.params, self.state,
-                                           np.zeros(cfg.max_batch + 1, bool), self._eos,
+                                           np.zeros(cfg.max_batch + 1, bool), self._eos, np.int32(cfg.decode_steps),
                                            steps=cfg.decode_steps, rows=rows)
             bar.update()
         jax.block_until_ready(self.state)
@@ -351,12 +360,14 @@ class Engine:
             raise ValueError(f"prompt holds token ids outside the vocabulary [0, {self.vocab_size})")
 
     # ---- the loop
-    def run(self, requests: Sequence[Request]) -> Iterator[TokenEvent]:
+    def run(self, requests: Sequence[Request], stream: bool = False) -> Iterator[TokenEvent]:
         """Generates for every request (continuous batching over ``max_batch`` slots); yields token events in
-        order. Steady state performs no compilation and no device->host transfer but the token ids."""
+        order. Steady state performs no compilation and no device->host transfer but the token ids. ``stream``:
+        decode calls of ``stream_decode_steps`` tokens, so each token reaches the caller sooner."""
         for req in requests:
             self.validate(req)
         cfg = self.config
+        num_steps = np.int32(min(cfg.stream_decode_steps, cfg.decode_steps) if stream else cfg.decode_steps)
         pending = collections.deque(enumerate(requests))
         slot_req: dict[int, int] = {}  # slot -> request index
         produced = collections.Counter()
@@ -411,7 +422,7 @@ class Engine:
             if decoding:
                 rows = min(b for b in cfg.decode_buckets if b > max(slot_req))
                 self.state, out = self._decode(self.graphdef, self.params, self.state, host_active.copy(), self._eos,
-                                               steps=cfg.decode_steps, rows=rows)
+                                               num_steps, steps=cfg.decode_steps, rows=rows)
                 inflight.append(("decode", out, list(range(rows))))
             # Keep one decode call queued on the device while the host reads the one before it.
             while inflight and (len(inflight) > 1 or not decoding):

@@ -140,7 +140,7 @@ def generate(model: QwenVL, prompts: Any = None, *, images: Sequence | None = No
                   video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts)
     requests, batched = build_requests(model, prompts, images=images, videos=videos, input_ids=input_ids,
                                        vision_arrays=arrays, sampling=sampling, max_new_tokens=max_new_tokens)
-    events = _run(model, requests, stop)
+    events = _run(model, requests, stop, stream)
     if stream:
         return _stream(events, batched)
     *_, results = events
@@ -155,8 +155,9 @@ def _stream(events: Iterator, batched: bool) -> Iterator[str | tuple[int, str]]:
         yield item if batched else item[1]
 
 
-def _run(model: QwenVL, requests: list[Request], stop: list[str]) -> Iterator:
-    """Yields (request index, text delta) as tokens arrive, then the list of GenerationResults."""
+def _run(model: QwenVL, requests: list[Request], stop: list[str], stream: bool) -> Iterator:
+    """Yields (request index, text delta) as tokens arrive, then the list of GenerationResults. ``stream``: the
+    engine's short decode calls, so deltas arrive token by token rather than a call's worth at a time."""
     engine = model.engine()
     t0 = time.perf_counter()
     compiled_before = _compile_seconds[0]
@@ -168,7 +169,7 @@ def _run(model: QwenVL, requests: list[Request], stop: list[str]) -> Iterator:
     first_at: list[float | None] = [None] * len(requests)
     reasons: list[str | None] = [None] * len(requests)
     done_at = [0.0] * len(requests)
-    for ev in engine.run(requests):
+    for ev in engine.run(requests, stream=stream):
         i = ev.request_index
         if reasons[i] is not None:  # already ended by a stop string
             continue

@@ -112,20 +112,28 @@ def request_key(seed: int | None) -> jax.Array:
 def mark_seen(seen_sv: jax.Array, token_ids_sn: jax.Array, valid_sn: jax.Array | None = None) -> jax.Array:
     """Sets ``seen_sv[s, token_ids_sn[s, n]]`` for every valid ``(s, n)``: the token-presence mask that the
     repetition penalty reads (fill it with the prompt, then with each sampled token)."""
-    num_rows, vocab_size = seen_sv.shape
+    vocab_size = seen_sv.shape[1]
     if valid_sn is not None:
         # Out-of-range ids are dropped by the scatter, so invalid entries (padding) touch nothing.
         token_ids_sn = jnp.where(valid_sn, token_ids_sn, vocab_size)
-    rows_sn = jnp.broadcast_to(jnp.arange(num_rows)[:, None], token_ids_sn.shape)
+    # Row s of the ids marks row s of the mask: a slot pool with more rows is updated in place, rows past the ids
+    # untouched, and the scatter writes only the marked elements.
+    rows_sn = jnp.broadcast_to(jnp.arange(token_ids_sn.shape[0])[:, None], token_ids_sn.shape)
     return seen_sv.at[rows_sn, token_ids_sn].set(True, mode="drop")
 
 
 def _apply_repetition_penalty(logits_sv: jax.Array, penalty_s: jax.Array, seen_sv: jax.Array | None) -> jax.Array:
+    """``seen_sv`` may be a slot pool with more rows than the logits (rows [0, S) are used). The [S, V] mask is
+    read only when some row has a penalty: a batch without one never touches it."""
     if seen_sv is None:
         return logits_sv
-    penalty_s1 = penalty_s[:, None]
-    penalised_sv = jnp.where(logits_sv < 0, logits_sv * penalty_s1, logits_sv / penalty_s1)
-    return jnp.where(seen_sv, penalised_sv, logits_sv)
+
+    def penalise() -> jax.Array:
+        penalty_s1 = penalty_s[:, None]
+        penalised_sv = jnp.where(logits_sv < 0, logits_sv * penalty_s1, logits_sv / penalty_s1)
+        return jnp.where(seen_sv[: logits_sv.shape[0]], penalised_sv, logits_sv)
+
+    return jax.lax.cond(jnp.any(penalty_s != 1), penalise, lambda: logits_sv)
 
 
 def _order_keys(x_sv: jax.Array) -> jax.Array:
@@ -215,7 +223,7 @@ def sample(logits_sv: jax.Array, params: SamplingArrays, keys_s: jax.Array,
            seen_sv: jax.Array | None = None) -> jax.Array:
     """Next token ``[S] int32`` of each row. Greedy rows (temperature 0) return exactly the argmax of the
     penalised logits; the others draw from :func:`process_logits` with their own key. ``seen_sv`` (bool
-    ``[S, V]``, see :func:`mark_seen`) is needed only for the repetition penalty."""
+    ``[S', V]`` with S' >= S, see :func:`mark_seen`) is needed only for the repetition penalty."""
     logits_sv = logits_sv.astype(jnp.float32)
     penalised_sv = _apply_repetition_penalty(logits_sv, params.repetition_penalty, seen_sv)
     argmax_s = jnp.argmax(penalised_sv, axis=-1).astype(jnp.int32)

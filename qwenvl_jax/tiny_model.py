@@ -91,7 +91,7 @@ def write_random_checkpoint(out_dir: str | Path, config: dict, *, seed: int = 0,
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     hf_prefix = {"language_model.": "model.language_model.", "visual.": "model.visual."}
-    for name, src in sorted(build_sources(shapes, model.language_model, layout).items()):
+    for name, src in sorted(build_sources(shapes, layout).items()):
         region = region_shape(shapes[src.leaf], src.index)
         tensor = _random_tensor(name, _hf_shape(src, region, cfg), rng)
         if size and size + tensor.nbytes > max_shard_bytes:

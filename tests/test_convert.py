@@ -52,6 +52,16 @@ def test_converted_equals_in_memory_load(tmp_path):
     np.testing.assert_array_equal(qj.load(out).logits(ids), qj.load(hf_dir, dtype="float32").logits(ids))
 
 
+def test_checkpoint_of_the_stacked_format_asks_for_reconversion(tmp_path):
+    """Format 1 stacked the layers; its arrays do not fit today's per-layer tree, so load names the fix."""
+    hf_dir = _tiny(tmp_path)
+    out = convert_checkpoint(hf_dir, tmp_path / "out", dtype="float32", progress=False)
+    manifest = json.loads((out / "qwenvl_jax.json").read_text())
+    (out / "qwenvl_jax.json").write_text(json.dumps(dict(manifest, format_version=1)))
+    with pytest.raises(CheckpointError, match=f"format 1.*qwenvl convert {hf_dir.absolute()} {out} --overwrite"):
+        qj.load(out)
+
+
 def test_bfloat16_conversion_keeps_dtype(tmp_path):
     out = convert_checkpoint(_tiny(tmp_path, "qwen2_5_vl"), tmp_path / "out", progress=False)
     model = qj.load(out)

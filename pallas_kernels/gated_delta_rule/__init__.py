@@ -1,6 +1,7 @@
 """Gated delta rule: one entry point that picks the Pallas kernels on GPU and the pure-JAX references elsewhere.
 
 T == 1 takes the recurrent decode kernel (state read once, updated in place), longer inputs the chunked one.
+``gated_delta_rule_step_slots`` is the decode step over a pool of slot states, advanced where they live.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pallas_kernels.gated_delta_rule.reference import (
 __all__ = [
     "chunk_gated_delta_rule_ref",
     "gated_delta_rule",
+    "gated_delta_rule_step_slots",
     "kernel_supports",
     "recurrent_gated_delta_rule_ref",
 ]
@@ -57,20 +59,13 @@ def gated_delta_rule(
     num_v_heads, head_v = v.shape[2:]
     if num_v_heads % num_k_heads:
         raise ValueError(f"value heads ({num_v_heads}) must be a multiple of key heads ({num_k_heads})")
-    if impl == "auto":
-        on_gpu = jax.default_backend() == "gpu"
-        impl = "pallas" if on_gpu and kernel_supports(head_k, head_v) else "reference"
+    impl = _resolve(impl, head_k, head_v)
     if impl == "reference":
         ref = recurrent_gated_delta_rule_ref if seq_len == 1 else chunk_gated_delta_rule_ref
         return ref(
             q, k, v, g, beta,
             initial_state=initial_state, lengths=lengths, scale=scale, use_qk_l2norm=use_qk_l2norm,
         )
-    if impl not in ("pallas", "interpret"):
-        raise ValueError(f"impl must be auto, reference, pallas or interpret, got {impl!r}")
-    if not kernel_supports(head_k, head_v):
-        raise ValueError(f"the Pallas kernels need power-of-two head sizes >= 16, got Dk={head_k}, Dv={head_v}")
-
     scale = head_k**-0.5 if scale is None else float(scale)
     state = initial_state_fp32(initial_state, batch, num_v_heads, head_k, head_v)
     lengths_b = jnp.full((batch,), seq_len, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
@@ -81,3 +76,49 @@ def gated_delta_rule(
         )
         return o_bhv[:, None], state
     return chunk_prefill(q, k, v, g, beta, state, lengths_b, **common)
+
+
+def _resolve(impl: Impl, head_k: int, head_v: int) -> Impl:
+    """"auto" -> kernels on a GPU when the head sizes suit them, references elsewhere; checks explicit choices."""
+    if impl == "auto":
+        on_gpu = jax.default_backend() == "gpu"
+        return "pallas" if on_gpu and kernel_supports(head_k, head_v) else "reference"
+    if impl not in ("reference", "pallas", "interpret"):
+        raise ValueError(f"impl must be auto, reference, pallas or interpret, got {impl!r}")
+    if impl != "reference" and not kernel_supports(head_k, head_v):
+        raise ValueError(f"the Pallas kernels need power-of-two head sizes >= 16, got Dk={head_k}, Dv={head_v}")
+    return impl
+
+
+def gated_delta_rule_step_slots(
+    q_bhk: jax.Array,
+    k_bhk: jax.Array,
+    v_bhv: jax.Array,
+    g_bh: jax.Array,
+    beta_bh: jax.Array,
+    state_shkv: jax.Array,
+    lengths_b: jax.Array,
+    *,
+    use_qk_l2norm: bool = True,
+    impl: Impl = "auto",
+) -> tuple[jax.Array, jax.Array]:
+    """One decode token per row; row b advances slot b of ``state_shkv`` [S >= B, Hv, Dk, Dv] fp32, the engine's
+    whole state pool. Returns (o [B, Hv, Dv] in v.dtype, the pool with slots [0, B) advanced, the rest as given).
+
+    The kernel's grid covers rows [0, B) of the full pool and its state output aliases the pool, so under a
+    donated state nothing is copied: slicing the rows out first would make XLA copy them out and back every step.
+    lengths_b [B]: 1 advances the row, 0 leaves its slot bit-identical (a pad row)."""
+    batch, num_v_heads, head_v = v_bhv.shape
+    head_k = q_bhk.shape[-1]
+    if state_shkv.shape[0] < batch or state_shkv.shape[1:] != (num_v_heads, head_k, head_v):
+        raise ValueError(f"state pool {state_shkv.shape} does not hold {batch} rows of {(num_v_heads, head_k, head_v)}")
+    impl = _resolve(impl, head_k, head_v)
+    if impl == "reference":
+        o_b1hv, new_bhkv = recurrent_gated_delta_rule_ref(
+            q_bhk[:, None], k_bhk[:, None], v_bhv[:, None], g_bh[:, None], beta_bh[:, None],
+            initial_state=state_shkv[:batch], lengths=lengths_b, use_qk_l2norm=use_qk_l2norm,
+        )
+        return o_b1hv[:, 0], state_shkv.at[:batch].set(new_bhkv)
+    return recurrent_decode(q_bhk, k_bhk, v_bhv, g_bh, beta_bh, state_shkv.astype(jnp.float32),
+                            jnp.asarray(lengths_b, jnp.int32), scale=head_k**-0.5, use_qk_l2norm=use_qk_l2norm,
+                            interpret=impl == "interpret")

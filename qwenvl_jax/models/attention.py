@@ -6,15 +6,29 @@ gate that HF folds into q_proj head by head (Qwen3.5), partial rotary (Qwen3.5).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qwenvl_jax.cache import AttnCache
+from pallas_kernels.decode_attention import decode_attention
 from qwenvl_jax.config import TextConfig
 from qwenvl_jax.models.context import ForwardContext
 from qwenvl_jax.models.layers import Linear, RMSNorm
 from qwenvl_jax.models.rope import apply_rotary
+
+
+class AttnCache(NamedTuple):
+    """One attention layer's keys and values for every decode slot (the engine's donated state)."""
+
+    k: jax.Array  # [S, max_len, kv_heads, head_dim]
+    v: jax.Array
+
+
+def init_attn_cache(cfg: TextConfig, slots: int, max_len: int, dtype: jnp.dtype) -> AttnCache:
+    shape = (slots, max_len, cfg.num_key_value_heads, cfg.head_dim)
+    return AttnCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
 
 def causal_attention(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array, lengths_b: jax.Array) -> jax.Array:
@@ -36,16 +50,15 @@ def cached_attention(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array, ct
     return jax.nn.dot_product_attention(q_bthd, k_bshd, v_bshd, mask=mask_bts[:, None])
 
 
-def write_kv(cache: AttnCache, r: jax.Array | int, k_bthd: jax.Array, v_bthd: jax.Array,
-             ctx: ForwardContext) -> AttnCache:
-    """Scatters the new keys/values of repeat r into their slots; pad tokens are dropped, never written."""
-    max_len = cache.k.shape[2]
+def write_kv(cache: AttnCache, k_bthd: jax.Array, v_bthd: jax.Array, ctx: ForwardContext) -> AttnCache:
+    """Scatters the new keys/values into their slots in place; pad tokens are dropped, never written."""
+    max_len = cache.k.shape[1]
     t = k_bthd.shape[1]
     pos_bt = ctx.starts_b[:, None] + jnp.arange(t)[None, :]
     pos_bt = jnp.where(jnp.arange(t)[None, :] < ctx.lengths_b[:, None], pos_bt, max_len)
     rows_b1 = ctx.row_ids()[:, None]
-    return AttnCache(cache.k.at[r, rows_b1, pos_bt].set(k_bthd.astype(cache.k.dtype), mode="drop"),
-                     cache.v.at[r, rows_b1, pos_bt].set(v_bthd.astype(cache.v.dtype), mode="drop"))
+    return AttnCache(cache.k.at[rows_b1, pos_bt].set(k_bthd.astype(cache.k.dtype), mode="drop"),
+                     cache.v.at[rows_b1, pos_bt].set(v_bthd.astype(cache.v.dtype), mode="drop"))
 
 
 class Attention(nnx.Module):
@@ -66,8 +79,8 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
         self.output_gate = cfg.attn_output_gate
 
-    def __call__(self, x_btd: jax.Array, ctx: ForwardContext, cache: AttnCache | None = None,
-                 r: jax.Array | int = 0) -> tuple[jax.Array, AttnCache | None]:
+    def __call__(self, x_btd: jax.Array, ctx: ForwardContext, cache: AttnCache | None = None
+                 ) -> tuple[jax.Array, AttnCache | None]:
         b, t, _ = x_btd.shape
         q = self.q_proj(x_btd)
         gate_bthd = None
@@ -83,12 +96,16 @@ class Attention(nnx.Module):
         k_bthd = apply_rotary(k_bthd, ctx.cos_btr, ctx.sin_btr)
 
         if cache is not None:
-            cache = write_kv(cache, r, k_bthd, v_bthd, ctx)
+            cache = write_kv(cache, k_bthd, v_bthd, ctx)
         if ctx.fresh:
             out_bthd = causal_attention(q_bthd, k_bthd, v_bthd, ctx.lengths_b)
+        elif ctx.is_decode(t):
+            # Row b is slot b: the kernel reads the cache where it lives, positions [0, start + new) only.
+            out_bhd = decode_attention(q_bthd[:, 0], cache.k, cache.v, ctx.starts_b + ctx.lengths_b)
+            out_bthd = out_bhd[:, None]
         else:
             rows = ctx.row_index()
-            out_bthd = cached_attention(q_bthd, cache.k[r][rows], cache.v[r][rows], ctx)
+            out_bthd = cached_attention(q_bthd, cache.k[rows], cache.v[rows], ctx)
         if gate_bthd is not None:
             out_bthd = out_bthd * jax.nn.sigmoid(gate_bthd)
         return self.o_proj(out_bthd.reshape(b, t, self.num_heads * self.head_dim)), cache

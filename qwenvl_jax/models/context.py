@@ -23,6 +23,10 @@ class ForwardContext:
     def row_index(self) -> jax.Array | slice:
         return slice(0, self.rows) if isinstance(self.rows, int) else self.rows
 
+    def is_decode(self, t: int) -> bool:
+        """One new token per row, rows being slots 0..B-1 of a running sequence: the decode step."""
+        return t == 1 and not self.fresh and isinstance(self.rows, int)
+
     def row_ids(self) -> jax.Array:
         return jnp.arange(self.rows) if isinstance(self.rows, int) else self.rows
 

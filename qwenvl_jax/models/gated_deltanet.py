@@ -7,15 +7,31 @@ exactly as if they were absent.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pallas_kernels.gated_delta_rule import gated_delta_rule
-from qwenvl_jax.cache import GdnCache
+from pallas_kernels.gated_delta_rule import gated_delta_rule, gated_delta_rule_step_slots
 from qwenvl_jax.config import TextConfig
 from qwenvl_jax.models.context import ForwardContext
 from qwenvl_jax.models.layers import Linear, _normal
+
+
+class GdnCache(NamedTuple):
+    """One Gated DeltaNet layer's state for every decode slot (the engine's donated state)."""
+
+    conv: jax.Array  # [S, K-1, conv_dim], activation dtype
+    recurrent: jax.Array  # [S, Hv, Dk, Dv] float32
+
+
+def init_gdn_cache(cfg: TextConfig, slots: int, dtype: jnp.dtype) -> GdnCache:
+    return GdnCache(
+        jnp.zeros((slots, cfg.linear_conv_kernel_dim - 1, cfg.gdn_conv_dim), dtype),
+        jnp.zeros((slots, cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim),
+                  jnp.float32),
+    )
 
 
 def causal_depthwise_conv(x_btc: jax.Array, state_bkc: jax.Array, kernel_kc: jax.Array) -> jax.Array:
@@ -76,23 +92,33 @@ class GatedDeltaNet(nnx.Module):
         return (jnp.zeros((batch, k - 1, c), dtype),
                 jnp.zeros((batch, self.value_heads, self.key_dim, self.value_dim), jnp.float32))
 
-    def __call__(self, x_btd: jax.Array, ctx: ForwardContext, cache: GdnCache | None = None,
-                 r: jax.Array | int = 0) -> tuple[jax.Array, GdnCache | None]:
+    def __call__(self, x_btd: jax.Array, ctx: ForwardContext, cache: GdnCache | None = None
+                 ) -> tuple[jax.Array, GdnCache | None]:
+        if cache is not None and ctx.is_decode(x_btd.shape[1]):
+            return self._decode_step(x_btd, ctx, cache)
         rows = ctx.row_index()
-        state = None if ctx.fresh or cache is None else (cache.conv[r][rows], cache.recurrent[r][rows])
+        state = None if ctx.fresh or cache is None else (cache.conv[rows], cache.recurrent[rows])
         out, (conv, recurrent) = self.mix(x_btd, ctx.lengths_b, state)
         if cache is not None:
-            cache = GdnCache(cache.conv.at[r, rows].set(conv.astype(cache.conv.dtype)),
-                             cache.recurrent.at[r, rows].set(recurrent))
+            cache = GdnCache(cache.conv.at[rows].set(conv.astype(cache.conv.dtype)),
+                             cache.recurrent.at[rows].set(recurrent))
         return out, cache
 
-    def mix(
-        self, x_btd: jax.Array, lengths_b: jax.Array, state: tuple[jax.Array, jax.Array] | None = None
-    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        """The mixer on right-padded rows from ``state`` (zeros if None): (output, (conv, recurrent) after)."""
-        b, t, _ = x_btd.shape
-        conv_state, recurrent_state = state if state is not None else self.init_state(b, x_btd.dtype)
+    def _decode_step(self, x_b1d: jax.Array, ctx: ForwardContext, cache: GdnCache) -> tuple[jax.Array, GdnCache]:
+        """One token for rows = slots 0..B-1: the recurrent state is advanced where it lives in the slot pool.
+        The conv window is small (K-1 rows per slot), so it is read out and written back."""
+        b = x_b1d.shape[0]
+        conv_bkc = cache.conv[:b]
+        q, k, v, g, beta, z, new_conv = self._gates_and_inputs(x_b1d, conv_bkc, ctx.lengths_b)
+        core_bhv, recurrent = gated_delta_rule_step_slots(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0],
+                                                          cache.recurrent, ctx.lengths_b)
+        out = self._output(core_bhv[:, None], z, x_b1d.dtype)
+        return out, GdnCache(cache.conv.at[:b].set(new_conv.astype(cache.conv.dtype)), recurrent)
 
+    def _gates_and_inputs(self, x_btd: jax.Array, conv_state_bkc: jax.Array, lengths_b: jax.Array) -> tuple:
+        """Projections, causal conv + SiLU and gates: (q, k [B,T,Hk,Dk], v [B,T,Hv,Dv], g, beta [B,T,Hv] fp32,
+        z [B,T,Hv,Dv], the conv window after the real tokens)."""
+        b, t, _ = x_btd.shape
         mixed_btc = self.in_proj_qkv(x_btd)
         z_bthv = self.in_proj_z(x_btd).reshape(b, t, self.value_heads, self.value_dim)
         beta_bth = jax.nn.sigmoid(self.in_proj_b(x_btd).astype(jnp.float32))
@@ -100,17 +126,28 @@ class GatedDeltaNet(nnx.Module):
         g_bth = -jnp.exp(self.A_log[...].astype(jnp.float32)) * jax.nn.softplus(a_bth + self.dt_bias[...].astype(jnp.float32))
 
         kernel = self.conv1d.kernel[...]
-        conved_btc = jax.nn.silu(causal_depthwise_conv(mixed_btc, conv_state, kernel))
-        new_conv_state = last_conv_window(mixed_btc, conv_state, lengths_b).astype(conv_state.dtype)
+        conved_btc = jax.nn.silu(causal_depthwise_conv(mixed_btc, conv_state_bkc, kernel))
+        new_conv_state = last_conv_window(mixed_btc, conv_state_bkc, lengths_b).astype(conv_state_bkc.dtype)
 
         kd = self.key_heads * self.key_dim
         q, k, v = jnp.split(conved_btc, [kd, 2 * kd], axis=-1)
         q_bthk = q.reshape(b, t, self.key_heads, self.key_dim)
         k_bthk = k.reshape(b, t, self.key_heads, self.key_dim)
         v_bthv = v.reshape(b, t, self.value_heads, self.value_dim)
+        return q_bthk, k_bthk, v_bthv, g_bth, beta_bth, z_bthv, new_conv_state
+
+    def _output(self, core_bthv: jax.Array, z_bthv: jax.Array, dtype: jnp.dtype) -> jax.Array:
+        b, t = core_bthv.shape[:2]
+        out = self.norm(core_bthv.astype(dtype), z_bthv)
+        return self.out_proj(out.reshape(b, t, -1))
+
+    def mix(
+        self, x_btd: jax.Array, lengths_b: jax.Array, state: tuple[jax.Array, jax.Array] | None = None
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """The mixer on right-padded rows from ``state`` (zeros if None): (output, (conv, recurrent) after)."""
+        conv_state, recurrent_state = state if state is not None else self.init_state(x_btd.shape[0], x_btd.dtype)
+        q, k, v, g, beta, z, new_conv_state = self._gates_and_inputs(x_btd, conv_state, lengths_b)
         core_bthv, new_recurrent = gated_delta_rule(
-            q_bthk, k_bthk, v_bthv, g_bth, beta_bth,
-            initial_state=recurrent_state, lengths=lengths_b, use_qk_l2norm=True,
+            q, k, v, g, beta, initial_state=recurrent_state, lengths=lengths_b, use_qk_l2norm=True,
         )
-        out = self.norm(core_bthv.astype(x_btd.dtype), z_bthv)
-        return self.out_proj(out.reshape(b, t, -1)), (new_conv_state, new_recurrent)
+        return self._output(core_bthv, z, x_btd.dtype), (new_conv_state, new_recurrent)

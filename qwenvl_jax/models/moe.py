@@ -1,7 +1,8 @@
 """Sparse mixture of experts: softmax top-k routing, grouped expert matmuls, optional gated shared expert.
 
-Tokens are sorted by expert and run through ``jax.lax.ragged_dot`` so each expert's weights are read once per call
-and no [tokens, k, D, I] gather is materialised.
+The routed experts run through ``pallas_kernels.moe_matmul.moe_experts``: (token, expert) pairs sorted by expert,
+each routed expert's weights read once per call where they live, unrouted experts never touched, and no
+[tokens, k, D, I] gather materialised (on a CPU the same arithmetic through ``jax.lax.ragged_dot``).
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pallas_kernels.moe_matmul import moe_experts
 from qwenvl_jax.config import TextConfig
-from qwenvl_jax.models.layers import GatedMLP, Linear, _normal, activation
+from qwenvl_jax.models.layers import GatedMLP, Linear, _normal
 
 
 class Experts(nnx.Module):
@@ -49,17 +51,8 @@ class SparseMoeBlock(nnx.Module):
         x_nd = x_btd.reshape(b * t, d)
         weights_nk, experts_nk = self.route(x_nd)
 
-        flat_expert = experts_nk.reshape(-1)  # [n*k], token-major
-        order = jnp.argsort(flat_expert, stable=True)
-        token_of = order // self.top_k
-        group_sizes = jnp.bincount(flat_expert, length=self.num_experts).astype(jnp.int32)
-        xs = jnp.take(x_nd, token_of, axis=0)
-        gate_up = jax.lax.ragged_dot(xs, self.experts.gate_up_proj[...], group_sizes)
-        gate, up = jnp.split(gate_up, 2, axis=-1)
-        h = jax.lax.ragged_dot(activation("silu")(gate) * up, self.experts.down_proj[...], group_sizes)
-        # Back to token-major order, weight each expert's output, sum over the k experts.
-        h_nkd = jnp.zeros_like(h).at[order].set(h).reshape(b * t, self.top_k, d)
-        out_nd = jnp.einsum("nkd,nk->nd", h_nkd, weights_nk.astype(h.dtype))
+        out_nd = moe_experts(x_nd, experts_nk, weights_nk, self.experts.gate_up_proj[...],
+                             self.experts.down_proj[...])
 
         if self.shared_expert is not None:
             shared = self.shared_expert(x_nd)

@@ -14,7 +14,6 @@ host by :func:`prepare_vision_inputs` and cached per grid; the device only gathe
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -333,47 +332,20 @@ class PatchMerger(nnx.Module):
         return self.linear_fc2(gelu(self.linear_fc1(x)))
 
 
-def _stacked(count: int, make_one: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs) -> nnx.Module:
-    """``count`` modules stacked on a leading axis (the converter fills it from HF's list of that name)."""
-    @nnx.split_rngs(splits=count)
-    @nnx.vmap(in_axes=0, out_axes=0)
-    def make(r: nnx.Rngs):
-        return make_one(r)
-
-    return make(rngs)
-
-
 class VisionModel(nnx.Module):
-    """HF: ``model.visual``. Blocks are stacked (leading axis = block index) and scanned."""
+    """HF: ``model.visual``. Each block owns its arrays (``blocks[i]``) and the blocks run in a Python loop,
+    unrolled in the program, so weights are read where they live (see ``models.decoder``)."""
 
     def __init__(self, cfg: VisionConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
         self.patch_embed = PatchEmbed(cfg, dtype=dtype, rngs=rngs)
         self.pos_embed = (Embedding(cfg.num_position_embeddings, cfg.hidden_size, dtype=dtype, rngs=rngs)
                           if cfg.num_position_embeddings else None)
-        self.blocks = _stacked(cfg.depth, lambda r: VisionBlock(cfg, dtype=dtype, rngs=r), rngs)
+        self.blocks = nnx.List([VisionBlock(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.depth)])
         self.merger = PatchMerger(cfg, postshuffle=False, dtype=dtype, rngs=rngs)
         n_deep = len(cfg.deepstack_visual_indexes)
-        self.deepstack_merger_list = _stacked(
-            n_deep, lambda r: PatchMerger(cfg, postshuffle=True, dtype=dtype, rngs=r), rngs) if n_deep else None
+        self.deepstack_merger_list = nnx.List(
+            [PatchMerger(cfg, postshuffle=True, dtype=dtype, rngs=rngs) for _ in range(n_deep)]) if n_deep else None
         self.cfg = cfg
-
-    def _scan_blocks(self, x_nd: jax.Array, lo: int, hi: int, inputs: VisionInputs) -> jax.Array:
-        """Blocks lo..hi-1; Qwen2.5-VL's pick full or window attention by a per-block flag fed through the scan."""
-        graphdef, state = nnx.split(self.blocks)
-        if (lo, hi) != (0, self.cfg.depth):
-            state = jax.tree.map(lambda a: a[lo:hi], state)
-        full = jnp.asarray([i in self.cfg.fullatt_block_indexes for i in range(lo, hi)])
-        rotary = (inputs.pos_hw_n2, inputs.cos_table, inputs.sin_table)
-
-        def body(x: jax.Array, xs: tuple) -> tuple[jax.Array, None]:
-            block_state, is_full = xs
-            block = nnx.merge(graphdef, block_state)
-            if inputs.window is None:
-                return block(x, *rotary, inputs.full), None
-            return jax.lax.cond(is_full, lambda: block(x, *rotary, inputs.full),
-                                lambda: block(x, *rotary, inputs.window)), None
-
-        return jax.lax.scan(body, x_nd, (state, full))[0]
 
     def __call__(self, pixel_patches_np: jax.Array, inputs: VisionInputs) -> tuple[jax.Array, jax.Array | None]:
         """Packed patches [N, patch_dim] -> (merged tokens [M, out_hidden], DeepStack features [k, M, out_hidden]
@@ -386,15 +358,15 @@ class VisionModel(nnx.Module):
         if inputs.window_index_m is not None:
             x = x.reshape(-1, unit, x.shape[-1])[inputs.window_index_m].reshape(x.shape)
 
+        rotary = (inputs.pos_hw_n2, inputs.cos_table, inputs.sin_table)
         taps = self.cfg.deepstack_visual_indexes
-        features, lo = [], 0
-        for tap in sorted(taps):  # HF collects the features in block order
-            x = self._scan_blocks(x, lo, tap + 1, inputs)
-            merger_state = jax.tree.map(lambda a: a[taps.index(tap)], nnx.state(self.deepstack_merger_list))
-            features.append(nnx.merge(nnx.graphdef(self.deepstack_merger_list), merger_state)(x))
-            lo = tap + 1
-        if lo < self.cfg.depth:
-            x = self._scan_blocks(x, lo, self.cfg.depth, inputs)
+        features = []  # HF collects the DeepStack features in block order
+        for i, block in enumerate(self.blocks):
+            # Qwen2.5-VL: window attention except in the full-attention blocks (a static choice per block).
+            full = inputs.window is None or i in self.cfg.fullatt_block_indexes
+            x = block(x, *rotary, inputs.full if full else inputs.window)
+            if i in taps:
+                features.append(self.deepstack_merger_list[taps.index(i)](x))
 
         merged_md = self.merger(x)
         if inputs.reverse_index_m is not None:

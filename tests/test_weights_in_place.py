@@ -1,0 +1,51 @@
+"""The prefill and decode programs read every weight where it lives: the lowered program slices no weight matrix
+out of a larger array, and no instruction of the optimised one writes a weight-shaped copy of a weight. Layer
+scans over stacked weights made XLA copy each layer's weights out of the stack every decode step on an H100
+(bench/DECODE_NOTES.md).
+Dense families in fp32 on the CPU (no dtype converts); the MoE expert path on a GPU is a Pallas kernel that
+takes the expert weights whole (tests/test_kernels_lower_for_gpu.py)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from bench.hlo import materialised_weights, sliced_weight_matrices, weight_shapes
+from qwenvl_jax.config import parse_config
+from qwenvl_jax.engine import Engine, EngineConfig
+from qwenvl_jax.models.model import abstract_model
+from qwenvl_jax.sampling import request_keys, sampling_arrays
+from qwenvl_jax.tiny_model import TINY_CONFIGS, hf_config_dict
+
+
+def test_the_check_finds_a_materialised_weight():
+    """A transposed copy of a weight is found, an activation of another shape is not."""
+    w = jax.ShapeDtypeStruct((64, 96), jnp.float32)
+    x = jax.ShapeDtypeStruct((2, 64), jnp.float32)
+    copying = jax.jit(lambda w, x: (x @ w, jnp.transpose(w) + 1.0)).lower(w, x).compile().as_text()
+    reading = jax.jit(lambda w, x: x @ w).lower(w, x).compile().as_text()
+    shapes = weight_shapes({"w": w})
+    assert [op[2] for op in materialised_weights(copying, shapes)] == ["f32[96,64]"]
+    assert materialised_weights(reading, shapes) == []
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_5", "qwen3_vl", "qwen2_5_vl"])
+def test_decode_and_prefill_programs_copy_no_weight(model_type):
+    cfg = parse_config(hf_config_dict(model_type, *TINY_CONFIGS[model_type]))
+    graphdef, params = nnx.split(abstract_model(cfg, jnp.float32))
+    engine = Engine(graphdef, params, EngineConfig(max_batch=2, max_len=64, prompt_buckets=(16,), decode_steps=2))
+    shapes = weight_shapes(params)
+    assert len(shapes) >= 5
+    decode = engine._decode.lower(graphdef, params, engine.state, np.ones(3, bool), engine._eos, np.int32(2),
+                                  steps=2, rows=2)
+    prefill = engine._prefill.lower(
+        graphdef, params, engine.state, np.zeros((1, 16), np.int32), np.zeros((3, 1, 16), np.int32),
+        np.array([5], np.int32), np.array([0], np.int32), np.array([0], np.int32), np.array([0], np.int32),
+        sampling_arrays([], 1), request_keys([0]), np.array([4], np.int32), engine._eos, None,
+        fresh=True, final=True)
+    for program in (decode, prefill):
+        # As written (a stacked-layer scan slices each layer's matrices out; the CPU fuses those slices, a GPU
+        # copied them) and as compiled here.
+        assert sliced_weight_matrices(program.as_text(), shapes) == []
+        assert materialised_weights(program.compile().as_text(), shapes) == []
