@@ -1,13 +1,23 @@
-"""End-to-end generation benchmark on one device: our engine vs HF transformers, against the weight-read roofline.
+"""Decode speed against the memory roofline, on real released architectures with random bf16 weights.
 
-    python bench/decode.py [--model-type qwen3_5] [--batch 1,8] [--prompt 512] [--new 128] [--hf] [--tiny]
+    python bench/decode.py [--models qwen3_5-9b,qwen3_vl-8b,qwen2_5_vl-7b,qwen3_5-35b-a3b]
+                           [--cases 1x1024,8x1024,32x1024,64x1024,1x32768,8x32768] [--calls 8] [--steps 16]
+                           [--hf 1x1024,8x1024] [--e2e] [--tiny]
 
-The model is the real architecture (HF's default config of the family, e.g. Qwen3.5-9B's text stack) with random
-bf16 weights made on the device: speed does not depend on weight values. Reported per batch size: TTFT for one
-prompt, decode tokens/s (steady state, K tokens per call, host reading tokens one call behind), and the roofline
-= weight bytes / copy bandwidth measured in the same run (batch-1 decode reads every weight once per token).
-``--hf`` times HF transformers' ``generate`` on the same GPU (torch, random weights, same config). ``--tiny`` runs a
-tiny config on the CPU to check the script itself.
+Per model (bench/configs/NAME.json, the decoder alone: no vision weights) and case BATCHxCONTEXT: the engine's
+compiled decode program (``--steps`` tokens per call) runs on a state holding BATCH requests of CONTEXT tokens
+(KV cache and Gated DeltaNet state filled with non-zero values: no prefill is needed to decode at 32K), called
+back to back as the engine's host loop does (the next call dispatched before the previous call's tokens are
+read). Reported: tok/s; the roofline, the bytes a step must move over the copy bandwidth measured in this run
+(every weight read once, MoE: the routed experts' weights only, expected distinct experts under uniform
+routing; Gated DeltaNet conv and recurrent state read and written per row; KV read up to each row's mean
+length); the % of it reached; the call's isolated time (one call, synchronised) beside the loop's, whose
+difference is host time the loop did not hide; and the weight copies in the compiled program (must be none).
+``--hf`` times HF transformers' ``generate`` on the same GPU for those cases (torch, random weights, same config;
+decode tok/s from a 1-token and a 33-token run). ``--e2e`` also runs batch 1 at the first case's context through
+``Engine.run`` with a real prefill, plain and streamed (time to first token, decode tok/s and the gaps between
+token events as a user sees them). ``--tiny`` runs a
+tiny config of each family on the CPU to check the script.
 
 Prints a table and writes bench/results/decode-<device>.json (device, jax version, commit, date, every figure).
 """
@@ -15,6 +25,7 @@ Prints a table and writes bench/results/decode-<device>.json (device, jax versio
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import pathlib
@@ -26,192 +37,266 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch and JAX
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+# Run as a script, the repo root replaces the script's directory: bench/kernels.py would shadow the `kernels`
+# package that transformers imports.
+if sys.path[0] == str(pathlib.Path(__file__).resolve().parent):
+    sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
+from bench.hlo import materialised_weights, weight_shapes  # noqa: E402
+from bench.models import copy_bandwidth, random_params, random_text_request, released_config, text_only  # noqa: E402
 from bench.run_info import run_info  # noqa: E402
-from qwenvl_jax.cache import tree_bytes  # noqa: E402
-from qwenvl_jax.config import parse_config  # noqa: E402
-from qwenvl_jax.engine import Engine, EngineConfig, Request  # noqa: E402
+from qwenvl_jax.cache import DecodeState, tree_bytes  # noqa: E402
+from qwenvl_jax.config import ModelConfig, parse_config  # noqa: E402
+from qwenvl_jax.engine import Engine, EngineConfig  # noqa: E402
 from qwenvl_jax.models.model import abstract_model  # noqa: E402
-from qwenvl_jax.sampling import SamplingParams  # noqa: E402
 from qwenvl_jax.tiny_model import TINY_CONFIGS, hf_config_dict  # noqa: E402
 
-
-# Text/vision dimensions of released checkpoints (their config.json); the MoE families use HF's default config.
-PRESETS: dict[str, tuple[str, dict, dict]] = {
-    "qwen2_5_vl": ("Qwen2.5-VL-7B", dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                                         num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
-                                         rope_parameters=dict(rope_type="default", rope_theta=1e6,
-                                                              mrope_section=[16, 24, 24])),
-                   dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
-                        patch_size=14, window_size=112, fullatt_block_indexes=[7, 15, 23, 31])),
-    "qwen3_vl": ("Qwen3-VL-8B", dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-                                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
-                                     rope_parameters=dict(rope_type="default", rope_theta=5e6, mrope_section=[24, 20, 20],
-                                                          mrope_interleaved=True)),
-                 dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096,
-                      patch_size=16, num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24])),
-    "qwen3_5": ("Qwen3.5-9B (HF default)", {}, dict(out_hidden_size=4096)),
-    "qwen3_vl_moe": ("HF default Qwen3-VL-MoE", {}, {}),
-    "qwen3_5_moe": ("HF default Qwen3.5-MoE", {}, {}),
-}
+DEFAULT_MODELS = "qwen3_5-9b,qwen3_vl-8b,qwen2_5_vl-7b,qwen3_5-35b-a3b"
+DEFAULT_CASES = "1x1024,8x1024,32x1024,64x1024,1x32768,8x32768"
+TINY_MODELS = {"qwen3_5-9b": "qwen3_5", "qwen3_vl-8b": "qwen3_vl", "qwen2_5_vl-7b": "qwen2_5_vl",
+               "qwen3_5-35b-a3b": "qwen3_5_moe"}
 
 
-def real_config(model_type: str) -> tuple[str, dict]:
-    """(name, config.json dict) of the preset, vision width matched to the text width."""
-    name, text, vision = PRESETS[model_type]
-    raw = hf_config_dict(model_type, dict(text), dict(vision))
-    raw["vision_config"]["out_hidden_size"] = raw["text_config"]["hidden_size"]
-    return name, raw
+def parse_cases(text: str) -> list[tuple[int, int]]:
+    return [tuple(int(x) for x in case.split("x")) for case in text.split(",") if case]
 
 
-def random_params(model, key: jax.Array):
-    """Random weights for every leaf, made on the device one leaf at a time (norm scales near 1)."""
-    graphdef, state = nnx.split(model)
-    flat = nnx.to_flat_state(state)
-    for i, (path, var) in enumerate(flat):
-        spec = var.get_value()
-        x = 0.02 * jax.random.normal(jax.random.fold_in(key, i), spec.shape, jnp.float32)
-        if len(spec.shape) == 1 or (path[-1] == "weight" and "norm" in str(path[-2])):
-            x = x + 1.0
-        var.set_value(x.astype(spec.dtype))
-    return graphdef, nnx.from_flat_state(flat)
+# ------------------------------------------------------------------------------------------- bytes per step
 
 
-def copy_bandwidth(n_bytes: int = 1 << 30) -> float:
-    """Bytes read + written per second by an on-device elementwise pass over `n_bytes`: the slope between loops
-    of 10 and 20 passes in one call, so dispatch and launch costs cancel."""
-    x = jnp.ones((n_bytes // 4,), jnp.float32)
-    passes = jax.jit(lambda a, n: jax.lax.fori_loop(0, n, lambda i, b: b * 0.5 + 1.0, a))
+def step_bytes(cfg: ModelConfig, params, batch: int, mean_context: float) -> dict:
+    """Bytes one decode step must move: weights once (MoE: expected distinct routed experts), Gated DeltaNet
+    state read and written per row, KV read up to the mean context per row."""
+    text = cfg.text
+    lm = params["language_model"]
+    # An untied embedding table is read one row per token; a tied one is the LM head, read whole.
+    head = tree_bytes(params["lm_head"]) if "lm_head" in params else tree_bytes(lm["embed_tokens"])
+    weights = tree_bytes(lm["layers"]) + tree_bytes(lm["norm"]) + head
+    experts = 0
+    if text.num_experts:
+        all_experts = sum(x.size * x.dtype.itemsize for path, x in jax.tree_util.tree_leaves_with_path(lm["layers"])
+                        if "'experts'" in jax.tree_util.keystr(path))
+        # Expected distinct experts per layer when each of `batch` tokens picks k of E uniformly.
+        e, k = text.num_experts, text.num_experts_per_tok
+        touched = e * (1 - (1 - k / e) ** batch)
+        experts = all_experts * touched / e
+        weights = weights - all_experts + experts
+    kinds = text.layer_types
+    gdn_layers, attn_layers = kinds.count("linear_attention"), kinds.count("full_attention")
+    gdn = 0
+    if gdn_layers:
+        recurrent = text.linear_num_value_heads * text.linear_key_head_dim * text.linear_value_head_dim * 4
+        conv = (text.linear_conv_kernel_dim - 1) * text.gdn_conv_dim * 2
+        gdn = 2 * gdn_layers * batch * (recurrent + conv)
+    kv = attn_layers * batch * mean_context * 2 * text.num_key_value_heads * text.head_dim * 2
+    return dict(weights=weights, routed_experts=experts, gdn_state=gdn, kv=kv, total=weights + gdn + kv)
 
-    def median_s(n: int) -> float:
-        jax.block_until_ready(passes(x, n))
-        times = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            jax.block_until_ready(passes(x, n))
-            times.append(time.perf_counter() - t0)
-        return float(np.median(times))
 
-    return 2 * n_bytes * 10 / (median_s(20) - median_s(10))
+# ------------------------------------------------------------------------------------------- synthetic state
 
 
-def random_text_request(rng: np.random.Generator, vocab: int, prompt: int, max_new: int) -> Request:
-    """A greedy text-only request of `prompt` random token ids (text positions on all three mRoPE axes)."""
-    ids = rng.integers(0, vocab, prompt).astype(np.int32)
-    pos = np.broadcast_to(np.arange(prompt, dtype=np.int32), (3, prompt)).copy()
-    return Request(ids, pos, 0, SamplingParams(), max_new)
+def _pattern(shape: tuple[int, ...], dtype, seed: int, scale: float) -> jax.Array:
+    """Non-zero, varied values made in one fused elementwise pass (no random-bit buffers at 40 GB of cache)."""
+    x = jnp.zeros(shape, jnp.float32) + seed
+    for axis, size in enumerate(shape):
+        x = x + jax.lax.broadcasted_iota(jnp.float32, shape, axis) * (0.618 + axis) / size * 97.0
+    return (scale * jnp.sin(x)).astype(dtype)
 
 
-def time_ours(engine: Engine, vocab: int, batch: int, prompt: int, new: int) -> dict:
+@functools.partial(jax.jit, donate_argnums=0, static_argnames="batch")
+def synthetic_state(state: DecodeState, next_token_b: jax.Array, context: int, *, batch: int) -> DecodeState:
+    """``batch`` requests of ``context`` tokens in slots [0, batch): caches filled in place (donated), lengths set,
+    the requests active and never stopping on their own."""
+    layers = jax.tree_util.tree_map(lambda x: _pattern(x.shape, x.dtype, 1, 0.5 if x.dtype != jnp.float32 else 0.02),
+                                    state.layers)
+    real = jnp.arange(state.lengths.shape[0]) < batch
+    return state._replace(
+        layers=layers,
+        lengths=jnp.where(real, context, 0).astype(jnp.int32),
+        active=real,
+        remaining=jnp.where(real, 1 << 30, 0).astype(jnp.int32),
+        next_token=state.next_token.at[:batch].set(next_token_b),
+    )
+
+
+# ------------------------------------------------------------------------------------------- timing
+
+
+def time_decode(engine: Engine, batch: int, context: int, calls: int) -> dict:
+    """The compiled decode program on a synthetic state: its weight copies, one isolated call, and ``calls``
+    calls back to back the way ``Engine.run`` drives them."""
+    cfg = engine.config
+    rng = np.random.default_rng(batch * 7 + context)
+    tokens = rng.integers(0, engine.vocab_size, batch).astype(np.int32)
+    engine.state = synthetic_state(engine.state, tokens, context, batch=batch)
+    host_active = np.zeros(cfg.max_batch + 1, bool)
+    host_active[:batch] = True
+    rows = min(b for b in cfg.decode_buckets if b >= batch)
+    t0 = time.perf_counter()
+    num_steps = np.int32(cfg.decode_steps)
+    decode = engine._decode.lower(engine.graphdef, engine.params, engine.state, host_active, engine._eos, num_steps,
+                                  steps=cfg.decode_steps, rows=rows).compile()
+    compile_s = time.perf_counter() - t0
+    copies = materialised_weights(decode.as_text(), weight_shapes(engine.params))
+
+    def call():
+        engine.state, out = decode(engine.params, engine.state, host_active, engine._eos, num_steps)
+        return out
+
+    jax.block_until_ready(call())  # first run: module load
+    isolated = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        jax.block_until_ready(call())
+        isolated.append(time.perf_counter() - t0)
+    start_context = int(jax.device_get(engine.state.lengths[0]))
+
+    inflight, produced = [], 0
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        inflight.append(call())
+        if len(inflight) > 1:  # the engine's pattern: read one call behind the device
+            produced += int((jax.device_get(inflight.pop(0)) >= 0).sum())
+    produced += sum(int((jax.device_get(out) >= 0).sum()) for out in inflight)
+    elapsed = time.perf_counter() - t0
+    expected = batch * cfg.decode_steps * calls
+    if produced != expected:
+        raise RuntimeError(f"decode produced {produced} tokens, expected {expected}: a request stopped early")
+    return dict(compile_s=compile_s, weight_copies=[list(c) for c in copies],
+                call_ms_isolated=1e3 * float(np.median(isolated)), call_ms_loop=1e3 * elapsed / calls,
+                tok_s=produced / elapsed, mean_context=start_context + cfg.decode_steps * calls / 2)
+
+
+def time_e2e(engine: Engine, vocab: int, prompt: int, new: int, stream: bool) -> dict:
+    """One request through ``Engine.run`` (real prefill): time to first token, decode tok/s after it, and the
+    gaps between token events (with ``stream``, a token waits at most about one short call for its event)."""
     rng = np.random.default_rng(0)
-
-    def requests(n: int, max_new: int) -> list[Request]:
-        return [random_text_request(rng, vocab, prompt, max_new) for _ in range(n)]
-
-    # TTFT: one prompt, until its first token event. The run goes on after it: the engine queues a decode call
-    # behind every prefill before it has read the first token, so timing the whole run would add that call.
-    t0, ttft = time.perf_counter(), None
-    for _ in engine.run(requests(1, 1)):
-        ttft = time.perf_counter() - t0 if ttft is None else ttft
-    # Decode: `batch` requests; the clock starts once every first token has arrived.
-    seen, first_done, count = set(), None, 0
-    t_start = time.perf_counter()
-    for ev in engine.run(requests(batch, new)):
-        count += len(ev.tokens)
-        seen.add(ev.request_index)
-        if first_done is None and len(seen) == batch:
-            first_done, count_at_first = time.perf_counter(), count
-    elapsed = time.perf_counter() - first_done
-    return dict(ttft_ms=1e3 * ttft, decode_tok_s=(count - count_at_first) / elapsed,
-                batch_total_s=time.perf_counter() - t_start)
+    t0, arrivals, count = time.perf_counter(), [], 0
+    for event in engine.run([random_text_request(rng, vocab, prompt, new)], stream=stream):
+        if event.tokens:
+            arrivals.append(time.perf_counter())
+            count += len(event.tokens) if len(arrivals) > 1 else 0
+    gaps_ms = 1e3 * np.diff(arrivals)
+    return dict(stream=stream, ttft_ms=1e3 * (arrivals[0] - t0), decode_tok_s=count / (arrivals[-1] - arrivals[0]),
+                event_gap_ms_median=float(np.median(gaps_ms)), event_gap_ms_max=float(gaps_ms.max()))
 
 
-def time_hf(raw: dict, batch: int, prompt: int, new: int) -> dict:
+def time_hf(raw: dict, batch: int, prompt: int, new: int = 33) -> dict:
     import torch
     import transformers
 
     cfg = transformers.AutoConfig.for_model(**raw)
     model = transformers.AutoModelForImageTextToText.from_config(cfg, dtype=torch.bfloat16).cuda().eval()
-    ids = torch.randint(0, raw["text_config"]["vocab_size"], (batch, prompt), device="cuda")
+    vocab = (raw.get("text_config") or raw)["vocab_size"]
+    ids = torch.randint(0, vocab, (batch, prompt), device="cuda")
     gen = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
-    with torch.no_grad():
-        model.generate(ids, max_new_tokens=2, min_new_tokens=2, **gen)  # warm-up
-        times = {}
-        for n in (1, new):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            model.generate(ids, max_new_tokens=n, min_new_tokens=n, **gen)
-            torch.cuda.synchronize()
-            times[n] = time.perf_counter() - t0
-    del model
-    torch.cuda.empty_cache()
+    try:
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=2, min_new_tokens=2, **gen)  # warm-up
+            times = {}
+            for n in (1, new):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                model.generate(ids, max_new_tokens=n, min_new_tokens=n, **gen)
+                torch.cuda.synchronize()
+                times[n] = time.perf_counter() - t0
+    finally:
+        del model
+        torch.cuda.empty_cache()
     return dict(ttft_ms=1e3 * times[1], decode_tok_s=batch * (new - 1) / (times[new] - times[1]))
+
+
+# ------------------------------------------------------------------------------------------- main
+
+
+def run_model(name: str, raw: dict, cases: list[tuple[int, int]], args, bandwidth: float) -> dict:
+    cfg = parse_config(text_only(raw))
+    dtype = jnp.float32 if args.tiny else jnp.bfloat16
+    graphdef, params = random_params(abstract_model(cfg, dtype), jax.random.key(0))
+    rows = []
+    margin = args.steps * (args.calls + 5) + 8  # the isolated and warm-up calls decode too
+    # Cases sharing a context share one engine (one cache allocation); each batch size is its own program.
+    for context in sorted({c for _, c in cases}):
+        batches = sorted(b for b, c in cases if c == context)
+        engine = Engine(graphdef, params, EngineConfig(
+            max_batch=max(batches), max_len=context + margin, prompt_buckets=(min(context, 1024),),
+            decode_steps=args.steps, batch_buckets=tuple(batches)), eos_ids=())
+        for batch in batches:
+            measured = time_decode(engine, batch, context, args.calls)
+            need = step_bytes(cfg, params, batch, measured["mean_context"])
+            roofline = batch * bandwidth / need["total"]
+            row = dict(batch=batch, context=context, bytes_per_step=need, roofline_tok_s=roofline,
+                       pct_of_roofline=100 * measured["tok_s"] / roofline, ours=measured)
+            rows.append(row)
+            print(json.dumps(dict(model=name, **row)), flush=True)
+        del engine
+    e2e = None
+    if args.e2e:
+        context = cases[0][1]
+        engine = Engine(graphdef, params, EngineConfig(max_batch=1, max_len=context + 256, prompt_buckets=(context,),
+                                                       decode_steps=args.steps, chunked_prefill=False), eos_ids=())
+        engine.warmup(progress=False, vision=False)
+        e2e = [dict(batch=1, prompt=context, **time_e2e(engine, cfg.text.vocab_size, context, 128, stream))
+               for stream in (False, True)]
+        print(json.dumps(dict(model=name, e2e=e2e)), flush=True)
+        del engine
+    del params
+    for batch, context in parse_cases(args.hf):
+        row = next((r for r in rows if (r["batch"], r["context"]) == (batch, context)), None)
+        if row is not None:
+            try:
+                row["hf"] = time_hf(raw, batch, context)
+            except Exception as err:  # noqa: BLE001 - a peer that cannot run this case is reported, not fatal
+                row["hf"] = dict(error=f"{type(err).__name__}: {err}"[:500])
+            print(json.dumps(dict(model=name, batch=batch, context=context, hf=row["hf"])), flush=True)
+    return dict(model=name, config=raw, rows=rows, e2e=e2e)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model-type", default="qwen3_5")
-    ap.add_argument("--batch", default="1,8")
-    ap.add_argument("--prompt", type=int, default=512)
-    ap.add_argument("--new", type=int, default=128)
-    ap.add_argument("--decode-steps", type=int, default=16)
-    ap.add_argument("--hf", action="store_true", help="also time HF transformers (needs torch with CUDA)")
-    ap.add_argument("--tiny", action="store_true", help="tiny config (check the script on a CPU)")
+    ap.add_argument("--models", default=DEFAULT_MODELS)
+    ap.add_argument("--cases", default=DEFAULT_CASES)
+    ap.add_argument("--calls", type=int, default=8, help="decode calls timed back to back")
+    ap.add_argument("--steps", type=int, default=16, help="tokens per decode call")
+    ap.add_argument("--hf", default="", help="cases to time HF transformers on, e.g. 1x1024,8x1024")
+    ap.add_argument("--e2e", action="store_true", help="also batch 1 through Engine.run with a real prefill")
+    ap.add_argument("--tiny", action="store_true", help="tiny configs on the CPU (checks the script)")
     ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
     args = ap.parse_args()
-    batches = [int(b) for b in args.batch.split(",")]
-
-    if args.tiny:
-        text, vision = TINY_CONFIGS[args.model_type]
-        name, raw = f"tiny {args.model_type}", hf_config_dict(args.model_type, text, vision)
-    else:
-        name, raw = real_config(args.model_type)
-    cfg = parse_config(raw)
-    dtype = jnp.float32 if args.tiny else jnp.bfloat16
-    model = abstract_model(cfg, dtype)
-    graphdef, params = random_params(model, jax.random.key(0))
-    text_bytes = tree_bytes(params["language_model"]) + (tree_bytes(params["lm_head"]) if "lm_head" in params else 0)
-    # Batch-1 decode reads the decoder and LM head once per token; an untied embedding table only by one row.
-    embed_bytes = tree_bytes(params["language_model"]["embed_tokens"])
-    decode_bytes = text_bytes - (0 if cfg.text.tie_word_embeddings else embed_bytes)
+    cases = parse_cases(args.cases)
     bandwidth = copy_bandwidth(1 << 24 if args.tiny else 1 << 30)
     device = jax.devices()[0].device_kind
-    print(f"{device}: {name} text params {text_bytes / 1e9:.2f} GB ({jnp.dtype(dtype).name}), "
-          f"copy bandwidth {bandwidth / 1e9:.0f} GB/s, roofline {bandwidth / decode_bytes:.1f} tok/s at batch 1")
+    print(f"{device}: copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
 
-    rows = []
-    for batch in batches:  # ours at every batch first: a slow HF run (Triton autotuning) cannot cost our rows
-        config = EngineConfig(max_batch=batch, max_len=args.prompt + args.new + 8, prompt_buckets=(args.prompt,),
-                              decode_steps=args.decode_steps, chunked_prefill=False)
-        engine = Engine(graphdef, params, config, eos_ids=())
-        compile_s = engine.warmup(progress=False, vision=False)
-        rows.append(dict(batch=batch, compile_s=compile_s, state_mb=engine.state_bytes / 2**20,
-                         roofline_tok_s=batch * bandwidth / decode_bytes,
-                         ours=time_ours(engine, cfg.text.vocab_size, batch, args.prompt, args.new)))
-        del engine
-        print(json.dumps(rows[-1]), flush=True)
-    if args.hf:
-        del params  # room for torch's copy of the weights
-        for row in rows:
-            row["hf"] = time_hf(raw, row["batch"], args.prompt, args.new)
-            print(json.dumps(row), flush=True)
+    models = []
+    for name in args.models.split(","):
+        if args.tiny:
+            family = TINY_MODELS[name]
+            raw = hf_config_dict(family, *TINY_CONFIGS[family])
+        else:
+            raw = released_config(name)
+        models.append(run_model(name, raw, cases, args, bandwidth))
 
-    print(f"\n{'batch':>5} {'ours TTFT ms':>13} {'ours tok/s':>11} {'HF TTFT ms':>11} {'HF tok/s':>9} {'roofline':>9}")
-    for r in rows:
-        hf = r.get("hf", {})
-        print(f"{r['batch']:>5} {r['ours']['ttft_ms']:>13.1f} {r['ours']['decode_tok_s']:>11.1f} "
-              f"{hf.get('ttft_ms', float('nan')):>11.1f} {hf.get('decode_tok_s', float('nan')):>9.1f} "
-              f"{r['roofline_tok_s']:>9.1f}")
-    result = dict(**run_info(), model_type=args.model_type, model=name, tiny=args.tiny, prompt=args.prompt,
-                  new=args.new, decode_steps=args.decode_steps, text_param_bytes=text_bytes,
-                  decode_bytes_per_step=decode_bytes, copy_bandwidth_bytes_s=bandwidth, rows=rows)
+    print(f"\n{'model':>16} {'batch':>5} {'context':>7} {'tok/s':>9} {'roofline':>9} {'%':>5} {'call ms':>8} "
+          f"{'isolated':>8} {'copies':>6} {'HF tok/s':>9}")
+    for m in models:
+        for r in m["rows"]:
+            hf = r.get("hf", {}).get("decode_tok_s", float("nan"))
+            o = r["ours"]
+            print(f"{m['model']:>16} {r['batch']:>5} {r['context']:>7} {o['tok_s']:>9.1f} {r['roofline_tok_s']:>9.1f} "
+                  f"{r['pct_of_roofline']:>5.1f} {o['call_ms_loop']:>8.2f} {o['call_ms_isolated']:>8.2f} "
+                  f"{len(o['weight_copies']):>6} {hf:>9.1f}")
+        for e in m["e2e"] or []:
+            print(f"{m['model']:>16} e2e batch 1, prompt {e['prompt']}{', streamed' if e['stream'] else ''}: TTFT "
+                  f"{e['ttft_ms']:.1f} ms, decode {e['decode_tok_s']:.1f} tok/s, token events every "
+                  f"{e['event_gap_ms_median']:.1f} ms (max {e['event_gap_ms_max']:.1f})")
+    result = dict(**run_info(), tiny=args.tiny, steps=args.steps, calls=args.calls,
+                  copy_bandwidth_bytes_s=bandwidth, models=models)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"decode-{args.model_type}{'-tiny' if args.tiny else ''}-{device.replace(' ', '_')}.json"
-    (out / name).write_text(json.dumps(result, indent=1))
-    print(f"wrote {out / name}")
+    path = out / f"decode{'-tiny' if args.tiny else ''}-{device.replace(' ', '_')}.json"
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+# Run as a script, the repo root replaces the script's directory: bench/kernels.py would shadow the `kernels`
+# package that transformers imports.
+if sys.path[0] == str(pathlib.Path(__file__).resolve().parent):
+    sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 from bench.kernels import gdr_bytes, gdr_inputs, measure_ceilings, rel_err, time_jax_loop  # noqa: E402
 from pallas_kernels.gated_delta_rule.recurrent import decode_tile, recurrent_decode  # noqa: E402
 from pallas_kernels.gated_delta_rule.reference import recurrent_gated_delta_rule_ref  # noqa: E402

@@ -23,7 +23,10 @@ import sys
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+# Run as a script, the repo root replaces the script's directory: bench/kernels.py would shadow the `kernels`
+# package that transformers imports.
+if sys.path[0] == str(pathlib.Path(__file__).resolve().parent):
+    sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 from bench.kernels import (  # noqa: E402
     DK, chunk_flops, chunk_loop_seconds, gdr_bytes, gdr_inputs, rel_err, time_jax_calls,
 )

@@ -40,7 +40,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+# Run as a script, the repo root replaces the script's directory: bench/kernels.py would shadow the `kernels`
+# package that transformers imports.
+if sys.path[0] == str(pathlib.Path(__file__).resolve().parent):
+    sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 from bench.run_info import run_info  # noqa: E402
 from pallas_kernels.gated_delta_rule import chunk_gated_delta_rule_ref, recurrent_gated_delta_rule_ref  # noqa: E402
 from pallas_kernels.gated_delta_rule.chunk import chunk_prefill, chunk_prep  # noqa: E402

@@ -2,7 +2,7 @@
 
     python bench/prefill_share.py [--prompts 4096,16384] [--repeats 5] [--tiny]
 
-Qwen3.5-9B's text stack (HF's default config, random bf16 weights made on the device), one prompt per prefill.
+Qwen3.5-9B's text stack (the released config, bench/configs/qwen3_5-9b.json; random bf16 weights made on the device), one prompt per prefill.
 Per prompt length: time to first token (median of --repeats runs of the engine), then one prefill under
 jax.profiler: the GPU kernels' device time, summed by name, and the share taken by the chunk kernels
 (gdr_chunk_*), next to the standalone chunk_prefill call at the same shape and the prefill's FLOP floor
@@ -32,8 +32,11 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch measure
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from bench.decode import random_params, random_text_request, real_config  # noqa: E402
+# Run as a script, the repo root replaces the script's directory: bench/kernels.py would shadow the `kernels`
+# package that transformers imports.
+if sys.path[0] == str(pathlib.Path(__file__).resolve().parent):
+    sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
+from bench.models import random_params, random_text_request, released_config  # noqa: E402
 from bench.kernels import (  # noqa: E402
     chunk_flops, gdr_inputs, measure_ceilings, profiled_kernel_seconds, time_jax_calls,
 )
@@ -122,7 +125,7 @@ def main() -> None:
     if args.tiny:
         name, raw = "tiny qwen3_5", hf_config_dict("qwen3_5", *TINY_CONFIGS["qwen3_5"])
     else:
-        name, raw = real_config("qwen3_5")
+        name, raw = "Qwen3.5-9B", released_config("qwen3_5-9b")
     cfg = parse_config(raw)
     dtype = jax.numpy.float32 if args.tiny else jax.numpy.bfloat16
     graphdef, params = random_params(abstract_model(cfg, dtype), jax.random.key(0))

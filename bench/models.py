@@ -1,0 +1,74 @@
+"""What the benchmarks share: released checkpoints' configs (bench/configs/), random weights made on the device,
+random text requests, and the copy bandwidth every roofline is measured against."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qwenvl_jax.engine import Request
+from qwenvl_jax.sampling import SamplingParams
+
+CONFIGS = pathlib.Path(__file__).parent / "configs"
+
+
+def released_names() -> list[str]:
+    return sorted(p.stem for p in CONFIGS.glob("*.json"))
+
+
+def released_config(name: str) -> dict:
+    """A released checkpoint's ``config.json`` (bench/configs/NAME.json, copied from the hub), e.g. qwen3_5-9b."""
+    path = CONFIGS / f"{name}.json"
+    if not path.is_file():
+        raise ValueError(f"no config {name!r} in {CONFIGS}; known: {', '.join(released_names())}")
+    return json.loads(path.read_text())
+
+
+def text_only(raw: dict) -> dict:
+    """The same checkpoint as its ``*_text`` model type: the decoder alone, no vision tower to allocate."""
+    text = {k: v for k, v in raw.items() if k != "vision_config"}
+    return dict(text, model_type=raw["model_type"] + "_text")
+
+
+def random_params(model, key: jax.Array):
+    """Random weights for every leaf, made on the device one leaf at a time (norm scales near 1)."""
+    graphdef, state = nnx.split(model)
+    flat = nnx.to_flat_state(state)
+    for i, (path, var) in enumerate(flat):
+        spec = var.get_value()
+        x = 0.02 * jax.random.normal(jax.random.fold_in(key, i), spec.shape, jnp.float32)
+        if len(spec.shape) == 1 or (path[-1] == "weight" and "norm" in str(path[-2])):
+            x = x + 1.0
+        var.set_value(x.astype(spec.dtype))
+    return graphdef, nnx.from_flat_state(flat)
+
+
+def copy_bandwidth(n_bytes: int = 1 << 30) -> float:
+    """Bytes read + written per second by an on-device elementwise pass over `n_bytes`: the slope between loops
+    of 10 and 20 passes in one call, so dispatch and launch costs cancel."""
+    x = jnp.ones((n_bytes // 4,), jnp.float32)
+    passes = jax.jit(lambda a, n: jax.lax.fori_loop(0, n, lambda i, b: b * 0.5 + 1.0, a))
+
+    def median_s(n: int) -> float:
+        jax.block_until_ready(passes(x, n))
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            jax.block_until_ready(passes(x, n))
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times))
+
+    return 2 * n_bytes * 10 / (median_s(20) - median_s(10))
+
+
+def random_text_request(rng: np.random.Generator, vocab: int, prompt: int, max_new: int) -> Request:
+    """A greedy text-only request of `prompt` random token ids (text positions on all three mRoPE axes)."""
+    ids = rng.integers(0, vocab, prompt).astype(np.int32)
+    pos = np.broadcast_to(np.arange(prompt, dtype=np.int32), (3, prompt)).copy()
+    return Request(ids, pos, 0, SamplingParams(), max_new)
