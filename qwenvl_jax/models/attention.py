@@ -31,8 +31,20 @@ def init_attn_cache(cfg: TextConfig, slots: int, max_len: int, dtype: jnp.dtype)
     return AttnCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
 
+def flash_attention_available(dtype: jnp.dtype) -> bool:
+    """cuDNN's fused (flash) attention: on a GPU, in half precision. Elsewhere XLA's masked attention."""
+    return jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+
+
 def causal_attention(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array, lengths_b: jax.Array) -> jax.Array:
-    """Causal attention over right-padded rows: query i sees keys j <= i with j < length."""
+    """Causal attention over right-padded rows: query i sees keys j <= i with j < length.
+
+    On a GPU in half precision, cuDNN's flash attention: no [T, T] mask or score matrix in memory, and padded
+    query and key tiles skipped by length (XLA's path built the mask and the scores: 228 of a 621 ms Qwen3.5-9B
+    16K prefill on an H200, cuDNN ~29 ms). The two paths may differ in the rows past a length: pads, never read."""
+    if flash_attention_available(q_bthd.dtype):
+        return jax.nn.dot_product_attention(q_bthd, k_bshd, v_bshd, is_causal=True, query_seq_lengths=lengths_b,
+                                            key_value_seq_lengths=lengths_b, implementation="cudnn")
     t, s = q_bthd.shape[1], k_bshd.shape[1]
     q_pos = jnp.arange(t)[:, None]
     k_pos = jnp.arange(s)[None, :]
