@@ -1,7 +1,7 @@
 """Reads a compiled program's HLO for weights it materialises: any instruction (copy, slice, fusion, transpose,
 convert...) whose result has a weight's shape is a second copy of that weight written every call.
 
-Measured on an H100 (bench/DECODE_NOTES.md): a layer scan over stacked weights made XLA copy every layer's
+Measured on an H100 (bench/NOTES.md): a layer scan over stacked weights made XLA copy every layer's
 weights out of the stack each decode step, ~200 copies per step. Programs must read weights where they live.
 """
 

@@ -6,7 +6,8 @@ A full run takes more than the device tool's 10 minutes per command on an H100 (
 timing programs and the XLA references dominate): run it one section at a time with --only.
 
 Prints a table and writes bench/results/kernels-<device>.json with every figure (rows not measured this time
-are kept from the file's earlier runs on the same device; each row names its commit).
+are kept from the file's earlier runs on the same device; each row names its commit); the rows a run measures
+again move to bench/results/history/kernels-<device>.json, so the main file holds current figures only.
 Each row gives the time, the achieved GB/s over the bytes that must move (inputs read once, outputs and
 state written once) against the copy bandwidth measured in the same run, and the floor
 max(bytes / copy GB/s, FLOPs / measured bf16 rate). Our kernels are timed two ways: `loop` = device time
@@ -22,7 +23,6 @@ second anchor. Neither is on the device machine: bench/carry_flashqla.sh packs F
 from __future__ import annotations
 
 import argparse
-import collections
 import functools
 import importlib.metadata
 import json
@@ -30,7 +30,6 @@ import os
 import pathlib
 import statistics
 import sys
-import tempfile
 import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch and JAX share the GPU here
@@ -105,30 +104,6 @@ def time_jax_calls(fn, args, calls: int = 50, reps: int = 5, threaded: tuple[int
         jax.block_until_ready(out)
         times.append((time.perf_counter() - t0) / calls)
     return statistics.median(times)
-
-
-def gpu_kernel_seconds(trace_dir: str) -> dict[str, float]:
-    """Device seconds per kernel name in a jax.profiler trace (every GPU plane's stream lines; empty on CPU)."""
-    from jax.profiler import ProfileData
-
-    totals: dict[str, float] = collections.defaultdict(float)
-    for path in pathlib.Path(trace_dir).rglob("*.xplane.pb"):
-        for plane in ProfileData.from_file(str(path)).planes:
-            if not plane.name.startswith("/device:GPU"):
-                continue
-            for line in plane.lines:
-                if line.name.startswith("Stream"):
-                    for event in line.events:
-                        totals[event.name] += event.duration_ns * 1e-9
-    return dict(totals)
-
-
-def profiled_kernel_seconds(run) -> dict[str, float]:
-    """GPU kernel seconds by name while `run()` executes under jax.profiler."""
-    with tempfile.TemporaryDirectory() as trace_dir:
-        with jax.profiler.trace(trace_dir):
-            run()
-        return gpu_kernel_seconds(trace_dir)
 
 
 def time_torch(fn) -> tuple[float, float]:
@@ -390,6 +365,33 @@ def print_rows(rows):
               f"floor {r['floor_us']:>8.1f} us  x{r['x_floor']:>6.2f}  {cfg}", flush=True)
 
 
+def merge_results(previous: dict, history: dict, result: dict, this_run: dict,
+                  rows: list[dict]) -> tuple[dict, dict | None]:
+    """(the results file, its history file or None when there is nothing to move) after this run's `rows`.
+
+    The results file holds current figures only: every row's latest measurement (rows this run did not measure
+    keep theirs, each with its commit) and the runs (`runs`: sections, commit, date, ceilings) those rows come
+    from. Rows measured again and runs no current row comes from move to the history file (`rows_superseded`,
+    `runs`), appended to what it held."""
+    names = {r["name"] for r in rows}
+    earlier = previous.get("rows", [])
+    current = dict(result, rows=[*(r for r in earlier if r["name"] not in names),
+                                 *(dict(r, commit=result["commit"]) for r in rows)])
+    live = {r["commit"] for r in current["rows"]}
+    runs = [*previous.get("runs", []), this_run]
+    current["runs"] = [run for run in runs if run is this_run or run["commit"] in live]
+    superseded = [r for r in earlier if r["name"] in names]
+    retired = [run for run in runs if run is not this_run and run["commit"] not in live]
+    if not (superseded or retired):
+        return current, None
+    past = dict(history, device=result["device"],
+                what="Rows bench/kernels.py measured again later (rows_superseded) and the runs they came from; "
+                     "the current rows are in the file of the same name one directory up.",
+                rows_superseded=[*history.get("rows_superseded", []), *superseded],
+                runs=[*history.get("runs", []), *retired])
+    return current, past
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="one shape per section, no sweep")
@@ -404,7 +406,7 @@ def main():
     ceilings = measure_ceilings()
     print(f"{device.device_kind}  jax {jax.__version__}  copy {ceilings['copy_GBps']:.0f} GB/s  "
           f"bf16 mm {ceilings['bf16_matmul_TFLOPs']:.0f} TFLOP/s", flush=True)
-    # {} = the kernels' defaults; the sweeps keep what measured close in earlier runs (see KERNELS_NOTES.md).
+    # {} = the kernels' defaults; the sweeps keep what measured close in earlier runs (see NOTES.md).
     chunk_cfgs, decode_cfgs, rotary_cfgs = [{}], [{}], [{}]
     if "chunk" in args.sweep:
         chunk_cfgs += [dict(prep_heads=1), dict(prep_warps=4)]
@@ -430,15 +432,16 @@ def main():
         pass
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"kernels-{device.device_kind.replace(' ', '_')}.json"
+    name = f"kernels-{device.device_kind.replace(' ', '_')}.json"
+    path, history_path = out_dir / name, out_dir / "history" / name
     # Sections are run one device call at a time: rows from earlier runs on this device that this run does not
-    # measure again stay, each with its commit (`runs` lists every call's sections, commit, date and ceilings).
-    run_sections = args.only.split(",")
+    # measure again stay, each with its commit. What this run replaces goes to history/ (merge_results).
     previous = json.loads(path.read_text()) if path.exists() else {}
-    same_device = previous.get("device") == result["device"]
-    result["runs"] = [*(previous.get("runs", []) if same_device else []),
-                      {"sections": run_sections, "commit": result["commit"], "date": result["date"],
-                       "ceilings": ceilings}]
+    if previous.get("device") != result["device"]:
+        previous = {}
+    history = json.loads(history_path.read_text()) if history_path.exists() else {}
+    this_run = {"sections": args.only.split(","), "commit": result["commit"], "date": result["date"],
+                "ceilings": ceilings}
     rows: list[dict] = []  # this run's
     decode_batches = DECODE_BATCHES[1:3] if args.quick else DECODE_BATCHES
     if args.batches:
@@ -448,15 +451,11 @@ def main():
         chunk_shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.chunk_shapes.split(",")]
 
     def save():
-        names = {r["name"] for r in rows}
-        kept = previous if same_device else {}
-        earlier = kept.get("rows", [])
-        result["rows"] = [r for r in earlier if r["name"] not in names] + [dict(r, commit=result["commit"]) for r in rows]
-        # Rows measured again move to rows_superseded instead of vanishing: KERNELS_NOTES.md cites them by commit.
-        result["rows_superseded"] = [*kept.get("rows_superseded", []), *(r for r in earlier if r["name"] in names)]
-        if "rows_repeated" in kept:
-            result["rows_repeated"] = kept["rows_repeated"]
-        path.write_text(json.dumps(result, indent=1))
+        current, past = merge_results(previous, history, result, this_run, rows)
+        path.write_text(json.dumps(current, indent=1))
+        if past is not None:
+            history_path.parent.mkdir(exist_ok=True)
+            history_path.write_text(json.dumps(past, indent=1))
 
     sections = {
         "decode": lambda: bench_decode(ceilings, decode_batches, decode_cfgs,
@@ -465,8 +464,8 @@ def main():
                                        rows, save),
         "chunk": lambda: bench_chunk(ceilings, chunk_shapes, chunk_cfgs, rows, save),
     }
-    for name in run_sections:
-        sections[name]()
+    for section in this_run["sections"]:
+        sections[section]()
     print("\nsummary")
     print_rows([r for r in rows if r.get("best") or not r["name"].endswith("ours loop")])
     save()

@@ -1,16 +1,22 @@
-"""Vision tower speed at real sizes (random weights): Qwen2.5-VL-7B's and Qwen3-VL-8B's towers on one image.
+"""Vision tower speed at real sizes (random weights): the towers of released checkpoints on one image.
 
-Prints one JSON line per (model, image size): compile seconds, median forward milliseconds (host preparation
-included) and the relative error of the bfloat16 tower against the same weights in float32; ``--out`` also
-writes them, with the device and versions, to a JSON file.
+    python bench/vision_tower.py [--models qwen2_5_vl-7b,qwen3_vl-8b] [--sides 32 64 128] [--tiny] [--out DIR]
 
-    python bench/vision_tower.py [--sides 32 64 128] [--out bench/results/vision_tower_h100.json]
+Per model (bench/configs/NAME.json's vision_config) and image side (in patches): compile seconds, median forward
+milliseconds (host preparation included) and the relative error of the bfloat16 tower against the same weights
+in float32. ``--tiny`` runs the tiny vision configs of the same families (qwenvl_jax/tiny_model.py) at small
+sides, to check the script on the CPU.
+
+Prints one JSON line per row and writes bench/results/vision_tower-<device>.json (device, jax version, commit,
+date, rows).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import pathlib
+import sys
 import time
 
 import jax
@@ -18,19 +24,26 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qwenvl_jax.config import VisionConfig
-from qwenvl_jax.models.vision import VisionModel, prepare_vision_inputs
+# Run as a script, the repo root replaces the script's directory: bench/kernels.py would shadow the `kernels`
+# package that transformers imports.
+if sys.path[0] == str(pathlib.Path(__file__).resolve().parent):
+    sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
+from bench.models import released_config  # noqa: E402
+from bench.run_info import run_info  # noqa: E402
+from qwenvl_jax.config import VisionConfig, parse_config  # noqa: E402
+from qwenvl_jax.models.vision import VisionModel, prepare_vision_inputs  # noqa: E402
 
-TOWERS = {  # the hub configs' vision_config
-    "qwen2_5_vl-7b": VisionConfig(family="qwen2_5_vl", depth=32, hidden_size=1280, intermediate_size=3420,
-                                  num_heads=16, in_channels=3, patch_size=14, temporal_patch_size=2,
-                                  spatial_merge_size=2, out_hidden_size=3584, hidden_act="silu", window_size=112,
-                                  fullatt_block_indexes=(7, 15, 23, 31), tokens_per_second=2),
-    "qwen3_vl-8b": VisionConfig(family="qwen3_vl", depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16,
-                                in_channels=3, patch_size=16, temporal_patch_size=2, spatial_merge_size=2,
-                                out_hidden_size=4096, hidden_act="gelu_pytorch_tanh", num_position_embeddings=2304,
-                                deepstack_visual_indexes=(8, 16, 24)),
-}
+DEFAULT_MODELS = "qwen2_5_vl-7b,qwen3_vl-8b"
+
+
+def tower_config(name: str, tiny: bool) -> VisionConfig:
+    """The released checkpoint's vision config, or with ``tiny`` the tiny one of its model type."""
+    raw = released_config(name)
+    if tiny:
+        from qwenvl_jax.tiny_model import TINY_CONFIGS, hf_config_dict
+
+        raw = hf_config_dict(raw["model_type"], *TINY_CONFIGS[raw["model_type"]])
+    return parse_config(raw).vision
 
 
 def _run(cfg: VisionConfig, side: int, dtype: jnp.dtype, params_f32: nnx.State | None = None, repeats: int = 10):
@@ -59,24 +72,31 @@ def _run(cfg: VisionConfig, side: int, dtype: jnp.dtype, params_f32: nnx.State |
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sides", type=int, nargs="+", default=[32, 64, 128], help="image side in patches")
-    parser.add_argument("--out", help="also append the JSON lines to this file")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=DEFAULT_MODELS, help="bench/configs names, comma-separated")
+    parser.add_argument("--sides", type=int, nargs="+", help="image side in patches (default 32 64 128; tiny 8 16)")
+    parser.add_argument("--tiny", action="store_true", help="tiny vision configs on the CPU (checks the script)")
+    parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"), help="directory")
     args = parser.parse_args()
+    sides = args.sides or ([8, 16] if args.tiny else [32, 64, 128])
     jax.config.update("jax_default_matmul_precision", "highest")  # float32 reference without TF32
     rows = []
-    for name, cfg in TOWERS.items():
-        for side in args.sides:
+    for name in args.models.split(","):
+        cfg = tower_config(name, args.tiny)
+        for side in sides:
             params32, ref, *_ = _run(cfg, side, jnp.float32, repeats=1)
-            _, out, compile_s, ms = _run(cfg, side, jnp.bfloat16, params32)
-            row = dict(model=name, patches=side * side, dtype="bfloat16", compile_s=round(compile_s, 2),
-                       forward_ms=round(ms, 3), rel_err_vs_f32=float(np.abs(out - ref).max() / np.abs(ref).max()))
+            _, out, compile_s, ms = _run(cfg, side, jnp.bfloat16, params32, repeats=2 if args.tiny else 10)
+            row = dict(model=f"tiny {cfg.family}" if args.tiny else name, patches=side * side, dtype="bfloat16",
+                       compile_s=round(compile_s, 2), forward_ms=round(ms, 3),
+                       rel_err_vs_f32=float(np.abs(out - ref).max() / np.abs(ref).max()))
             print(json.dumps(row), flush=True)
             rows.append(row)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
-                           date=time.strftime("%Y-%m-%d"), rows=rows), f, indent=1)
+    info = run_info()
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"vision_tower{'-tiny' if args.tiny else ''}-{info['device'].replace(' ', '_')}.json"
+    path.write_text(json.dumps(dict(**info, tiny=args.tiny, rows=rows), indent=1))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

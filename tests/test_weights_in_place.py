@@ -1,7 +1,7 @@
 """The prefill and decode programs read every weight where it lives: the lowered program slices no weight matrix
 out of a larger array, and no instruction of the optimised one writes a weight-shaped copy of a weight. Layer
 scans over stacked weights made XLA copy each layer's weights out of the stack every decode step on an H100
-(bench/DECODE_NOTES.md).
+(bench/NOTES.md).
 Dense families in fp32 on the CPU (no dtype converts); the MoE expert path on a GPU is a Pallas kernel that
 takes the expert weights whole (tests/test_kernels_lower_for_gpu.py)."""
 

@@ -21,7 +21,7 @@ bf16 inputs run their large products with bf16 operands and fp32 accumulation, a
 full-precision products so the interpreter and GPU tests can hold 1e-5. Lowered through Triton on GPU; where
 the 32-wide scan programs would share SMs, the scan of bf16 inputs is `chunk_scan_mosaic`'s instead (Pallas'
 Mosaic GPU backend, faster there, `_mosaic_scan_faster`; a Mosaic GPU prep was slower than the Triton one,
-item 17). Measured on an H100 and an H200 against FLA, with the variants tried: bench/KERNELS_NOTES.md.
+item 17). Measured on an H100 and an H200 against FLA, with the variants tried: bench/NOTES.md.
 """
 
 from __future__ import annotations
@@ -53,14 +53,14 @@ def _scan_programs(batch: int, num_v_heads: int, head_v: int, width: int) -> int
 
 def _wide_grid(batch: int, num_v_heads: int, head_v: int) -> bool:
     """More than two waves of 32-wide scan programs: every SM is busy, and what counts is the work each program
-    repeats for its tile rather than its serial chain. There 64-wide tiles win on Triton (bench/KERNELS_NOTES.md
+    repeats for its tile rather than its serial chain. There 64-wide tiles win on Triton (bench/NOTES.md
     item 10); below it 32-wide ones do."""
     return _scan_programs(batch, num_v_heads, head_v, 32) > 2 * multiprocessors()
 
 
 def _mosaic_scan_faster(batch: int, num_v_heads: int, head_v: int, padded_len: int) -> bool:
     """Where the Mosaic scan (64-wide programs, one per SM) measured faster than the Triton one on an H200
-    (bench/KERNELS_NOTES.md items 16 and 18): past two waves of 32-wide programs, and past one wave where rows
+    (bench/NOTES.md items 16 and 18): past two waves of 32-wide programs, and past one wave where rows
     hold 64 chunks or more. While the 32-wide programs fit one per SM, the Triton scan's shorter chunk step
     wins (B1xT16384 583 vs 741 us at Qwen3.5's heads); past that the Triton programs share SMs, and the
     Mosaic ones win from 4096 tokens a row (B2xT8192 545 vs 471 us, B2xT4096 299 vs 240) but not at 2048
@@ -85,7 +85,7 @@ def _scan_backend(scan, qk_dtype, v_dtype, batch, num_v_heads, head_k, head_v, p
 
 def _scan_tiling(batch, num_v_heads, head_k, head_v, itemsize, block_v, num_stages) -> tuple[int, int]:
     """(block_v, num_stages) for the scan where the caller leaves them None; measured on an H100
-    (bench/KERNELS_NOTES.md, fifth session). Up to two waves of 32-wide programs, each program's serial chain
+    (bench/NOTES.md, fifth session). Up to two waves of 32-wide programs, each program's serial chain
     is what counts, and more, narrower programs win (at B2xT8192, 356 us vs 398 us with 64-wide tiles). Past
     two waves every SM is busy anyway and what counts is the work each program repeats for its tile (reading
     q, k, T and the scores, applying the row factors): 64-wide tiles halve it, 13-23% faster from B3xT4096 to
@@ -269,7 +269,7 @@ def _scan_kernel(
 def _prep_heads(batch: int, num_v_heads: int, group: int, num_chunks: int) -> int:
     """Value heads per prep program: a power of two (a Triton block size) dividing the group of value heads
     that read one key head, so the program's heads share their q, k and products. Sharing halves the grid,
-    which pays only while the grid still fills the GPU; measured on an H200 (bench/KERNELS_NOTES.md, sixth
+    which pays only while the grid still fills the GPU; measured on an H200 (bench/NOTES.md, sixth
     session): two heads per program won by 5-8% from B1xT4096 (1024 programs) up and lost at B1xT512 (128
     programs: 34.7 vs 29.3 us). So the largest power of two that leaves four (two-warp) programs per SM."""
     heads = group & -group

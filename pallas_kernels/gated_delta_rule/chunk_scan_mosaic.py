@@ -4,7 +4,7 @@ Same products and row factors as `chunk._scan_kernel`, on the committed prep's o
 r = diag(u) v - diag(w) k S, v_new = T r, o = diag(q_fac) q S + P v_new, S <- exp(G_C) S + k^T diag(k_fac) v_new.
 One warpgroup per (row, value head, 64-wide v tile); chunks arrive by TMA through `plgpu.emit_pipeline` (two
 in flight) and every wgmma reads both operands from shared memory (the CPU interpreter, which CI tests it
-with, has no rule for register operands). Measured on an H200 (bench/KERNELS_NOTES.md item 16): where the
+with, has no rule for register operands). Measured on an H200 (bench/NOTES.md item 16): where the
 grid has more than two waves of 32-wide programs it takes 288 instead of 418 us at B8xT2048 and 580 instead of
 864 at B32xT1024; with few programs (B1) each program's chain is what counts and it loses (486 vs 397 us at
 B1xT16384), so `chunk_prefill` picks it only where the Triton scan's 32-wide programs would share SMs

@@ -64,7 +64,7 @@ def _decode_kernel(
 
 def state_read_first(num_programs: int) -> bool:
     """Whether each program issues its state read before the q/k norms. Measured on H200s (bf16, Qwen3.5
-    heads, 64-wide tiles; bench/KERNELS_NOTES.md item 13): at B8 (4 programs per SM, one wave) reading it
+    heads, 64-wide tiles; bench/NOTES.md item 13): at B8 (4 programs per SM, one wave) reading it
     after was faster in three runs out of three (4-18%); at B256 (124 per SM) reading it first was 2.6%
     faster; at B64 (31 per SM) the two orders differed by less than the run-to-run spread. B16-B32 not
     measured: the switch sits at 8 programs per SM."""

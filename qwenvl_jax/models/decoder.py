@@ -4,7 +4,7 @@ Every layer owns its own parameter arrays (``layers[i]``, HF's ``model.language_
 forward pass is a Python loop, unrolled in the compiled program. Stacking the layers and scanning over them
 compiles a smaller program, but XLA then copies every layer's weights out of the stack before the matmuls read
 them: measured on an H100, ~200 weight copies per decode step held batch-1 decode at 30% of its weight-read
-roofline (bench/DECODE_NOTES.md). Per-layer arrays are read where they live.
+roofline (bench/NOTES.md). Per-layer arrays are read where they live.
 """
 
 from __future__ import annotations
