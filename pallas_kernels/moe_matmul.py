@@ -105,6 +105,24 @@ def tiling_error(tiling: Tiling, hidden: int, intermediate: int) -> str | None:
     return None
 
 
+# At most one pair per this many experts: each pair takes its own block, no sort. Two pairs of one expert then read
+# its weights twice, but with E/8 pairs over E experts that happens to ~6% of them, and the sort, bincount,
+# cumsums and scatters of the grouped layout (about eight small kernels per layer) disappear: at batch 1 a
+# layer's routed weights take ~11 us to read on an H200 (Qwen3.5-35B-A3B), so a few us per kernel is a large
+# share. Predicted, not yet measured.
+DIRECT_ROUTE_EXPERTS_PER_PAIR = 8
+
+
+def _direct_route(experts_nk: jax.Array, block_m: int) -> tuple[jax.Array, ...]:
+    """The tables of `_route` with block b holding pair b alone (row 0; the padding rows gather its token)."""
+    num_tokens, top_k = experts_nk.shape
+    pairs = num_tokens * top_k
+    token_p = jnp.arange(pairs, dtype=jnp.int32) // top_k
+    slot_token = jnp.broadcast_to(token_p[:, None], (pairs, block_m))
+    return (jnp.full((1,), pairs, jnp.int32), experts_nk.reshape(-1).astype(jnp.int32), slot_token,
+            jnp.arange(pairs, dtype=jnp.int32) * block_m)
+
+
 def _route(experts_nk: jax.Array, num_experts: int, block_m: int) -> tuple[jax.Array, ...]:
     """Per-block routing tables for the kernels.
 
@@ -112,9 +130,12 @@ def _route(experts_nk: jax.Array, num_experts: int, block_m: int) -> tuple[jax.A
     first block right after the previous expert's last, the tail of its last block padding. The number of
     blocks, the static grid size, is at most cdiv(pairs, block_m) + min(experts, pairs): each non-empty expert
     adds at most one partly filled block. Returns (num_blocks [1] int32, block_expert [max_blocks] int32,
-    slot_token [max_blocks, block_m] int32, pair_slot [pairs] int32: the slot of each token-major pair)."""
+    slot_token [max_blocks, block_m] int32, pair_slot [pairs] int32: the slot of each token-major pair).
+    Batches of at most E / DIRECT_ROUTE_EXPERTS_PER_PAIR pairs take the direct layout instead: block b is pair b."""
     num_tokens, top_k = experts_nk.shape
     pairs = num_tokens * top_k
+    if pairs * DIRECT_ROUTE_EXPERTS_PER_PAIR <= num_experts:
+        return _direct_route(experts_nk, block_m)
     max_blocks = pl.cdiv(pairs, block_m) + min(num_experts, pairs)
     flat_expert = experts_nk.reshape(-1).astype(jnp.int32)
     order = jnp.argsort(flat_expert, stable=True)  # sorted position -> token-major pair

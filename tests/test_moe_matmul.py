@@ -61,6 +61,7 @@ def test_reference_matches_float64_loop(dtype, tol, num_tokens, top_k):
 # N=1, 3, 64 are decode (16-row blocks: the default below 8 pairs per expert, forced at 64); N=200 prefill
 # (the default past it, 64-row blocks; 50 pairs per expert on average, so experts span several blocks).
 KERNEL_CASES = [  # num_tokens, top_k, block_m
+    (1, 2, None),  # 2 pairs of 16 experts: one block per pair, no sort
     (1, 4, None),
     (3, 2, None),
     (64, 4, 16),
@@ -78,6 +79,7 @@ def test_kernels_match_reference(dtype, tol, num_tokens, top_k, block_m):
 
 
 @pytest.mark.parametrize("num_tokens, top_k, routed, block_m", [
+    (1, 2, [5, 9], None),  # one block per pair
     (3, 4, [2, 5, 6, 9, 11, 12, 15], None),  # at most 7 of 16 experts, none of them 0 (what unused blocks name)
     (64, 2, [3, 7], 16),  # two experts take every token: 64 pairs each, four full blocks apiece
     (200, 3, [1, 4, 8], None),  # 200 pairs each at 64-row blocks: three full blocks and a padded one
@@ -131,3 +133,13 @@ def test_default_tiling_switches_to_64_row_blocks_past_8_pairs_per_expert():
     assert default_tiling(1, 8, 256).block_m == 16
     assert default_tiling(256, 8, 256).block_m == 16
     assert default_tiling(257, 8, 256).block_m == 64
+
+
+def test_batches_of_few_pairs_give_each_pair_its_own_block():
+    """At most E/8 pairs: block b is pair b (its expert, its token in every row), no sort."""
+    _, experts_nk, *_ = make_inputs(5, 1, 2)
+    num_blocks, block_expert, slot_token, pair_slot = map(np.asarray, _route(experts_nk, EXPERTS, 16))
+    assert num_blocks[0] == block_expert.size == 2
+    np.testing.assert_array_equal(block_expert, np.asarray(experts_nk).reshape(-1))
+    assert (slot_token == 0).all()
+    np.testing.assert_array_equal(pair_slot, [0, 16])
