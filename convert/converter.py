@@ -25,7 +25,9 @@ from convert.mapping import (
     Source, apply_transform, build_sources, detect_expert_layout, is_mtp, normalize_name, region_shape,
     transformed_shape,
 )
-from convert.safetensors_io import CheckpointError, TensorInfo, read_header, read_tensors, shard_files
+from convert.safetensors_io import (
+    CheckpointError, TensorInfo, absolute_path, checkpoint_dir, read_header, read_tensors, shard_files,
+)
 from qwenvl_jax.config import ModelConfig, load_config
 from qwenvl_jax.models.model import QwenVLModel, abstract_model
 
@@ -65,9 +67,7 @@ def leaf_shapes_of(model: QwenVLModel) -> dict[LeafPath, tuple[int, ...]]:
 
 def plan_conversion(hf_dir: str | Path, dtype: str | jnp.dtype = "bfloat16") -> ConversionPlan:
     """Reads config and headers, maps every tensor, and raises CheckpointError listing all that is wrong."""
-    hf_dir = Path(hf_dir)
-    if not hf_dir.is_dir():
-        raise CheckpointError(f"checkpoint directory {hf_dir} does not exist")
+    hf_dir = checkpoint_dir(hf_dir)
     cfg = load_config(hf_dir)
     dtype = jnp.dtype(dtype)
     model = abstract_model(cfg, dtype)
@@ -163,7 +163,9 @@ def convert_checkpoint(hf_dir: str | Path, out_dir: str | Path, dtype: str = "bf
     """Converts a HF checkpoint directory into ``out_dir`` (Orbax params + config + tokenizer files)."""
     import orbax.checkpoint as ocp
 
-    hf_dir, out_dir = Path(hf_dir), Path(out_dir).absolute()
+    hf_dir, out_dir = checkpoint_dir(hf_dir), absolute_path(out_dir)
+    if out_dir.is_file():
+        raise FileExistsError(f"output path {out_dir} is a file, not a directory")
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"output directory {out_dir} already exists (pass overwrite=True / --overwrite)")
     plan = plan_conversion(hf_dir, dtype)
@@ -189,7 +191,7 @@ def convert_checkpoint(hf_dir: str | Path, out_dir: str | Path, dtype: str = "bf
         _copy_aux_files(hf_dir, tmp)
         (tmp / MANIFEST).write_text(json.dumps({
             "format_version": FORMAT_VERSION, "dtype": plan.dtype.name, "model_type": plan.cfg.model_type,
-            "source": str(hf_dir.absolute()), "has_mtp": bool(plan.mtp),
+            "source": str(hf_dir), "has_mtp": bool(plan.mtp),
         }, indent=2))
         if overwrite and out_dir.exists():
             shutil.rmtree(out_dir)
@@ -215,7 +217,7 @@ def load_params(path: str | Path, dtype: str | jnp.dtype | None = None) -> tuple
     """A converted directory or an HF directory (converted in memory) -> (config, model on the default device)."""
     import orbax.checkpoint as ocp
 
-    path = Path(path)
+    path = checkpoint_dir(path)
     if is_converted(path):
         manifest = json.loads((path / MANIFEST).read_text())
         if manifest.get("format_version") != FORMAT_VERSION:

@@ -8,6 +8,7 @@ resident, which is what bounds conversion's peak memory to about one shard.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,6 +38,22 @@ class TensorInfo:
     shape: tuple[int, ...]
     offset: int  # absolute byte offset of the data in the shard
     nbytes: int
+
+
+def absolute_path(path: str | Path) -> Path:
+    """``path`` with ``~`` expanded, made absolute (Orbax refuses relative paths); symlinks are kept."""
+    return Path(os.path.abspath(Path(path).expanduser()))
+
+
+def checkpoint_dir(path: str | Path) -> Path:
+    """``absolute_path(path)``, which must be an existing directory: a clear error naming what it is otherwise."""
+    resolved = absolute_path(path)
+    if resolved.is_file():
+        raise CheckpointError(f"{resolved} is a file, not a directory: pass the checkpoint directory (the one "
+                              "holding config.json)")
+    if not resolved.is_dir():
+        raise CheckpointError(f"checkpoint directory {resolved} does not exist")
+    return resolved
 
 
 def shard_files(hf_dir: Path) -> list[Path]:
@@ -85,11 +102,14 @@ def read_header(shard: Path) -> list[TensorInfo]:
         if dtype not in DTYPES:
             raise CheckpointError(f"{shard.name}: tensor {name!r} has unsupported dtype {dtype}")
         expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(DTYPES[dtype]).itemsize
-        if end - begin != expected or data_start + end > size:
+        if begin < 0 or end - begin != expected:
             raise CheckpointError(
-                f"corrupt safetensors file {shard.name}: tensor {name!r} ({dtype} {list(shape)}) has "
-                f"{end - begin} bytes at [{begin}, {end}) but needs {expected} within a {size}-byte file"
-            )
+                f"corrupt safetensors file {shard.name}: tensor {name!r} ({dtype} {list(shape)}) needs {expected} "
+                f"bytes but the header gives it the data range [{begin}, {end})")
+        if data_start + end > size:
+            raise CheckpointError(
+                f"corrupt safetensors file {shard.name} (truncated?): tensor {name!r} ends at byte {data_start + end} "
+                f"by its header, but the file has {size} bytes")
         infos.append(TensorInfo(name, shard, dtype, shape, data_start + begin, end - begin))
     return infos
 

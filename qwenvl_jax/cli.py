@@ -1,15 +1,33 @@
-"""``qwenvl`` command line: convert, generate, chat, demo."""
+"""``qwenvl`` command line: convert, generate, chat, demo.
+
+jax and transformers (which imports torch where installed) take seconds to import, so they load only once a command
+has work for them: ``--help`` and bad paths answer at once.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 
+def _existing_file(path: str, what: str) -> str:
+    """``path`` with ``~`` expanded, checked before any model loads: an error naming it unless it is a file."""
+    expanded = os.path.expanduser(path)
+    if os.path.isdir(expanded):
+        raise ValueError(f"{what} {path} is a directory, not a file")
+    if not os.path.isfile(expanded):
+        raise ValueError(f"{what} {path} does not exist")
+    return expanded
+
+
 def _convert(args: argparse.Namespace) -> None:
+    from convert.safetensors_io import checkpoint_dir
+
+    checkpoint_dir(args.hf_dir)  # a wrong path fails before jax loads
     from convert.converter import convert_checkpoint
 
     t0 = time.perf_counter()
@@ -18,15 +36,18 @@ def _convert(args: argparse.Namespace) -> None:
 
 
 def _load_for_generation(args: argparse.Namespace):
+    from convert.safetensors_io import checkpoint_dir
+
+    checkpoint_dir(args.model)  # a wrong path fails before jax and transformers load
     import qwenvl_jax as qj
-    from qwenvl_jax.engine import EngineConfig
 
     model = qj.load(args.model, dtype=args.dtype)
-    buckets = tuple(b for b in EngineConfig.prompt_buckets if b < args.max_len) or (args.max_len // 2,)
-    model.configure(max_batch=1, max_len=args.max_len, decode_steps=args.decode_steps, prompt_buckets=buckets)
+    # Only the options given: the others keep the library's defaults (one set of defaults for both).
+    given = {"max_len": args.max_len, "decode_steps": args.decode_steps}
+    model.configure(max_batch=1, **{k: v for k, v in given.items() if v is not None})
     engine = model.engine()
-    print(f"decode state: {engine.state_bytes / 2**20:.1f} MiB; programs compile on first use "
-          f"(--warmup compiles every bucket first)", file=sys.stderr)
+    print(f"decode state: {engine.state_bytes / 2**20:.1f} MiB for max_len {engine.config.max_len}; programs "
+          f"compile on first use (--warmup compiles every bucket first)", file=sys.stderr)
     if args.warmup:
         print(f"warm-up: {model.warmup():.1f} s", file=sys.stderr)
     return model
@@ -48,24 +69,32 @@ def _print_stream(stream) -> object:
 
 
 def _generate(args: argparse.Namespace) -> None:
+    images = [_existing_file(p, "--image") for p in args.image]
+    videos = [_existing_file(p, "--video") for p in args.video]
     model = _load_for_generation(args)
     import numpy as np
 
-    content = [{"type": "image", "image": p} for p in args.image] + [
-        {"type": "video", "video": np.load(p), "fps": args.video_fps} for p in args.video] + [
+    # .npy: decoded frames at --video-fps (2 by default); a video file: decoded with PyAV at its own frame rate
+    # unless --video-fps says otherwise.
+    content = [{"type": "image", "image": p} for p in images] + [
+        {"type": "video", "video": np.load(p), "fps": args.video_fps or 2.0} if str(p).lower().endswith(".npy")
+        else {"type": "video", "video": p, "fps": args.video_fps} for p in videos] + [
         {"type": "text", "text": args.prompt}]
     result = _print_stream(model.generate([{"role": "user", "content": content}], stream=True,
                                           **_sampling_kwargs(args)))
     s = result.stats
-    print(f"[{result.finish_reason}; {s.prompt_tokens} prompt + {s.new_tokens} new tokens; TTFT {s.ttft_s * 1e3:.1f} ms, "
-          f"decode {s.decode_tok_s:.1f} tok/s; compile {s.compile_s:.1f} s]", file=sys.stderr)
+    print(f"[{result.finish_reason}; {s.prompt_tokens} prompt + {s.new_tokens} new tokens; "
+          f"TTFT {s.ttft_s * 1e3:.1f} ms, decode {s.decode_tok_s:.1f} tok/s; compile {s.compile_s:.1f} s]",
+          file=sys.stderr)
 
 
 def _chat(args: argparse.Namespace) -> None:
     model = _load_for_generation(args)
+    from qwenvl_jax.processing import load_image
+
     history: list[dict] = []
     print("chat: empty line or Ctrl-D to quit; '/image PATH' attaches an image to the next message", file=sys.stderr)
-    images: list[str] = []
+    images: list = []
     while True:
         try:
             line = input("> ").strip()
@@ -73,10 +102,14 @@ def _chat(args: argparse.Namespace) -> None:
             break
         if not line:
             break
-        if line.startswith("/image "):
-            images.append(line.split(maxsplit=1)[1])
+        if line == "/image" or line.startswith("/image "):
+            # Read now, so that a wrong path or a file that is no image is reported when typed.
+            try:
+                images.append(load_image(line.removeprefix("/image").strip(), len(images)))
+            except ValueError as e:
+                print(f"error: {e}", file=sys.stderr)
             continue
-        content = [{"type": "image", "image": p} for p in images] + [{"type": "text", "text": line}]
+        content = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": line}]
         images = []
         history.append({"role": "user", "content": content})
         try:
@@ -98,7 +131,7 @@ def _demo(args: argparse.Namespace) -> None:
 
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()})")
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(args.workdir) if args.workdir else Path(tmp)
+        work = Path(args.workdir).expanduser() if args.workdir else Path(tmp)
         hf_dir, out_dir = work / f"tiny-{args.model_type}-hf", work / f"tiny-{args.model_type}"
         cfg = write_tiny_checkpoint(hf_dir, args.model_type, seed=args.seed)
         print(f"wrote a random {args.model_type} checkpoint ({cfg.text.num_hidden_layers} layers, "
@@ -123,13 +156,14 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="qwenvl", description=__doc__)
+    parser = argparse.ArgumentParser(prog="qwenvl", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="convert a HF checkpoint directory to our Orbax format")
     p.add_argument("hf_dir")
     p.add_argument("out_dir")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
+                   help="dtype of the stored weights (default: bfloat16)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.set_defaults(func=_convert)
 
@@ -141,8 +175,10 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument("--prompt", required=True)
             p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
             p.add_argument("--video", action="append", default=[],
-                           help="decoded video frames as .npy, uint8 [T, H, W, 3] (repeatable)")
-            p.add_argument("--video-fps", type=float, default=2.0, help="frame rate of the --video frames")
+                           help="a video file (mp4, webm, ...; needs pip install 'qwenvl-jax[video]') or decoded "
+                                "frames as .npy, uint8 [T, H, W, 3] (repeatable)")
+            p.add_argument("--video-fps", type=float, default=None,
+                           help="frame rate of the --video input (.npy: default 2; a file: its own rate)")
         p.add_argument("--max-new-tokens", type=int, default=256)
         p.add_argument("--temperature", type=float, default=0.0)
         p.add_argument("--top-p", type=float, default=1.0)
@@ -151,9 +187,12 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--repetition-penalty", type=float, default=1.0)
         p.add_argument("--seed", type=int)
         p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-        p.add_argument("--dtype", choices=["bfloat16", "float32"], help="compute dtype (default: as converted)")
-        p.add_argument("--max-len", type=int, default=4096)
-        p.add_argument("--decode-steps", type=int, default=16)
+        p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"],
+                       help="compute dtype (default: as converted; bfloat16 for an HF directory)")
+        p.add_argument("--max-len", type=int,
+                       help="tokens per request, prompt + generated (default: the library's, EngineConfig.max_len)")
+        p.add_argument("--decode-steps", type=int,
+                       help="tokens per decode call (default: the library's, EngineConfig.decode_steps)")
         p.add_argument("--warmup", action="store_true", help="compile every prompt/vision/decode bucket up front")
         p.set_defaults(func=_generate if name == "generate" else _chat)
 
@@ -167,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileExistsError) as e:
+    except (ValueError, FileExistsError, ImportError) as e:
         sys.exit(f"qwenvl {args.command}: error: {e}")
 
 

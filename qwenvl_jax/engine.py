@@ -29,11 +29,17 @@ from qwenvl_jax.models.rope import mrope_cos_sin
 from qwenvl_jax.sampling import SamplingArrays, SamplingParams, mark_seen, request_keys, sample, sampling_arrays
 
 
+DEFAULT_MAX_LEN = 4096  # the library's and the CLI's context per request
+DEFAULT_PROMPT_BUCKETS = (64, 256, 1024)
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     max_batch: int = 1  # concurrent requests (decode slots)
-    max_len: int = 2048  # prompt + generated tokens per request
-    prompt_buckets: tuple[int, ...] = (64, 256, 1024)  # prefill lengths; longer prompts are prefilled in chunks
+    max_len: int = DEFAULT_MAX_LEN  # prompt + generated tokens per request
+    # Prefill lengths; longer prompts are prefilled in chunks. None: the DEFAULT_PROMPT_BUCKETS that fit max_len
+    # (max_len itself if none does), filled in at construction.
+    prompt_buckets: tuple[int, ...] | None = None
     decode_steps: int = 16  # tokens per decode call
     # Tokens per decode call while streaming: a token reaches the caller at most one call after it is sampled, so
     # fewer steps per call bound that delay (one compiled program runs either count: the count is data). At most
@@ -47,6 +53,9 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_len < 2 or self.decode_steps < 1:
             raise ValueError(f"invalid engine config {self}")
+        if self.prompt_buckets is None:
+            fitting = tuple(b for b in DEFAULT_PROMPT_BUCKETS if b <= self.max_len)
+            object.__setattr__(self, "prompt_buckets", fitting or (self.max_len,))
         if self.stream_decode_steps < 1:
             raise ValueError(f"stream_decode_steps must be >= 1, got {self.stream_decode_steps}")
         if not self.prompt_buckets or any(b < 1 for b in self.prompt_buckets):
@@ -350,7 +359,8 @@ class Engine:
             raise ValueError("the prompt is empty")
         if t + 1 > self.config.max_len:
             raise ValueError(f"the prompt has {t} tokens but the engine's max_len is {self.config.max_len} "
-                             "(prompt + at least one new token must fit)")
+                             "(prompt + at least one new token must fit; raise it with configure(max_len=...) or "
+                             "--max-len)")
         if t > max(self.config.prompt_buckets) and not self.config.chunked_prefill:
             raise ValueError(f"the prompt has {t} tokens, more than the largest prompt bucket "
                              f"{max(self.config.prompt_buckets)}, and chunked prefill is off")

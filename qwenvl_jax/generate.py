@@ -1,27 +1,30 @@
 """``generate()``: prompts, chat messages or token ids (+ images / videos) in, text and token ids out.
 
 Host work per request: chat template, image/video preprocessing, mRoPE positions; then the engine runs it. With
-``stream=True`` text deltas are yielded as tokens arrive (never splitting a multi-byte character).
+``stream=True`` text deltas are yielded as tokens arrive (never splitting a multi-byte character). Token ids with
+HF-named vision arrays need no tokenizer or processor files; results then carry token ids and ``text`` is None.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import jax
 import numpy as np
 
 from qwenvl_jax.detokenize import StreamingDetokenizer
-from qwenvl_jax.engine import Request, VisionPayload
+from qwenvl_jax.engine import Engine, Request, VisionPayload
 from qwenvl_jax.models.multimodal import prepare_multimodal
 from qwenvl_jax.models.rope_index import get_rope_index
 from qwenvl_jax.sampling import SamplingParams
 
 if TYPE_CHECKING:
-    from qwenvl_jax.qwenvl import QwenVL
+    from qwenvl_jax.config import ModelConfig
+    from qwenvl_jax.processing import Processor
 
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
                    "/jax/core/compile/backend_compile_duration")
@@ -36,6 +39,24 @@ def _count_compile(event: str, seconds: float, **_) -> None:
 jax.monitoring.register_event_duration_secs_listener(_count_compile)
 
 
+class GenerationModel(Protocol):
+    """What generate() needs of a model: ``QwenVL`` provides it (a protocol, so that this module, which QwenVL
+    calls, does not import it back)."""
+
+    config: ModelConfig
+    max_vision_patches: int
+
+    @property
+    def processor(self) -> Processor: ...
+
+    @property
+    def tokenizer(self) -> Any | None: ...
+
+    def require_tokenizer(self, needed_for: str) -> Any: ...
+
+    def engine(self) -> Engine: ...
+
+
 @dataclasses.dataclass
 class GenerationStats:
     prompt_tokens: int
@@ -45,11 +66,16 @@ class GenerationStats:
     decode_tok_s: float  # new tokens after the first / time after the first token
     compile_s: float  # tracing + compilation inside this call (0 once every bucket it used was compiled)
     total_s: float
+    # Ended by the engine's max_len (prompt + new tokens) before max_new_tokens; a warning says so too.
+    truncated_by_max_len: bool
 
 
 @dataclasses.dataclass
 class GenerationResult:
-    text: str
+    # None when the checkpoint has no tokenizer files (token ids in, token ids out). Excludes the end-of-sequence
+    # token and a stop string.
+    text: str | None
+    # Every generated token, ending with the end-of-sequence token or with the token that completed a stop string.
     token_ids: list[int]
     finish_reason: str  # "stop" (end-of-sequence token or a stop string) or "length"
     stats: GenerationStats
@@ -64,15 +90,20 @@ def _user_message(prompt: str, images: Sequence, videos: Sequence) -> list[dict]
     return [{"role": "user", "content": content + [{"type": "text", "text": prompt}]}]
 
 
-def build_requests(model: QwenVL, prompts: Any, *, images: Sequence | None, videos: Sequence | None,
+def build_requests(model: GenerationModel, prompts: Any, *, images: Sequence | None, videos: Sequence | None,
                    input_ids: Sequence[Sequence[int]] | None, vision_arrays: Mapping[str, Any],
                    sampling: SamplingParams, max_new_tokens: int) -> tuple[list[Request], bool]:
     """(requests, batched): one request per prompt / conversation / row of ``input_ids``."""
     if input_ids is not None:
         if prompts is not None or images or videos:
             raise ValueError("pass either input_ids (with HF-named vision arrays) or prompts/messages, not both")
-        batched = len(input_ids) > 0 and np.ndim(input_ids[0]) > 0
+        if len(input_ids) == 0:
+            raise ValueError("input_ids is empty: pass a prompt's token ids (a list of ints), or a list of such "
+                             "rows for a batch")
+        batched = np.ndim(input_ids[0]) > 0
         rows = [np.asarray(r) for r in input_ids] if batched else [np.asarray(input_ids)]
+        if empty := [k for k, row in enumerate(rows) if row.size == 0]:
+            raise ValueError(f"input_ids row(s) {empty} hold no tokens: every prompt needs at least one")
         if len(rows) != 1 and any(v is not None for v in vision_arrays.values()):
             raise ValueError("vision arrays with input_ids are supported for a single row")
         return [_request(model, r, vision_arrays, sampling, max_new_tokens) for r in rows], batched
@@ -94,7 +125,7 @@ def build_requests(model: QwenVL, prompts: Any, *, images: Sequence | None, vide
     return requests, batched
 
 
-def _request(model: QwenVL, ids: np.ndarray, arrays: Mapping[str, Any], sampling: SamplingParams,
+def _request(model: GenerationModel, ids: np.ndarray, arrays: Mapping[str, Any], sampling: SamplingParams,
              max_new_tokens: int) -> Request:
     cfg = model.config
     ids = np.asarray(ids)
@@ -125,8 +156,18 @@ def _stop_at(text: str, stop: Sequence[str]) -> int | None:
     return min(hits) if hits else None
 
 
-def generate(model: QwenVL, prompts: Any = None, *, images: Sequence | None = None, videos: Sequence | None = None,
-             input_ids: Sequence | None = None, pixel_values: np.ndarray | None = None,
+def _tokens_through_stop(tokenizer: Any, token_ids: list[int], clean: int, stop: Sequence[str]) -> list[int]:
+    """The shortest prefix of ``token_ids`` whose text holds a stop string, searched past the first ``clean``
+    tokens (whose text holds none): the tokens sampled after the stop string are dropped, so a result ends with
+    the token that completed it, as it ends with an end-of-sequence token."""
+    for k in range(clean + 1, len(token_ids) + 1):
+        if _stop_at(tokenizer.decode(token_ids[:k], skip_special_tokens=True), stop) is not None:
+            return token_ids[:k]
+    return token_ids
+
+
+def generate(model: GenerationModel, prompts: Any = None, *, images: Sequence | None = None,
+             videos: Sequence | None = None, input_ids: Sequence | None = None, pixel_values: np.ndarray | None = None,
              image_grid_thw: np.ndarray | None = None, pixel_values_videos: np.ndarray | None = None,
              video_grid_thw: np.ndarray | None = None, second_per_grid_ts: np.ndarray | None = None,
              max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
@@ -136,6 +177,10 @@ def generate(model: QwenVL, prompts: Any = None, *, images: Sequence | None = No
     sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                               repetition_penalty=repetition_penalty, seed=seed)
     stop = [stop] if isinstance(stop, str) else list(stop or [])
+    if stop:
+        model.require_tokenizer("to find stop strings in the generated text")
+    if stream:
+        model.require_tokenizer("to stream text deltas (without stream=True, results carry the token ids)")
     arrays = dict(pixel_values=pixel_values, image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
                   video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts)
     requests, batched = build_requests(model, prompts, images=images, videos=videos, input_ids=input_ids,
@@ -155,15 +200,16 @@ def _stream(events: Iterator, batched: bool) -> Iterator[str | tuple[int, str]]:
         yield item if batched else item[1]
 
 
-def _run(model: QwenVL, requests: list[Request], stop: list[str], stream: bool) -> Iterator:
-    """Yields (request index, text delta) as tokens arrive, then the list of GenerationResults. ``stream``: the
-    engine's short decode calls, so deltas arrive token by token rather than a call's worth at a time."""
+def _run(model: GenerationModel, requests: list[Request], stop: list[str], stream: bool) -> Iterator:
+    """Yields (request index, text delta) as tokens arrive (none without a tokenizer), then the list of
+    GenerationResults. ``stream``: the engine's short decode calls, so deltas arrive token by token rather than a
+    call's worth at a time."""
     engine = model.engine()
     t0 = time.perf_counter()
     compiled_before = _compile_seconds[0]
     start = time.perf_counter()
     tokenizer = model.tokenizer
-    detok = [StreamingDetokenizer(tokenizer) for _ in requests]
+    detok = [StreamingDetokenizer(tokenizer) for _ in requests] if tokenizer is not None else None
     texts = [""] * len(requests)
     ids: list[list[int]] = [[] for _ in requests]
     first_at: list[float | None] = [None] * len(requests)
@@ -176,13 +222,17 @@ def _run(model: QwenVL, requests: list[Request], stop: list[str], stream: bool) 
         now = time.perf_counter()
         if first_at[i] is None and ev.tokens:
             first_at[i] = now
+        clean = len(ids[i])
         ids[i] += ev.tokens
-        delta = detok[i].push([t for t in ev.tokens if t not in engine.eos_ids])
-        if ev.finished:
-            delta += detok[i].finish()
+        delta = ""
+        if detok is not None:
+            delta = detok[i].push([t for t in ev.tokens if t not in engine.eos_ids])
+            if ev.finished:
+                delta += detok[i].finish()
         cut = _stop_at(texts[i] + delta, stop) if stop else None
         if cut is not None:
             delta = (texts[i] + delta)[:cut][len(texts[i]):]
+            ids[i] = _tokens_through_stop(tokenizer, ids[i], clean, stop)
             reasons[i] = "stop"
             engine.cancel(i)
         elif ev.finished:
@@ -196,10 +246,17 @@ def _run(model: QwenVL, requests: list[Request], stop: list[str], stream: bool) 
     for i, req in enumerate(requests):
         ttft = (first_at[i] or start) - start
         decode_s = done_at[i] - (first_at[i] or done_at[i])
+        reason = reasons[i] or "length"
+        truncated = reason == "length" and len(ids[i]) < req.max_new_tokens
+        if truncated:
+            warnings.warn(f"request {i} stopped at the engine's max_len of {engine.config.max_len} tokens: its "
+                          f"{len(req.input_ids)} prompt tokens left room for {len(ids[i])} of max_new_tokens="
+                          f"{req.max_new_tokens} (raise it with configure(max_len=...) or --max-len)", stacklevel=2)
         stats = GenerationStats(
             prompt_tokens=len(req.input_ids), new_tokens=len(ids[i]), ttft_s=ttft,
             prefill_tok_s=len(req.input_ids) / ttft if ttft > 0 else float("inf"),
             decode_tok_s=(len(ids[i]) - 1) / decode_s if decode_s > 0 else 0.0,
-            compile_s=_compile_seconds[0] - compiled_before, total_s=time.perf_counter() - t0)
-        results.append(GenerationResult(texts[i], ids[i], reasons[i] or "length", stats))
+            compile_s=_compile_seconds[0] - compiled_before, total_s=time.perf_counter() - t0,
+            truncated_by_max_len=truncated)
+        results.append(GenerationResult(texts[i] if detok is not None else None, ids[i], reason, stats))
     yield results

@@ -9,7 +9,8 @@ Images go through transformers' PIL-backend image processor (no torch), or, with
 through the numpy path below, which reproduces HF's default torchvision-backend image processor. HF's video
 processors need torch + torchvision, so videos are done here in numpy: frame sampling, smart_resize, and a port of
 torch's uint8 antialiased bicubic resize (what torchvision runs on CPU for uint8 frames; PIL's bicubic differs by
-1 in ~0.5% of pixels), then HF's fused rescale+normalize in float32 and its patch layout.
+1 in ~0.5% of pixels), then HF's fused rescale+normalize in float32 and its patch layout. Video files are decoded
+by ``video_io`` (PyAV, the optional ``video`` extra) into the frames a decoded array would give.
 """
 
 from __future__ import annotations
@@ -34,8 +35,11 @@ from transformers.image_utils import ChannelDimension
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as image_smart_resize
 
+from qwenvl_jax import video_io
+from qwenvl_jax.video_io import VideoFrames
+
 ImageInput = str | Path | PIL.Image.Image | np.ndarray
-VideoInput = np.ndarray | Sequence[PIL.Image.Image | np.ndarray]
+VideoInput = str | Path | np.ndarray | Sequence[PIL.Image.Image | np.ndarray]  # a path: a video file (PyAV)
 Message = Mapping[str, Any]
 
 IMAGE_TOKEN, VIDEO_TOKEN = "<|image_pad|>", "<|video_pad|>"
@@ -117,7 +121,7 @@ def load_image(image: ImageInput, index: int) -> np.ndarray:
         image = _open_image_file(str(image), index)
     if isinstance(image, PIL.Image.Image):
         # HF's conversion: alpha is composited onto white, palettes and greyscale expand to RGB.
-        return np.asarray(convert_to_rgb(image))
+        return convert_to_rgb(image, return_numpy=True)
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[-1] != 3:
             raise ValueError(f"image {index}: expected an [H, W, 3] RGB array, got shape {image.shape} "
@@ -140,7 +144,7 @@ def _open_image_file(source: str, index: int) -> PIL.Image.Image:
         except (IndexError, binascii.Error) as e:
             raise ValueError(f"image {index}: malformed base64 data URL ({e})") from e
     else:
-        data = source.removeprefix("file://")
+        data = Path(source.removeprefix("file://")).expanduser()
     try:
         with PIL.Image.open(data) as opened:
             opened.load()
@@ -149,11 +153,17 @@ def _open_image_file(source: str, index: int) -> PIL.Image.Image:
         raise ValueError(f"image {index}: cannot read image file {source[:200]!r}: {e}") from e
 
 
-def load_video(video: VideoInput, index: int) -> np.ndarray:
-    """[T, H, W, 3] uint8 RGB frames."""
+def load_video(video: VideoInput, index: int, settings: VideoSettings, fps: float | None = None) -> VideoFrames:
+    """The frames of one video that HF's video processor keeps ([T, H, W, 3] uint8 RGB), sampled at the video's
+    fps: ``fps`` when given, else a file's own (its container's average rate), else unknown (None). A file is
+    decoded with PyAV (the ``video`` extra) and only its kept frames are converted and held."""
     if isinstance(video, (str, Path)):
-        raise ValueError(f"video {index}: video files are not decoded here; pass the decoded frames "
-                         "([T, H, W, 3] uint8 array or a list of frames) and their fps")
+        try:
+            decoded = video_io.read_video(video, lambda total, file_fps: sample_frame_indices(
+                settings, total, file_fps if fps is None else fps))
+        except ValueError as e:
+            raise ValueError(f"video {index}: {e}") from e
+        return decoded if fps is None else dataclasses.replace(decoded, fps=fps)
     if isinstance(video, np.ndarray):
         if video.ndim != 4 or video.shape[-1] != 3:
             raise ValueError(f"video {index}: expected a [T, H, W, 3] RGB array, got shape {video.shape}")
@@ -172,7 +182,11 @@ def load_video(video: VideoInput, index: int) -> np.ndarray:
                          "array or a non-empty list of frames")
     if frames.shape[0] == 0 or min(frames.shape[1:3]) == 0:
         raise ValueError(f"video {index}: empty video of shape {frames.shape}")
-    return frames
+    try:
+        indices = sample_frame_indices(settings, frames.shape[0], fps)
+    except ValueError as e:
+        raise ValueError(f"video {index}: {e}") from e
+    return VideoFrames(frames if indices is None else frames[indices], fps, frames.shape[0], indices)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -339,18 +353,15 @@ def patchify_video(frames_tchw: np.ndarray, patch_size: int, merge_size: int,
     return patches.reshape(gt * gh * gw, c * temporal_patch_size * patch_size * patch_size), (gt, gh, gw)
 
 
-def process_video(settings: VideoSettings, frames_thwc: np.ndarray, video_fps: float | None
-                  ) -> tuple[np.ndarray, tuple[int, int, int], np.ndarray | None]:
-    """(patches, grid_thw, sampled frame indices or None) for one video."""
-    indices = sample_frame_indices(settings, frames_thwc.shape[0], video_fps)
-    if indices is not None:
-        frames_thwc = frames_thwc[indices]
+def process_video_frames(settings: VideoSettings, frames_thwc: np.ndarray
+                         ) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """(patches, grid_thw) for the kept (already sampled) frames of one video."""
     height, width = video_smart_resize(settings, *frames_thwc.shape[:3])
     frames_thwc = resize_bicubic_uint8(frames_thwc, height, width)
     frames_tchw = normalize_uint8(frames_thwc, settings.image_mean, settings.image_std, settings.rescale_factor)
     patches, grid = patchify_video(frames_tchw, settings.patch_size, settings.merge_size,
                                    settings.temporal_patch_size)
-    return patches, grid, indices
+    return patches, grid
 
 
 def normalize_uint8(frames_thwc: np.ndarray, mean: Sequence[float], std: Sequence[float],
@@ -395,6 +406,37 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ValueError(f"cannot read {path}: {e}") from e
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizer and processor files: a checkpoint saved from the model alone (config + weights) has none of them, and
+# needs none for token ids and HF-named arrays in, logits and token ids out.
+
+PROCESSOR_NEEDED_FOR = ("to turn prompts, chat messages, images and videos into token ids and pixel arrays (token "
+                        "ids with HF-named arrays, as generate(input_ids=..., pixel_values=..., image_grid_thw=...) "
+                        "and logits(...) take them, need none of these files)")
+
+
+class MissingFilesError(ValueError):
+    """A checkpoint directory lacks files that a requested input or output needs: names them and why."""
+
+    def __init__(self, path: Path, missing: Sequence[str], needed_for: str):
+        super().__init__(f"{path} has no {' and no '.join(missing)}, needed {needed_for}. Copy the tokenizer and "
+                         "processor files of the base model's HF checkpoint into it (e.g. "
+                         "AutoProcessor.from_pretrained(base).save_pretrained(dir)).")
+
+
+def missing_tokenizer_files(path: Path) -> list[str]:
+    """[] when ``path`` holds a tokenizer (a fast tokenizer.json, or a slow BPE's vocab.json + merges.txt), else
+    the files it lacks."""
+    if (path / "tokenizer.json").is_file() or all((path / f).is_file() for f in ("vocab.json", "merges.txt")):
+        return []
+    return ["tokenizer.json (or vocab.json + merges.txt)"]
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """The tokenizer of a checkpoint directory that has its files (see :func:`missing_tokenizer_files`)."""
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
 class Processor:
     """Chat messages / text + images + videos -> :class:`ProcessorOutput`, as the checkpoint's HF processor."""
 
@@ -419,18 +461,21 @@ class Processor:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, max_image_patches: int | None = None,
-                        image_resize: Literal["pil", "torchvision"] = "pil") -> Processor:
+                        image_resize: Literal["pil", "torchvision"] = "pil", tokenizer: Any = None) -> Processor:
         """Loads tokenizer, chat template and processor configs from a local checkpoint directory.
 
         ``max_image_patches``: largest image accepted, in patches (default: max_pixels / patch_size^2).
         ``image_resize``: "pil" gives HF's PIL-backend image processor (what transformers runs without
         torchvision, and the resize the Qwen processors used before transformers 5); "torchvision" reproduces
         HF's default torchvision-backend image processor bit for bit. The two differ by a few uint8 levels at
-        some pixels."""
+        some pixels. ``tokenizer``: one already loaded from ``path`` (else it is loaded here)."""
         path = Path(path)
         image_config_path = path / "preprocessor_config.json"
+        missing = [] if tokenizer is not None else missing_tokenizer_files(path)
         if not image_config_path.is_file():
-            raise ValueError(f"no preprocessor_config.json in {path}")
+            missing.append(image_config_path.name)
+        if missing:
+            raise MissingFilesError(path, missing, PROCESSOR_NEEDED_FOR)
         image_config = _read_json(image_config_path)
         video_config_path = path / "video_preprocessor_config.json"
         # Checkpoints without a video config (e.g. Qwen2.5-VL on the hub) build the video processor from the
@@ -439,7 +484,7 @@ class Processor:
         model_type = _read_json(path / "config.json").get("model_type") if (path / "config.json").is_file() \
             else None
         family = _family_of(image_config.get("processor_class"), model_type)
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(path)
         image_processor = Qwen2VLImageProcessorPil.from_pretrained(str(path), local_files_only=True)
         return cls(tokenizer, image_processor, VideoSettings.from_dict(video_config, family), max_image_patches,
                    image_resize)
@@ -455,7 +500,9 @@ class Processor:
         """``text``: a prompt, a batch of prompts (holding ``<|image_pad|>`` / ``<|video_pad|>`` placeholders),
         one conversation (list of message dicts) or a batch of conversations. Images and videos of conversations
         come from their content parts (``{"type": "image", "image": ...}``, ``{"type": "video", "video": frames,
-        "fps": 2.0}``); for prompts pass them in ``images`` / ``videos`` (with ``video_fps``) in order.
+        "fps": 2.0}`` or ``{"type": "video", "video": "clip.mp4"}``); for prompts pass them in ``images`` /
+        ``videos`` (with ``video_fps``) in order. A video's fps is the frame rate of the frames given (a file's
+        defaults to its container's); the processor samples from it at its own configured fps.
         Rows are padded to the longest on ``padding_side``."""
         texts, images, videos, video_fps = self._texts_and_media(text, images, videos, video_fps,
                                                                  add_generation_prompt)
@@ -497,7 +544,7 @@ class Processor:
                         if kind == "image":
                             images.append(_part_image(part))
                         elif kind == "video":
-                            videos.append(part.get("video"))
+                            videos.append(_part_video(part))
                             fps.append(part.get("fps"))
             texts = [self.apply_chat_template(c, add_generation_prompt) for c in conversations]
             video_fps = fps
@@ -553,14 +600,14 @@ class Processor:
         all_patches, grids, replacements, seconds, timestamps = [], [], [], [], []
         merge = self.video.merge_size**2
         for k, (video, fps) in enumerate(zip(videos, video_fps)):
-            frames = load_video(video, k)
+            kept = load_video(video, k, self.video, fps)
             try:
-                patches, grid, indices = process_video(self.video, frames, fps)
+                patches, grid = process_video_frames(self.video, kept.frames)
             except ValueError as e:
                 raise ValueError(f"video {k}: {e}") from e
             all_patches.append(patches)
             grids.append(grid)
-            total = frames.shape[0]
+            fps, total, indices = kept.fps, kept.total_frames, kept.indices
             if self.family == "qwen2_5_vl":
                 # HF: temporal_patch_size / sampled fps, sampled fps = kept fraction of the source fps (24 if unknown).
                 sampled_fps = (_DEFAULT_VIDEO_FPS if fps is None else
@@ -605,3 +652,11 @@ def _part_image(part: Mapping[str, Any]) -> ImageInput:
     if isinstance(part.get("image_url"), str):
         return part["image_url"]
     raise ValueError(f"image content part without an image: {dict(part)}")
+
+
+def _part_video(part: Mapping[str, Any]) -> VideoInput:
+    """HF's keys for a video part: frames or a file under ``video``, a file under ``path`` or ``url``."""
+    for key in ("video", "path", "url"):
+        if part.get(key) is not None:
+            return part[key]
+    raise ValueError(f"video content part without a video: {dict(part)}")

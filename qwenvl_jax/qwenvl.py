@@ -2,24 +2,31 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from convert.converter import load_params
+from convert.safetensors_io import checkpoint_dir
 from qwenvl_jax.config import ModelConfig
 from qwenvl_jax.engine import Engine, EngineConfig
+from qwenvl_jax.generate import GenerationResult, generate
 from qwenvl_jax.models.model import QwenVLModel, multimodal_logits_fn, text_logits_fn
 from qwenvl_jax.models.multimodal import prepare_multimodal
 from qwenvl_jax.models.rope_index import get_rope_index
-from qwenvl_jax.processing import Processor
+
+if TYPE_CHECKING:
+    from qwenvl_jax.processing import Processor
 
 # Per image or video. The hub processors' limits reach 65536 (Qwen2.5-VL: max_pixels 12845056 at 14 px) and 49152
 # (Qwen3-VL video: 25165824 px over all frames at 16 px, 2 frames a patch).
 DEFAULT_MAX_VISION_PATCHES = 65536
+_NOT_LOADED = object()  # the tokenizer slot before the first look (None: the checkpoint has none)
 
 
 def _right_align(mask_bt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -52,36 +59,67 @@ class QwenVL:
         self.path = path
         self.max_vision_patches = DEFAULT_MAX_VISION_PATCHES
         self._engine: Engine | None = None
+        # The options given to configure(), not the resulting config: defaults derived from other fields (the
+        # prompt buckets from max_len) are derived again at every configure().
+        self._engine_options: dict[str, Any] = {}
         self._engine_config = EngineConfig()
         self._processor: Processor | None = None
+        self._tokenizer: Any = _NOT_LOADED
 
-    # ---- host-side assets, loaded on first use
+    # ---- host-side assets, loaded on first use (transformers, and torch where installed, take seconds to import;
+    # token ids with HF-named arrays need neither)
     @property
     def processor(self) -> Processor:
+        """Chat messages / prompts + images + videos -> HF-named numpy arrays (``input_ids``, ``attention_mask``,
+        ``pixel_values``, ``image_grid_thw``, ...), as the checkpoint's HF processor makes them. Needs the
+        checkpoint's tokenizer and processor files (a MissingFilesError names those it lacks)."""
         if self._processor is None:
-            self._processor = Processor.from_pretrained(self.path, max_image_patches=self.max_vision_patches)
+            from qwenvl_jax.processing import Processor
+
+            self._processor = Processor.from_pretrained(self.path, max_image_patches=self.max_vision_patches,
+                                                        tokenizer=self.tokenizer)
         return self._processor
 
     @property
-    def tokenizer(self):
-        return self.processor.tokenizer
+    def tokenizer(self) -> Any | None:
+        """The checkpoint's tokenizer, or None when the directory has no tokenizer files."""
+        if self._tokenizer is _NOT_LOADED:
+            from qwenvl_jax.processing import load_tokenizer, missing_tokenizer_files
+
+            self._tokenizer = None if missing_tokenizer_files(self.path) else load_tokenizer(self.path)
+        return self._tokenizer
+
+    def require_tokenizer(self, needed_for: str) -> Any:
+        """The tokenizer, or a MissingFilesError naming the files it lacks and ``needed_for`` (what needs them)."""
+        if self.tokenizer is None:
+            from qwenvl_jax.processing import MissingFilesError, missing_tokenizer_files
+
+            raise MissingFilesError(self.path, missing_tokenizer_files(self.path), needed_for)
+        return self.tokenizer
 
     def eos_token_ids(self) -> tuple[int, ...]:
-        """generation_config.json's eos ids, else config.json's, else the tokenizer's."""
+        """generation_config.json's eos ids, else config.json's (top level, then text_config), else the
+        tokenizer's; the tokenizer is not loaded when a config names them."""
         for name in ("generation_config.json", "config.json"):
             f = self.path / name
             if f.is_file():
                 raw = json.loads(f.read_text())
-                eos = raw.get("eos_token_id", (raw.get("text_config") or {}).get("eos_token_id"))
+                eos = raw.get("eos_token_id")
+                if eos is None:
+                    eos = (raw.get("text_config") or {}).get("eos_token_id")
                 if eos is not None:
                     return tuple(eos) if isinstance(eos, list) else (eos,)
-        return (self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ()
+        tokenizer = self.tokenizer
+        return () if tokenizer is None or tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
 
     # ---- generation
-    def configure(self, **engine_options) -> None:
-        """Engine settings (``EngineConfig`` fields: max_batch, max_len, prompt_buckets, decode_steps, ...);
-        takes effect at the next ``generate`` / ``warmup``, which recompiles."""
-        self._engine_config = dataclasses.replace(self._engine_config, **engine_options)
+    def configure(self, **engine_options: Any) -> None:
+        """Engine settings (``EngineConfig`` fields: max_batch, max_len, prompt_buckets, decode_steps, ...), merged
+        into those of earlier calls; checked now, in effect at the next ``generate`` / ``warmup`` (which
+        recompiles)."""
+        options = {**self._engine_options, **engine_options}
+        self._engine_config = EngineConfig(**options)
+        self._engine_options = options
         self._engine = None
 
     def engine(self) -> Engine:
@@ -94,17 +132,19 @@ class QwenVL:
         """Compiles every prefill/decode bucket now (the first generate does it otherwise); returns seconds."""
         return self.engine().warmup(progress=progress)
 
-    def generate(self, prompts=None, **kwargs):
+    def generate(self, prompts: Any = None, **kwargs: Any
+                 ) -> GenerationResult | list[GenerationResult] | Iterator[str | tuple[int, str]]:
         """Generates from a prompt string, a chat conversation (OpenAI/HF-style messages with text, image and
         video content parts), a list of either (a batch), or ``input_ids=`` with HF-named vision arrays.
 
         Keyword arguments: images, videos (with a single prompt), input_ids, pixel_values, image_grid_thw,
         pixel_values_videos, video_grid_thw, second_per_grid_ts, max_new_tokens=128, temperature=0 (greedy),
         top_p, top_k, min_p, repetition_penalty, stop (strings), seed, stream. Returns a ``GenerationResult``
-        (text, token_ids, finish_reason, stats) or a list for a batch; ``stream=True`` yields text deltas.
+        (text, token_ids, finish_reason, stats) or a list for a batch; ``stream=True`` yields text deltas
+        (``(index, delta)`` pairs for a batch) and returns the results. Token ids with HF-named arrays need no
+        tokenizer or processor files; without a tokenizer ``text`` is None, and stop strings and streaming,
+        which need one, raise an error naming the missing files.
         """
-        from qwenvl_jax.generate import generate
-
         return generate(self, prompts, **kwargs)
 
     @property
@@ -159,8 +199,9 @@ class QwenVL:
 
 
 def load(path: str | Path, dtype: str | None = None) -> QwenVL:
-    """Loads a converted checkpoint directory, or an HF checkpoint directory (converted in memory)."""
-    from convert.converter import load_params
-
+    """Loads a converted checkpoint directory, or an HF checkpoint directory (converted in memory); relative paths
+    and ``~`` work. ``dtype`` (bfloat16, float16, float32): the compute dtype; default the converted one, or
+    bfloat16 for an HF directory."""
+    path = checkpoint_dir(path)
     cfg, model = load_params(path, dtype)
-    return QwenVL(cfg, model, Path(path))
+    return QwenVL(cfg, model, path)

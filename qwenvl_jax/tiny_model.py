@@ -119,8 +119,10 @@ def write_tiny_checkpoint(out_dir: str | Path, model_type: str = "qwen3_5", *, s
     family = MODEL_TYPES[model_type][0]
     ids = tiny_checkpoint_assets.save(out_dir, family, vocab_size=text["vocab_size"],
                                       patch_size=vision["patch_size"])
+    # Special ids inside the tiny vocabulary: HF's Qwen2.5-VL defaults are the real tokenizer's (~151k), which
+    # transformers warns about as out of vocabulary.
+    text = dict(text, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"])
     config = hf_config_dict(
         model_type, text, vision, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-    config["text_config"]["eos_token_id"] = ids["<|im_end|>"]
     return write_random_checkpoint(out_dir, config, seed=seed)

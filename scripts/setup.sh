@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates ./.venv with Python >= 3.12 and installs qwenvl-jax into it (editable), with the extras given in $1
-# (e.g. "test"). Works offline for packages already in pip's cache; otherwise needs PyPI.
+# (e.g. "test"); skips pip when nothing it depends on changed. Works offline for packages already in pip's cache;
+# otherwise needs PyPI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,5 +24,13 @@ fi
 extras="${1:-}"
 spec="."
 [ -n "$extras" ] && spec=".[$extras]"
+# The install is editable, so code changes need no reinstall; only a changed pyproject.toml or new extras do. A
+# stamp per extras set holds the hash of the pyproject.toml it was installed from (delete it to force a reinstall).
+stamp=".venv/.installed-${extras:-base}"
+want="$(.venv/bin/python -c 'import hashlib; print(hashlib.sha256(open("pyproject.toml", "rb").read()).hexdigest())')"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e "$spec"
+echo "$want" > "$stamp"

@@ -229,8 +229,8 @@ def test_bad_inputs_raise_clear_errors(processors, tmp_path):
         ours("<|image_pad|>", images=[np.zeros((30, 30, 3), np.uint8)] * 2)
     with pytest.raises(ValueError, match=r"0 video placeholder\(s\) .* but 1 video\(s\) were given"):
         ours("no video here", videos=[np.zeros((4, 30, 30, 3), np.uint8)])
-    with pytest.raises(ValueError, match="video files are not decoded here"):
-        ours("<|video_pad|>", videos=["clip.mp4"])
+    with pytest.raises(ValueError, match="video 0: video file 'no/such/clip.mp4' does not exist"):
+        ours("<|video_pad|>", videos=["no/such/clip.mp4"])
 
 
 @pytest.mark.skipif(not HAS_TORCHVISION, reason="HF's Qwen VL processors need torchvision for their video half")
