@@ -31,6 +31,9 @@ from qwenvl_jax.sampling import SamplingArrays, SamplingParams, mark_seen, reque
 
 DEFAULT_MAX_LEN = 4096  # the library's and the CLI's context per request
 DEFAULT_PROMPT_BUCKETS = (64, 256, 1024)
+# Rows of a batched prefill call: powers of four keep the compiled programs few (each row count is a program
+# per bucket) while a group of n prompts still needs at most 3 calls per power.
+PREFILL_ROWS = (1, 4, 16, 64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +52,9 @@ class EngineConfig:
     vision_buckets: tuple[int, ...] = (256, 1024, 4096)  # vision patches per request (powers of two beyond)
     vision_table_rows: int = 128  # 2D rotary table rows: grids up to this many patches a side share one program
     chunked_prefill: bool = True  # prompts longer than the largest bucket: prefill in chunks (else an error)
+    # Text prompts admitted together that fit one bucket share prefill calls of PREFILL_ROWS rows, up to this many
+    # tokens (rows x bucket) per call: a short prompt alone leaves the GPU's matrix units idle.
+    prefill_tokens: int = 8192
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_len < 2 or self.decode_steps < 1:
@@ -64,6 +70,10 @@ class EngineConfig:
             raise ValueError(f"prompt bucket {max(self.prompt_buckets)} exceeds max_len {self.max_len}")
         if any(b < 4 or b & (b - 1) for b in self.vision_buckets):
             raise ValueError(f"vision_buckets must be powers of two >= 4, got {self.vision_buckets}")
+
+    def prefill_rows(self, bucket: int) -> tuple[int, ...]:
+        """Row counts of the batched prefill programs of a prompt bucket (1 always)."""
+        return tuple(r for r in PREFILL_ROWS if r == 1 or (r <= self.max_batch and r * bucket <= self.prefill_tokens))
 
     @property
     def decode_buckets(self) -> tuple[int, ...]:
@@ -281,14 +291,18 @@ class Engine:
                 # A prompt holds all its vision tokens, so only buckets that fit them (or chunking) can occur.
                 requests += [(with_vision, v) for v in variants if v[0] >= n // merge**2 or v[0] == big]
                 vision_only += payloads[:-1]
-        bar = tqdm(total=len(requests) + len(vision_only) + len(cfg.decode_buckets), desc="warm-up",
+        batched = [(bucket, rows) for bucket in cfg.prompt_buckets for rows in cfg.prefill_rows(bucket) if rows > 1]
+        bar = tqdm(total=len(requests) + len(batched) + len(vision_only) + len(cfg.decode_buckets), desc="warm-up",
                    disable=not progress)
         for payload in vision_only:
             self._vision_embeds(payload)
             bar.update()
         for req, (bucket, fresh, final) in requests:
             embeds = self._vision_embeds(req.vision) if req.vision is not None else None
-            self._run_prefill(req, self.scratch_slot, 0, bucket, fresh, final, embeds)
+            self._run_prefill([req], [self.scratch_slot], 0, bucket, fresh, final, embeds)
+            bar.update()
+        for bucket, rows in batched:  # every row in the scratch slot: the writes collide there, harmlessly
+            self._run_prefill([scratch] * rows, [self.scratch_slot] * rows, 0, bucket, True, True)
             bar.update()
         for rows in cfg.decode_buckets:
             self.state, out = self._decode(self.graphdef, self.params, self.state,
@@ -320,38 +334,63 @@ class Engine:
         dest[: len(payload.dest_t)] = payload.dest_t
         return visual_md, deepstack_kmd, dest
 
-    def _run_prefill(self, req: Request, slot: int, start: int, bucket: int, fresh: bool, final: bool,
-                     vision: tuple | None = None) -> jax.Array:
+    def _run_prefill(self, reqs: Sequence[Request], slots: Sequence[int], start: int, bucket: int, fresh: bool,
+                     final: bool, vision: tuple | None = None) -> jax.Array:
+        """One prefill call: tokens [start, start + bucket) of each request, a row each, into its slot. ``vision``
+        (the embeddings of a single request's images) needs a single request."""
         chunk_vision = None
         if vision is not None:
+            assert len(reqs) == 1, "vision inputs come one request per prefill call"
             visual_md, deepstack_kmd, dest = vision
             # Chunk-relative positions; tokens of other chunks point past the chunk and are dropped.
             local = np.where((dest >= start) & (dest < start + bucket), dest - start, bucket).astype(np.int32)
             chunk_vision = (visual_md, deepstack_kmd, local)
-        n = min(bucket, len(req.input_ids) - start)
-        ids = np.zeros((1, bucket), np.int32)
-        ids[0, :n] = req.input_ids[start : start + n]
-        pos = np.zeros((3, 1, bucket), np.int32)
-        pos[:, 0, :n] = req.positions[:, start : start + n]
+        rows = len(reqs)
+        lengths = np.array([min(bucket, len(r.input_ids) - start) for r in reqs], np.int32)
+        ids = np.zeros((rows, bucket), np.int32)
+        pos = np.zeros((3, rows, bucket), np.int32)
+        for row, (req, n) in enumerate(zip(reqs, lengths)):
+            ids[row, :n] = req.input_ids[start : start + n]
+            pos[:, row, :n] = req.positions[:, start : start + n]
         self.state, token = self._prefill(
-            self.graphdef, self.params, self.state, ids, pos, np.array([n], np.int32), np.array([start], np.int32),
-            np.array([slot], np.int32), np.array([req.rope_delta], np.int32), sampling_arrays([req.sampling]),
-            request_keys([req.sampling.seed]), np.array([req.max_new_tokens], np.int32), self._eos, chunk_vision,
-            fresh=fresh, final=final)
+            self.graphdef, self.params, self.state, ids, pos, lengths, np.full(rows, start, np.int32),
+            np.asarray(slots, np.int32), np.array([r.rope_delta for r in reqs], np.int32),
+            sampling_arrays([r.sampling for r in reqs]), request_keys([r.sampling.seed for r in reqs]),
+            np.array([r.max_new_tokens for r in reqs], np.int32), self._eos, chunk_vision, fresh=fresh, final=final)
         return token
 
     def _prefill_request(self, req: Request, slot: int) -> jax.Array:
         """Prefill in one bucket if it fits, else in chunks of the largest bucket; returns the first token."""
         t = len(req.input_ids)
         vision = self._vision_embeds(req.vision) if req.vision is not None else None
-        fits = [b for b in self.config.prompt_buckets if b >= t]
-        if fits:
-            return self._run_prefill(req, slot, 0, min(fits), True, True, vision)
+        if (bucket := self._bucket(t)) is not None:
+            return self._run_prefill([req], [slot], 0, bucket, True, True, vision)
         chunk = max(self.config.prompt_buckets)
         token = None
         for start in range(0, t, chunk):
-            token = self._run_prefill(req, slot, start, chunk, start == 0, start + chunk >= t, vision)
+            token = self._run_prefill([req], [slot], start, chunk, start == 0, start + chunk >= t, vision)
         return token
+
+    def _bucket(self, tokens: int) -> int | None:
+        """The smallest prompt bucket holding ``tokens``, None when the prompt must be chunked."""
+        return min((b for b in self.config.prompt_buckets if b >= tokens), default=None)
+
+    def _prefill_admitted(self, admitted: Sequence[tuple[Request, int]]) -> Iterator[tuple[jax.Array, list[int]]]:
+        """Prefills newly admitted (request, slot) pairs: (first tokens, their slots) per call. Text prompts that
+        fit one bucket share calls of the largest row counts that fit; the others are prefilled alone."""
+        groups: dict[int, list[tuple[Request, int]]] = collections.defaultdict(list)
+        for req, slot in admitted:
+            bucket = self._bucket(len(req.input_ids))
+            if req.vision is None and bucket is not None:
+                groups[bucket].append((req, slot))
+            else:
+                yield self._prefill_request(req, slot), [slot]
+        for bucket, group in groups.items():
+            while group:
+                rows = max(r for r in self.config.prefill_rows(bucket) if r <= len(group))
+                part, group = group[:rows], group[rows:]
+                slots = [slot for _, slot in part]
+                yield self._run_prefill([req for req, _ in part], slots, 0, bucket, True, True), slots
 
     def validate(self, req: Request) -> None:
         t = len(req.input_ids)
@@ -420,12 +459,15 @@ class Engine:
         while pending or slot_req or inflight:
             for slot in [s for s, i in slot_req.items() if i in self._cancelled]:
                 finish(slot)
+            admitted = []
             while pending and len(slot_req) < cfg.max_batch:
                 i, req = pending.popleft()
                 slot = min(set(range(cfg.max_batch)) - set(slot_req))
                 slot_req[slot] = i
                 host_active[slot] = True
-                inflight.append(("first", self._prefill_request(req, slot), [slot]))
+                admitted.append((req, slot))
+            for tokens, slots in self._prefill_admitted(admitted):
+                inflight.append(("first", tokens, slots))
             # A request that ends with its first token needs no decode call: a max_new_tokens=1 batch would
             # otherwise wait for a whole decode call (decode_steps tokens) queued behind its prefill.
             decoding = any(produced[i] > 0 or not at_length(requests[i], 1) for i in slot_req.values())

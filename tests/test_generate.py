@@ -129,6 +129,25 @@ def test_request_alone_equals_request_in_a_batch(qwen3_5):
     assert batch[1] == alone
 
 
+def test_prompts_admitted_together_share_prefill_calls(qwen3_5):
+    """Five text prompts of one bucket, admitted together: one 4-row prefill call and one 1-row call (programs
+    warm-up compiled), each request's tokens those it gets alone."""
+    _, ours = qwen3_5
+    rng = np.random.default_rng(10)
+    prompts = [rng.integers(0, 400, n) for n in (9, 30, 17, 3, 44)]
+    engine = _engine(ours, max_batch=5)
+    alone = [_run(engine, [_text_request(p)])[0] for p in prompts]
+    engine.warmup(progress=False, vision=False)
+    compiled = engine.compiled_programs()
+    calls, prefill = [], engine._prefill
+    engine._prefill = lambda *args, **kwargs: (calls.append(args[3].shape), prefill(*args, **kwargs))[1]
+    together = _run(engine, [_text_request(p) for p in prompts])
+    engine._prefill = prefill
+    assert together == alone
+    assert calls == [(4, 96), (1, 96)]
+    assert engine.compiled_programs() == compiled
+
+
 class _TransferRecorder:
     """Records device->host reads (any path through ``ArrayImpl._value``: device_get, int(), tolist(), ...) and
     decode dispatches, in order. The CPU backend has no transfer guard to trip; on a GPU the guard trips too."""
