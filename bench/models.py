@@ -1,5 +1,5 @@
 """What the benchmarks share: released checkpoints' configs (bench/configs/), random weights made on the device,
-random text requests, and the copy bandwidth every roofline is measured against."""
+random text requests, the copy bandwidth and matmul rate every roofline is measured against, and FLOP counts."""
 
 from __future__ import annotations
 
@@ -65,6 +65,44 @@ def copy_bandwidth(n_bytes: int = 1 << 30) -> float:
         return float(np.median(times))
 
     return 2 * n_bytes * 10 / (median_s(20) - median_s(10))
+
+
+def matmul_rate(n: int = 8192) -> float:
+    """bf16 FLOP/s of an [n, n] x [n, n] product on the device: the slope between loops of 10 and 20 products in
+    one call, so dispatch and launch costs cancel."""
+    a = (jax.random.normal(jax.random.key(0), (n, n), jnp.float32) / n**0.5).astype(jnp.bfloat16)
+    products = jax.jit(lambda x, k: jax.lax.fori_loop(0, k, lambda i, y: y @ a, x))
+
+    def median_s(k: int) -> float:
+        jax.block_until_ready(products(a, k))
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            jax.block_until_ready(products(a, k))
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times))
+
+    return 2 * n**3 * 10 / (median_s(20) - median_s(10))
+
+
+def prefill_flops(cfg, params, tokens: int) -> int:
+    """One dense text prefill of ``tokens``: every projection weight once per token, causal attention in the
+    full-attention layers, the chunked delta rule in the linear ones (the LM head runs on the last token only)."""
+    weights = sum(x.size for path, x in jax.tree_util.tree_leaves_with_path(params["language_model"])
+                  if x.ndim >= 2 and "embed_tokens" not in jax.tree_util.keystr(path))
+    text = cfg.text
+    full = text.layer_types.count("full_attention")
+    linear = text.layer_types.count("linear_attention")
+    attention = full * 2 * tokens * tokens * text.num_attention_heads * text.head_dim  # QK^T + PV, half masked
+    return 2 * tokens * weights + attention + linear * delta_rule_flops(text, tokens)
+
+
+def delta_rule_flops(text, tokens: int) -> int:
+    """One Gated DeltaNet layer's chunked delta rule at batch 1, at the model's head count and dims."""
+    from bench.kernels import chunk_flops
+
+    return chunk_flops(1, tokens, num_v_heads=text.linear_num_value_heads, dk=text.linear_key_head_dim,
+                       dv=text.linear_value_head_dim)
 
 
 def random_text_request(rng: np.random.Generator, vocab: int, prompt: int, max_new: int) -> Request:

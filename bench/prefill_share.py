@@ -38,8 +38,10 @@ import numpy as np  # noqa: E402
 # package that transformers imports.
 if sys.path[0] == str(pathlib.Path(__file__).resolve().parent):
     sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
-from bench.models import random_params, random_text_request, released_config  # noqa: E402
-from bench.kernels import chunk_flops, gdr_inputs, measure_ceilings, time_jax_calls  # noqa: E402
+from bench.models import (  # noqa: E402
+    delta_rule_flops, prefill_flops, random_params, random_text_request, released_config,
+)
+from bench.kernels import gdr_inputs, measure_ceilings, time_jax_calls  # noqa: E402
 from bench.run_info import run_info  # noqa: E402
 from pallas_kernels.gated_delta_rule.chunk import chunk_prefill  # noqa: E402
 from qwenvl_jax.config import parse_config  # noqa: E402
@@ -74,24 +76,6 @@ def profiled_kernel_seconds(run) -> dict[str, float]:
         with jax.profiler.trace(trace_dir):
             run()
         return gpu_kernel_seconds(trace_dir)
-
-
-def prefill_flops(cfg, params, tokens: int) -> int:
-    """Dense text stack: every projection weight once per token, causal attention in the full-attention layers,
-    the chunked delta rule in the linear ones (the LM head runs on the last token only)."""
-    weights = sum(x.size for path, x in jax.tree_util.tree_leaves_with_path(params["language_model"])
-                  if x.ndim >= 2 and "embed_tokens" not in jax.tree_util.keystr(path))
-    text = cfg.text
-    full = text.layer_types.count("full_attention")
-    linear = text.layer_types.count("linear_attention")
-    attention = full * 2 * tokens * tokens * text.num_attention_heads * text.head_dim  # QK^T + PV, half masked
-    return 2 * tokens * weights + attention + linear * delta_rule_flops(text, tokens)
-
-
-def delta_rule_flops(text, tokens: int) -> int:
-    """One Gated DeltaNet layer's chunked delta rule at batch 1, at the model's head count and dims."""
-    return chunk_flops(1, tokens, num_v_heads=text.linear_num_value_heads, dk=text.linear_key_head_dim,
-                       dv=text.linear_value_head_dim)
 
 
 def attention_seconds(text, prompt: int) -> dict:

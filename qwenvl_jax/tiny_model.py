@@ -113,16 +113,21 @@ def write_random_checkpoint(out_dir: str | Path, config: dict, *, seed: int = 0,
     return cfg
 
 
+def tiny_config(model_type: str) -> dict:
+    """The tiny config.json of a model type with its special ids inside the tiny vocabulary, where the tiny
+    tokenizer puts them (HF's Qwen2.5-VL defaults are the real tokenizer's, ~151k, which transformers warns about
+    as out of vocabulary)."""
+    text, vision = TINY_CONFIGS[model_type]
+    ids = tiny_checkpoint_assets.special_token_ids(MODEL_TYPES[model_type][0], text["vocab_size"])
+    text = dict(text, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"])
+    return hf_config_dict(
+        model_type, text, vision, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+
+
 def write_tiny_checkpoint(out_dir: str | Path, model_type: str = "qwen3_5", *, seed: int = 0) -> ModelConfig:
     """A complete tiny checkpoint: random weights, config, tokenizer, chat template and processor configs."""
     text, vision = TINY_CONFIGS[model_type]
-    family = MODEL_TYPES[model_type][0]
-    ids = tiny_checkpoint_assets.save(out_dir, family, vocab_size=text["vocab_size"],
-                                      patch_size=vision["patch_size"])
-    # Special ids inside the tiny vocabulary: HF's Qwen2.5-VL defaults are the real tokenizer's (~151k), which
-    # transformers warns about as out of vocabulary.
-    text = dict(text, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"])
-    config = hf_config_dict(
-        model_type, text, vision, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-    return write_random_checkpoint(out_dir, config, seed=seed)
+    tiny_checkpoint_assets.save(out_dir, MODEL_TYPES[model_type][0], vocab_size=text["vocab_size"],
+                                patch_size=vision["patch_size"])
+    return write_random_checkpoint(out_dir, tiny_config(model_type), seed=seed)

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # On a GPU machine with the dependencies present (the lent device machines): install the package offline, run the
-# GPU tests and the decode benchmark, as the arguments ask, in order.
+# GPU tests and the decode and prefill benchmarks, as the arguments ask, in order.
 # Logs and result JSONs go to $OUT (default ./gpu-out). BENCH_COMMIT names the commit when .git did not travel.
 #
-#     bash scripts/gpu_check.sh [tests] [decode MODELS CASES] ...
-#     e.g. bash scripts/gpu_check.sh tests decode qwen3_5-9b,qwen3_vl-8b 1x1024,8x1024,32x1024,64x1024
+#     bash scripts/gpu_check.sh [tests] [decode MODELS CASES] [prefill SECTIONS] ...
+#     e.g. bash scripts/gpu_check.sh tests decode qwen3_5-9b,qwen3_vl-8b 1x1024,8x1024,32x1024,64x1024 prefill text
 # BENCH_ARGS adds options to every benchmark (e.g. "--hf 1x1024,8x1024", or "--tiny" to check this script on a CPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +27,12 @@ while [ $# -gt 0 ]; do
       # shellcheck disable=SC2086
       python bench/decode.py --models "$2" --cases "$3" --e2e --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee -a "$OUT/decode.log"
       status=$((status | PIPESTATUS[0])); shift 3 ;;
-    *) echo "unknown step $1 (tests | decode MODELS CASES)" >&2; exit 2 ;;
+    prefill)
+      [ $# -ge 2 ] || { echo "prefill needs SECTIONS (text,image,vision,batch)" >&2; exit 2; }
+      # shellcheck disable=SC2086
+      python bench/prefill.py --sections "$2" --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee -a "$OUT/prefill.log"
+      status=$((status | PIPESTATUS[0])); shift 2 ;;
+    *) echo "unknown step $1 (tests | decode MODELS CASES | prefill SECTIONS)" >&2; exit 2 ;;
   esac
 done
 exit $status
