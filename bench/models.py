@@ -49,40 +49,33 @@ def random_params(model, key: jax.Array):
     return graphdef, nnx.from_flat_state(flat)
 
 
-def copy_bandwidth(n_bytes: int = 1 << 30) -> float:
-    """Bytes read + written per second by an on-device elementwise pass over `n_bytes`: the slope between loops
-    of 10 and 20 passes in one call, so dispatch and launch costs cancel."""
-    x = jnp.ones((n_bytes // 4,), jnp.float32)
-    passes = jax.jit(lambda a, n: jax.lax.fori_loop(0, n, lambda i, b: b * 0.5 + 1.0, a))
+def loop_seconds_per_pass(loop, x) -> float:
+    """Device seconds per pass of ``loop(x, n)`` (a jitted loop of n passes): the slope between loops of 10 and
+    20 passes in one call each (median of 5), so dispatch and launch costs cancel."""
 
     def median_s(n: int) -> float:
-        jax.block_until_ready(passes(x, n))
+        jax.block_until_ready(loop(x, n))
         times = []
         for _ in range(5):
             t0 = time.perf_counter()
-            jax.block_until_ready(passes(x, n))
+            jax.block_until_ready(loop(x, n))
             times.append(time.perf_counter() - t0)
         return float(np.median(times))
 
-    return 2 * n_bytes * 10 / (median_s(20) - median_s(10))
+    return (median_s(20) - median_s(10)) / 10
+
+
+def copy_bandwidth(n_bytes: int = 1 << 30) -> float:
+    """Bytes read + written per second by an on-device elementwise pass over `n_bytes`."""
+    passes = jax.jit(lambda a, n: jax.lax.fori_loop(0, n, lambda i, b: b * 0.5 + 1.0, a))
+    return 2 * n_bytes / loop_seconds_per_pass(passes, jnp.ones((n_bytes // 4,), jnp.float32))
 
 
 def matmul_rate(n: int = 8192) -> float:
-    """bf16 FLOP/s of an [n, n] x [n, n] product on the device: the slope between loops of 10 and 20 products in
-    one call, so dispatch and launch costs cancel."""
+    """bf16 FLOP/s of an [n, n] x [n, n] product on the device."""
     a = (jax.random.normal(jax.random.key(0), (n, n), jnp.float32) / n**0.5).astype(jnp.bfloat16)
     products = jax.jit(lambda x, k: jax.lax.fori_loop(0, k, lambda i, y: y @ a, x))
-
-    def median_s(k: int) -> float:
-        jax.block_until_ready(products(a, k))
-        times = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            jax.block_until_ready(products(a, k))
-            times.append(time.perf_counter() - t0)
-        return float(np.median(times))
-
-    return 2 * n**3 * 10 / (median_s(20) - median_s(10))
+    return 2 * n**3 / loop_seconds_per_pass(products, a)
 
 
 def prefill_flops(cfg, params, tokens: int) -> int:

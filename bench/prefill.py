@@ -109,6 +109,16 @@ def image_inputs(cfg: ModelConfig, images: int, side_px: int, text_tokens: int, 
     return dict(input_ids=np.array(ids, np.int32), pixel_values=patches, image_grid_thw=np.array([grid] * images))
 
 
+def hf_figure(row: dict, key: str, measure) -> bool:
+    """row[key] = measure(), or row["hf_error"] when HF cannot run the case (reported, not fatal)."""
+    try:
+        row[key] = measure()
+        return True
+    except Exception as err:  # noqa: BLE001 - any failure of the peer is a result to report
+        row["hf_error"] = f"{type(err).__name__}: {err}"[:500]
+        return False
+
+
 def hf_image_ttft(raw: dict, inputs: dict, repeats: int) -> float:
     import torch
     import transformers
@@ -191,11 +201,8 @@ def image_section(args, rate: float, dtype, work: pathlib.Path) -> list[dict]:
         del model
         if args.hf:
             for row, (_, inputs) in zip(rows[-len(cases):], cases):
-                try:
-                    row["hf_ttft_ms"] = 1e3 * hf_image_ttft(raw, inputs, args.repeats)
+                if hf_figure(row, "hf_ttft_ms", lambda: 1e3 * hf_image_ttft(raw, inputs, args.repeats)):
                     row["ours_over_hf"] = row["ttft_ms"] / row["hf_ttft_ms"]
-                except Exception as err:  # noqa: BLE001 - a peer that cannot run a case is reported, not fatal
-                    row["hf_error"] = f"{type(err).__name__}: {err}"[:500]
                 print(json.dumps(row), flush=True)
     return rows
 
@@ -246,10 +253,7 @@ def batch_section(args, rate: float, dtype, work: pathlib.Path, text_rows: list[
     out["floor_tok_s"] = total / (sum(prefill_flops(model.config, model.params, int(n)) for n in lengths) / rate)
     del model
     if args.hf:
-        try:
-            out["hf_tok_s"] = total / hf_batch_seconds(model_config(BATCH_MODEL, args.tiny), prompts)
-        except Exception as err:  # noqa: BLE001
-            out["hf_error"] = f"{type(err).__name__}: {err}"[:500]
+        hf_figure(out, "hf_tok_s", lambda: total / hf_batch_seconds(model_config(BATCH_MODEL, args.tiny), prompts))
     print(json.dumps(out), flush=True)
     return [out]
 
