@@ -275,15 +275,21 @@ def test_generate_api_errors_and_stop_strings(qwen3_5):
     assert sampled[0] == sampled[1] != sampled[2]
 
 
-def test_image_prompt_prefilled_in_chunks_matches_hf(qwen3_5):
-    """Vision tokens straddling chunk boundaries land in the right chunk, with their mRoPE positions."""
-    hf, ours = qwen3_5
-    out = ours.processor([[{"role": "user", "content": [{"type": "image", "image": IMAGE},
-                                                        {"type": "text", "text": "Describe it."}]}]])
-    vision = dict(pixel_values=out.pixel_values, image_grid_thw=out.image_grid_thw)
-    want = _hf_greedy(hf, ours, out.input_ids, mm_token_type_ids=out.mm_token_type_ids, **vision)[0]
-    request, _ = build_requests(ours, None, images=None, videos=None, input_ids=out.input_ids[0].tolist(),
-                                vision_arrays=vision, sampling=SamplingParams(), max_new_tokens=NEW_TOKENS)
-    engine = _engine(ours, prompt_buckets=(8,), chunked_prefill=True, max_batch=1)
-    assert len(request[0].input_ids) > 3 * 8 and request[0].vision is not None
-    assert _run(engine, request)[0] == want
+def test_image_prompts_prefilled_in_chunks_and_decoded_together_match_hf(pair):
+    """Two image prompts of different image sizes (so different rope deltas), each prefilled in chunks of 8
+    tokens with its vision tokens straddling chunk boundaries, then decoded in one batch: each equals HF alone."""
+    hf, ours = pair
+    images = [IMAGE, np.random.default_rng(2).integers(0, 256, (150, 60, 3), dtype=np.uint8)]
+    requests, wants = [], []
+    for image in images:
+        out = ours.processor([[{"role": "user", "content": [{"type": "image", "image": image},
+                                                            {"type": "text", "text": "Describe it."}]}]])
+        vision = dict(pixel_values=out.pixel_values, image_grid_thw=out.image_grid_thw)
+        wants.append(_hf_greedy(hf, ours, out.input_ids, mm_token_type_ids=out.mm_token_type_ids, **vision)[0])
+        request, _ = build_requests(ours, None, images=None, videos=None, input_ids=out.input_ids[0].tolist(),
+                                    vision_arrays=vision, sampling=SamplingParams(), max_new_tokens=NEW_TOKENS)
+        assert len(request[0].input_ids) > 3 * 8 and request[0].vision is not None
+        requests += request
+    assert requests[0].rope_delta != requests[1].rope_delta
+    engine = _engine(ours, prompt_buckets=(8,), chunked_prefill=True, max_batch=2)
+    assert _run(engine, requests) == wants

@@ -5,6 +5,7 @@ expert sizes suit every kernel, so none falls back to its reference."""
 
 from tests.test_generate import (  # noqa: F401 - the fixtures and tests run here on the GPU
     pair,
+    test_image_prompts_prefilled_in_chunks_and_decoded_together_match_hf,
     test_image_request_matches_hf,
     test_text_batch_of_mixed_lengths_matches_hf,
 )
