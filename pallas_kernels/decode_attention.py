@@ -8,6 +8,8 @@ still spread over many SMs. Each program writes an unnormalised partial output w
 (fp32); a small log-sum-exp merge in plain JAX combines the splits. The cache goes to the kernel whole (a
 slice before the call would make XLA copy it); BlockSpecs pick slot b and kv head h, masked loads the
 positions. Lowered through Triton on GPU, or run by the Pallas interpreter on CPU.
+
+The online-softmax step, the tile rules and the impl dispatch here are shared with prefill_attention.py.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.device_info import multiprocessors
 
-__all__ = ["decode_attention", "decode_attention_ref", "default_tiling", "kernel_supports"]
+__all__ = [
+    "decode_attention", "decode_attention_ref", "default_tiling", "kernel_supports", "key_block", "check_tile",
+    "flash_init", "flash_step", "resolve_impl",
+]
 
 Impl = Literal["auto", "reference", "pallas", "interpret"]
 
@@ -40,6 +45,58 @@ def kernel_supports(head_dim: int) -> bool:
     return head_dim >= MIN_DOT and head_dim & (head_dim - 1) == 0
 
 
+def resolve_impl(impl: Impl, num_heads: int, num_kv_heads: int, head_dim: int) -> str:
+    """Checks the head layout and picks the implementation: "auto" is the kernel when the default backend is
+    GPU and D suits it, the reference otherwise. Returns "reference", "pallas" or "interpret"; an unknown impl,
+    or the kernel asked for at a D it cannot tile, is refused."""
+    if num_heads % num_kv_heads:
+        raise ValueError(f"query heads ({num_heads}) must be a multiple of kv heads ({num_kv_heads})")
+    if impl == "auto":
+        impl = "pallas" if jax.default_backend() == "gpu" and kernel_supports(head_dim) else "reference"
+    if impl not in ("reference", "pallas", "interpret"):
+        raise ValueError(f"impl must be auto, reference, pallas or interpret, got {impl!r}")
+    if impl != "reference" and not kernel_supports(head_dim):
+        raise ValueError(f"the Pallas kernel needs a power-of-two head size >= 16, got D={head_dim}")
+    return impl
+
+
+def key_block(head_dim: int, itemsize: int) -> int:
+    """Keys per loop step: 64, fewer where a stage of K would pass TILE_BYTES (fp32 at D=256)."""
+    return max(MIN_DOT, min(64, TILE_BYTES // (head_dim * itemsize)))
+
+
+def check_tile(name: str, size: int) -> None:
+    """A tile edge Triton can take: a power of two of at least its smallest matrix-product tile."""
+    if size < MIN_DOT or size & (size - 1):
+        raise ValueError(f"{name} must be a power of two >= {MIN_DOT}, got {size}")
+
+
+def flash_init(rows: int, head_dim: int):
+    """The online softmax's empty state (o [M, D], m [M], l [M], fp32): m = -inf, so a row that never sees a
+    key keeps l = 0 and o = 0."""
+    return (
+        jnp.zeros((rows, head_dim), jnp.float32),
+        jnp.full((rows,), -jnp.inf, jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+    )
+
+
+def flash_step(carry, q_md, k_kd, v_kd, *, scale: float, mask_mk=None):
+    """One key block of the online softmax: carry (o [M, D] unnormalised, m [M] running max, l [M] running sum),
+    all fp32; q, k, v in the cache's dtype (bf16 tensor cores for a bf16 cache), products accumulated in fp32;
+    mask_mk (broadcastable to [M, K]) the keys each row may see, None for all. A row's first block must hold a
+    key it sees: m is then finite from there on, so exp(m - m_new) and exp(-inf - m_new) are never NaN."""
+    o_md, m_m, l_m = carry
+    s_mk = lax.dot_general(q_md, k_kd, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
+    if mask_mk is not None:
+        s_mk = jnp.where(mask_mk, s_mk, -jnp.inf)
+    m_new = jnp.maximum(m_m, jnp.max(s_mk, axis=1))
+    correction = jnp.exp(m_m - m_new)
+    p_mk = jnp.exp(s_mk - m_new[:, None])
+    pv_md = jnp.dot(p_mk.astype(v_kd.dtype), v_kd, preferred_element_type=jnp.float32)
+    return correction[:, None] * o_md + pv_md, m_new, correction * l_m + jnp.sum(p_mk, axis=1)
+
+
 def _padded_group(group: int) -> int:
     return max(MIN_DOT, 1 << (group - 1).bit_length())
 
@@ -50,8 +107,7 @@ def default_tiling(batch: int, num_kv_heads: int, head_dim: int, itemsize: int) 
     at MAX_SPLITS since the fp32 partials the merge reads grow with it. block_k: 64 keys, fewer where a
     stage of K would pass TILE_BYTES (fp32 at D=256)."""
     num_splits = min(MAX_SPLITS, max(1, pl.cdiv(2 * multiprocessors(), batch * num_kv_heads)))
-    block_k = max(MIN_DOT, min(64, TILE_BYTES // (head_dim * itemsize)))
-    return num_splits, block_k
+    return num_splits, key_block(head_dim, itemsize)
 
 
 def decode_attention_ref(
@@ -105,29 +161,17 @@ def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, sca
     offsets_k = lax.broadcasted_iota(jnp.int32, (block_k,), 0)
 
     def body(i, carry):
-        o_gd, m_g, l_g = carry
         start = lo + i * block_k
         valid_k = start + offsets_k < hi
         rows = pl.ds(start, block_k)
         # Masked loads: positions past the length are neither read (they may be past L, or NaN) nor used.
         k_kd = plgpu.load(k_ref.at[rows, :], mask=valid_k[:, None], other=0.0)
         v_kd = plgpu.load(v_ref.at[rows, :], mask=valid_k[:, None], other=0.0)
-        s_gk = lax.dot_general(q_gd, k_kd, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        s_gk = jnp.where(valid_k[None, :], s_gk * scale, -jnp.inf)
         # Every block holds a valid key, so m_new is finite and exp(-inf - m_new) = 0 on the first block.
-        m_new = jnp.maximum(m_g, jnp.max(s_gk, axis=1))
-        correction = jnp.exp(m_g - m_new)
-        p_gk = jnp.exp(s_gk - m_new[:, None])
-        pv_gd = jnp.dot(p_gk.astype(v_kd.dtype), v_kd, preferred_element_type=jnp.float32)
-        return correction[:, None] * o_gd + pv_gd, m_new, correction * l_g + jnp.sum(p_gk, axis=1)
+        return flash_step(carry, q_gd, k_kd, v_kd, scale=scale, mask_mk=valid_k[None, :])
 
     # An empty range (a short row's trailing splits, a row of length 0) writes the neutral partial.
-    init = (
-        jnp.zeros((group_pad, head_dim), jnp.float32),
-        jnp.full((group_pad,), -jnp.inf, jnp.float32),
-        jnp.zeros((group_pad,), jnp.float32),
-    )
-    o_gd, m_g, l_g = lax.fori_loop(0, num_blocks, body, init)
+    o_gd, m_g, l_g = lax.fori_loop(0, num_blocks, body, flash_init(group_pad, head_dim))
     plgpu.store(o_ref.at[heads, :], o_gd, mask=valid_g[:, None])
     plgpu.store(m_ref.at[heads], m_g, mask=valid_g)
     plgpu.store(l_ref.at[heads], l_g, mask=valid_g)
@@ -215,25 +259,17 @@ def decode_attention(
     """
     batch, num_heads, head_dim = q_bhd.shape
     num_slots, _, num_kv_heads, _ = k_cache_sltd.shape
-    if num_heads % num_kv_heads:
-        raise ValueError(f"query heads ({num_heads}) must be a multiple of kv heads ({num_kv_heads})")
+    impl = resolve_impl(impl, num_heads, num_kv_heads, head_dim)
     if num_slots < batch:
         raise ValueError(f"the cache has {num_slots} slots for a batch of {batch}")
     scale = head_dim**-0.5 if scale is None else float(scale)
-    if impl == "auto":
-        impl = "pallas" if jax.default_backend() == "gpu" and kernel_supports(head_dim) else "reference"
     if impl == "reference":
         return decode_attention_ref(q_bhd, k_cache_sltd, v_cache_sltd, lengths_b, scale=scale)
-    if impl not in ("pallas", "interpret"):
-        raise ValueError(f"impl must be auto, reference, pallas or interpret, got {impl!r}")
-    if not kernel_supports(head_dim):
-        raise ValueError(f"the Pallas kernel needs a power-of-two head size >= 16, got D={head_dim}")
     default_splits, default_block = default_tiling(
         batch, num_kv_heads, head_dim, jnp.dtype(k_cache_sltd.dtype).itemsize
     )
     block_k = default_block if block_k is None else block_k
-    if block_k < MIN_DOT or block_k & (block_k - 1):
-        raise ValueError(f"block_k must be a power of two >= {MIN_DOT}, got {block_k}")
+    check_tile("block_k", block_k)
     return decode_attention_pallas(
         q_bhd, k_cache_sltd, v_cache_sltd, lengths_b,
         scale=scale,

@@ -17,6 +17,7 @@ from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.gated_delta_rule.chunk import chunk_prefill
 from pallas_kernels.gated_delta_rule.recurrent import recurrent_decode
 from pallas_kernels.moe_matmul import moe_experts
+from pallas_kernels.prefill_attention import prefill_attention
 from pallas_kernels.vision_rotary import apply_vision_rotary_pallas
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
@@ -110,6 +111,28 @@ def test_decode_attention_kernel_lowers_to_triton_on_the_whole_cache(hopper, bat
     cache_type = f"tensor<{batch + 1}x{max_len}x{num_kv_heads}x{head_dim}xbf16>"
     users = [line for line in lowered_for_cuda(fn, *shapes).splitlines() if cache_type in line]
     assert users and all("func.func" in line or " call @" in line or TRITON_CALL in line for line in users)
+
+
+@pytest.mark.parametrize(
+    "batch, seq_len, num_heads, head_dim, num_slots",
+    [(1, 2048, 16, 256, 2), (2, 1024, 28, 128, 3)],
+)
+def test_prefill_attention_kernel_lowers_to_triton_on_the_whole_cache(
+    hopper, batch, seq_len, num_heads, head_dim, num_slots
+):
+    """Chunked prefill at Qwen3.5-9B's attention (16 query, 4 kv heads of 256; a 2048-token chunk) and
+    Qwen2.5-VL-7B's (28, 4 of 128; two rows of 1024) over a 32K-position cache: one Triton kernel, and both
+    caches reach it as the arguments themselves (a gather of the rows' slots before the call would copy them)."""
+    num_kv_heads, max_len = 4, 32768 + 64
+    cache = spec((num_slots, max_len, num_kv_heads, head_dim))
+    rows = spec((batch,), jnp.int32)
+    shapes = (spec((batch, seq_len, num_heads, head_dim)), cache, cache, rows, rows, rows)
+    fn = functools.partial(prefill_attention, impl="pallas")
+    assert triton_kernels_in(fn, *shapes) == 1
+    cache_type = f"tensor<{num_slots}x{max_len}x{num_kv_heads}x{head_dim}xbf16>"
+    users = [line for line in lowered_for_cuda(fn, *shapes).splitlines() if cache_type in line]
+    assert any(TRITON_CALL in line for line in users)
+    assert all("func.func" in line or " call @" in line or TRITON_CALL in line for line in users)
 
 
 @pytest.mark.parametrize("tokens", [1, 64, 1024])

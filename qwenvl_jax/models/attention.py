@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pallas_kernels.decode_attention import decode_attention
+from pallas_kernels.prefill_attention import prefill_attention
 from qwenvl_jax.config import TextConfig
 from qwenvl_jax.models.context import ForwardContext
 from qwenvl_jax.models.layers import Linear, RMSNorm
@@ -49,16 +50,6 @@ def causal_attention(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array, le
     q_pos = jnp.arange(t)[:, None]
     k_pos = jnp.arange(s)[None, :]
     mask_bts = (k_pos <= q_pos)[None] & (k_pos[None] < lengths_b[:, None, None])
-    return jax.nn.dot_product_attention(q_bthd, k_bshd, v_bshd, mask=mask_bts[:, None])
-
-
-def cached_attention(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array, ctx: ForwardContext) -> jax.Array:
-    """New tokens at cache positions starts + t attend to cached keys up to their own position."""
-    t, s = q_bthd.shape[1], k_bshd.shape[1]
-    q_pos_bt = ctx.starts_b[:, None] + jnp.arange(t)[None, :]
-    k_pos = jnp.arange(s)[None, None, :]
-    end_b = ctx.starts_b + ctx.lengths_b
-    mask_bts = (k_pos <= q_pos_bt[:, :, None]) & (k_pos < end_b[:, None, None])
     return jax.nn.dot_product_attention(q_bthd, k_bshd, v_bshd, mask=mask_bts[:, None])
 
 
@@ -116,8 +107,8 @@ class Attention(nnx.Module):
             out_bhd = decode_attention(q_bthd[:, 0], cache.k, cache.v, ctx.starts_b + ctx.lengths_b)
             out_bthd = out_bhd[:, None]
         else:
-            rows = ctx.row_index()
-            out_bthd = cached_attention(q_bthd, cache.k[rows], cache.v[rows], ctx)
+            # A prompt chunk after a cached prefix: flash attention over the slot's cache where it lives.
+            out_bthd = prefill_attention(q_bthd, cache.k, cache.v, ctx.row_ids(), ctx.starts_b, ctx.lengths_b)
         if gate_bthd is not None:
             out_bthd = out_bthd * jax.nn.sigmoid(gate_bthd)
         return self.o_proj(out_bthd.reshape(b, t, self.num_heads * self.head_dim)), cache
