@@ -13,7 +13,8 @@ read). Reported: tok/s; the roofline, the bytes a step must move over the copy b
 routing; Gated DeltaNet conv and recurrent state read and written per row; KV read up to each row's mean
 length); the % of it reached; the call's isolated time (one call, synchronised) beside the loop's, whose
 difference is host time the loop did not hide; and the weight copies in the compiled program (must be none).
-``--hf`` times HF transformers' ``generate`` on the same GPU for those cases (torch, random weights, same config;
+``--profile`` adds each case's GPU kernel time per step by kernel name (jax.profiler). ``--hf`` times HF
+transformers' ``generate`` on the same GPU for those cases (torch, random weights, same config;
 decode tok/s from a 1-token and a 33-token run). ``--e2e`` also runs batch 1 at the first case's context through
 ``Engine.run`` with a real prefill, plain and streamed (time to first token, decode tok/s and the gaps between
 token events as a user sees them). ``--tiny`` runs a
@@ -43,7 +44,9 @@ import numpy as np  # noqa: E402
 if sys.path[0] == str(pathlib.Path(__file__).resolve().parent):
     sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 from bench.hlo import materialised_weights, weight_shapes  # noqa: E402
-from bench.models import copy_bandwidth, random_params, random_text_request, released_config, text_only  # noqa: E402
+from bench.models import (  # noqa: E402
+    copy_bandwidth, profiled_kernel_seconds, random_params, random_text_request, released_config, text_only,
+)
 from bench.run_info import run_info  # noqa: E402
 from qwenvl_jax.cache import DecodeState, tree_bytes  # noqa: E402
 from qwenvl_jax.config import ModelConfig, parse_config  # noqa: E402
@@ -129,9 +132,10 @@ def synthetic_state(state: DecodeState, next_token_b: jax.Array, context: int, *
 # ------------------------------------------------------------------------------------------- timing
 
 
-def time_decode(engine: Engine, batch: int, context: int, calls: int) -> dict:
+def time_decode(engine: Engine, batch: int, context: int, calls: int, profile: bool = False) -> dict:
     """The compiled decode program on a synthetic state: its weight copies, one isolated call, and ``calls``
-    calls back to back the way ``Engine.run`` drives them."""
+    calls back to back the way ``Engine.run`` drives them. ``profile``: then two calls under jax.profiler, GPU
+    kernel time per decode step by kernel name (the largest first) and in all."""
     cfg = engine.config
     rng = np.random.default_rng(batch * 7 + context)
     tokens = rng.integers(0, engine.vocab_size, batch).astype(np.int32)
@@ -169,9 +173,16 @@ def time_decode(engine: Engine, batch: int, context: int, calls: int) -> dict:
     expected = batch * cfg.decode_steps * calls
     if produced != expected:
         raise RuntimeError(f"decode produced {produced} tokens, expected {expected}: a request stopped early")
-    return dict(compile_s=compile_s, weight_copies=[list(c) for c in copies],
-                call_ms_isolated=1e3 * float(np.median(isolated)), call_ms_loop=1e3 * elapsed / calls,
-                tok_s=produced / elapsed, mean_context=start_context + cfg.decode_steps * calls / 2)
+    result = dict(compile_s=compile_s, weight_copies=[list(c) for c in copies],
+                  call_ms_isolated=1e3 * float(np.median(isolated)), call_ms_loop=1e3 * elapsed / calls,
+                  tok_s=produced / elapsed, mean_context=start_context + cfg.decode_steps * calls / 2)
+    if profile:
+        steps = 2 * cfg.decode_steps
+        kernels = profiled_kernel_seconds(lambda: jax.block_until_ready([call(), call()]))
+        per_step = sorted(((1e6 * t / steps, name) for name, t in kernels.items()), reverse=True)
+        result.update(profile_us_per_step_total=sum(t for t, _ in per_step),
+                      profile_us_per_step=[[name, t] for t, name in per_step[:40]])
+    return result
 
 
 def time_e2e(engine: Engine, vocab: int, prompt: int, new: int, stream: bool) -> dict:
@@ -231,7 +242,7 @@ def run_model(name: str, raw: dict, cases: list[tuple[int, int, int | None]], ar
             max_batch=max(batches), max_len=max_len, prompt_buckets=(min(context, 1024),),
             decode_steps=args.steps, batch_buckets=tuple(batches)), eos_ids=())
         for batch in batches:
-            measured = time_decode(engine, batch, context, args.calls)
+            measured = time_decode(engine, batch, context, args.calls, profile=args.profile)
             need = step_bytes(cfg, params, batch, measured["mean_context"])
             roofline = batch * bandwidth / need["total"]
             row = dict(batch=batch, context=context, max_len=max_len, bytes_per_step=need, roofline_tok_s=roofline,
@@ -269,6 +280,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16, help="tokens per decode call")
     ap.add_argument("--hf", default="", help="cases to time HF transformers on, e.g. 1x1024,8x1024")
     ap.add_argument("--e2e", action="store_true", help="also batch 1 through Engine.run with a real prefill")
+    ap.add_argument("--profile", action="store_true", help="GPU kernel time per step by kernel name, every case")
     ap.add_argument("--tiny", action="store_true", help="tiny configs on the CPU (checks the script)")
     ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
     args = ap.parse_args()
@@ -295,6 +307,10 @@ def main() -> None:
             print(f"{m['model']:>16} {r['batch']:>5} {r['context']:>7} {r['max_len']:>7} {o['tok_s']:>9.1f} {r['roofline_tok_s']:>9.1f} "
                   f"{r['pct_of_roofline']:>5.1f} {o['call_ms_loop']:>8.2f} {o['call_ms_isolated']:>8.2f} "
                   f"{len(o['weight_copies']):>6} {hf:>9.1f}")
+        for r in m["rows"]:
+            if r["ours"].get("profile_us_per_step"):
+                top = ", ".join(f"{name[:40]} {t:.0f}" for name, t in r["ours"]["profile_us_per_step"][:8])
+                print(f"{'':>16} B{r['batch']} kernels {r['ours']['profile_us_per_step_total']:.0f} us/step: {top}")
         for e in m["e2e"] or []:
             print(f"{m['model']:>16} e2e batch 1, prompt {e['prompt']}{', streamed' if e['stream'] else ''}: TTFT "
                   f"{e['ttft_ms']:.1f} ms, decode {e['decode_tok_s']:.1f} tok/s, token events every "

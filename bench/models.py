@@ -1,10 +1,13 @@
 """What the benchmarks share: released checkpoints' configs (bench/configs/), random weights made on the device,
-random text requests, the copy bandwidth and matmul rate every roofline is measured against, and FLOP counts."""
+random text requests, the copy bandwidth and matmul rate every roofline is measured against, FLOP counts, and GPU
+kernel times from jax.profiler."""
 
 from __future__ import annotations
 
+import collections
 import json
 import pathlib
+import tempfile
 import time
 
 import jax
@@ -103,3 +106,27 @@ def random_text_request(rng: np.random.Generator, vocab: int, prompt: int, max_n
     ids = rng.integers(0, vocab, prompt).astype(np.int32)
     pos = np.broadcast_to(np.arange(prompt, dtype=np.int32), (3, prompt)).copy()
     return Request(ids, pos, 0, SamplingParams(), max_new)
+
+
+def gpu_kernel_seconds(trace_dir: str) -> dict[str, float]:
+    """Device seconds per kernel name in a jax.profiler trace (every GPU plane's stream lines; empty on CPU)."""
+    from jax.profiler import ProfileData
+
+    totals: dict[str, float] = collections.defaultdict(float)
+    for path in pathlib.Path(trace_dir).rglob("*.xplane.pb"):
+        for plane in ProfileData.from_file(str(path)).planes:
+            if not plane.name.startswith("/device:GPU"):
+                continue
+            for line in plane.lines:
+                if line.name.startswith("Stream"):
+                    for event in line.events:
+                        totals[event.name] += event.duration_ns * 1e-9
+    return dict(totals)
+
+
+def profiled_kernel_seconds(run) -> dict[str, float]:
+    """GPU kernel seconds by name while `run()` executes under jax.profiler."""
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir):
+            run()
+        return gpu_kernel_seconds(trace_dir)

@@ -18,7 +18,6 @@ Prints a table and writes bench/results/prefill_share-<device>.json (device, jax
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import json
 import os
@@ -26,7 +25,6 @@ import pathlib
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch measures the ceilings in this process
@@ -39,7 +37,7 @@ import numpy as np  # noqa: E402
 if sys.path[0] == str(pathlib.Path(__file__).resolve().parent):
     sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 from bench.models import (  # noqa: E402
-    delta_rule_flops, prefill_flops, random_params, random_text_request, released_config,
+    delta_rule_flops, prefill_flops, profiled_kernel_seconds, random_params, random_text_request, released_config,
 )
 from bench.kernels import gdr_inputs, measure_ceilings, time_jax_calls  # noqa: E402
 from bench.run_info import run_info  # noqa: E402
@@ -52,30 +50,6 @@ from qwenvl_jax.tiny_model import TINY_CONFIGS, hf_config_dict  # noqa: E402
 
 GDR_PREFIX = "gdr_chunk"
 EVICTED_CALLS = 5  # chunk calls profiled, each after an L2 eviction
-
-
-def gpu_kernel_seconds(trace_dir: str) -> dict[str, float]:
-    """Device seconds per kernel name in a jax.profiler trace (every GPU plane's stream lines; empty on CPU)."""
-    from jax.profiler import ProfileData
-
-    totals: dict[str, float] = collections.defaultdict(float)
-    for path in pathlib.Path(trace_dir).rglob("*.xplane.pb"):
-        for plane in ProfileData.from_file(str(path)).planes:
-            if not plane.name.startswith("/device:GPU"):
-                continue
-            for line in plane.lines:
-                if line.name.startswith("Stream"):
-                    for event in line.events:
-                        totals[event.name] += event.duration_ns * 1e-9
-    return dict(totals)
-
-
-def profiled_kernel_seconds(run) -> dict[str, float]:
-    """GPU kernel seconds by name while `run()` executes under jax.profiler."""
-    with tempfile.TemporaryDirectory() as trace_dir:
-        with jax.profiler.trace(trace_dir):
-            run()
-        return gpu_kernel_seconds(trace_dir)
 
 
 def attention_seconds(text, prompt: int) -> dict:
