@@ -145,13 +145,13 @@ def time_decode(engine: Engine, batch: int, context: int, calls: int, profile: b
     rows = min(b for b in cfg.decode_buckets if b >= batch)
     t0 = time.perf_counter()
     num_steps = np.int32(cfg.decode_steps)
-    decode = engine._decode.lower(engine.graphdef, engine.params, engine.state, host_active, engine._eos, num_steps,
+    decode = engine._decode.lower(engine._weights, engine.state, host_active, engine._eos, num_steps,
                                   steps=cfg.decode_steps, rows=rows).compile()
     compile_s = time.perf_counter() - t0
     copies = materialised_weights(decode.as_text(), weight_shapes(engine.params))
 
     def call():
-        engine.state, out = decode(engine.params, engine.state, host_active, engine._eos, num_steps)
+        engine.state, out = decode(engine._weights, engine.state, host_active, engine._eos, num_steps)
         return out
 
     jax.block_until_ready(call())  # first run: module load

@@ -140,7 +140,7 @@ def test_prompts_admitted_together_share_prefill_calls(qwen3_5):
     engine.warmup(progress=False, vision=False)
     compiled = engine.compiled_programs()
     calls, prefill = [], engine._prefill
-    engine._prefill = lambda *args, **kwargs: (calls.append(args[3].shape), prefill(*args, **kwargs))[1]
+    engine._prefill = lambda *args, **kwargs: (calls.append(args[2].shape), prefill(*args, **kwargs))[1]
     together = _run(engine, [_text_request(p) for p in prompts])
     engine._prefill = prefill
     assert together == alone

@@ -37,10 +37,10 @@ def test_decode_and_prefill_programs_copy_no_weight(model_type):
     engine = Engine(graphdef, params, EngineConfig(max_batch=2, max_len=64, prompt_buckets=(16,), decode_steps=2))
     shapes = weight_shapes(params)
     assert len(shapes) >= 5
-    decode = engine._decode.lower(graphdef, params, engine.state, np.ones(3, bool), engine._eos, np.int32(2),
+    decode = engine._decode.lower(engine._weights, engine.state, np.ones(3, bool), engine._eos, np.int32(2),
                                   steps=2, rows=2)
     prefill = engine._prefill.lower(
-        graphdef, params, engine.state, np.zeros((1, 16), np.int32), np.zeros((3, 1, 16), np.int32),
+        engine._weights, engine.state, np.zeros((1, 16), np.int32), np.zeros((3, 1, 16), np.int32),
         np.array([5], np.int32), np.array([0], np.int32), np.array([0], np.int32), np.array([0], np.int32),
         sampling_arrays([], 1), request_keys([0]), np.array([4], np.int32), engine._eos, None,
         fresh=True, final=True)
