@@ -222,16 +222,6 @@ def decode_program(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState
 # ----------------------------------------------------------------------------------------------- host side
 
 
-def _copy_to_host_soon(tokens: jax.Array) -> jax.Array:
-    """Starts the tokens' device->host copy now, right behind the call that makes them, so that reading them
-    later never waits for the call dispatched after it. (On an H100 at 7c7a1f0 the first token arrived about a
-    decode call late, TTFT 166 ms with 16-step calls against 64 ms with 4-step ones, and 4-step calls took
-    37.6 ms for ~27 ms of kernels: consistent with reads that waited for the next call.)"""
-    with jax.transfer_guard_device_to_host("allow"):
-        tokens.copy_to_host_async()
-    return tokens
-
-
 class Engine:
     """Owns the decode state and the compiled programs of one model; runs requests to completion."""
 
@@ -450,6 +440,11 @@ class Engine:
             host_active[slot] = False
             del slot_req[slot]
 
+        def read(kind: str, out: jax.Array, slots: Sequence[int]) -> Iterator[TokenEvent]:
+            with jax.transfer_guard_device_to_host("allow"):  # the one transfer steady state makes
+                tokens = jax.device_get(out)
+            yield from handle(kind, tokens, slots)
+
         def handle(kind: str, tokens: np.ndarray, slots: Sequence[int]) -> Iterator[TokenEvent]:
             rows = tokens.reshape(1, -1) if kind == "first" else tokens
             for col, slot in enumerate(slots):
@@ -486,18 +481,21 @@ class Engine:
                 host_active[slot] = True
                 admitted.append((req, slot))
             for tokens, slots in self._prefill_admitted(admitted):
-                inflight.append(("first", _copy_to_host_soon(tokens), slots))
-            # A request that ends with its first token needs no decode call: a max_new_tokens=1 batch would
-            # otherwise wait for a whole decode call (decode_steps tokens) queued behind its prefill.
+                inflight.append(("first", tokens, slots))
+            # A read waits for the calls dispatched before it (measured on an H100 with a decode call queued behind
+            # the prefill: Qwen3.5-9B's 1K-token TTFT was 156 ms with 16-step calls, 61 ms with 4-step ones). So
+            # first tokens are read before the next decode call goes out, and a stream keeps no call queued: a
+            # token then waits for one call, not two.
+            queued = 0 if stream else 1
+            while any(kind == "first" for kind, _, _ in inflight):
+                yield from read(*inflight.popleft())
+            # A request that ends with its first token needs no decode call.
             decoding = any(produced[i] > 0 or not at_length(requests[i], 1) for i in slot_req.values())
             if decoding:
                 rows = min(b for b in cfg.decode_buckets if b > max(slot_req))
                 self.state, out = self._decode(self._weights, self.state, host_active.copy(), self._eos,
                                                num_steps, steps=cfg.decode_steps, rows=rows)
-                inflight.append(("decode", _copy_to_host_soon(out), list(range(rows))))
-            # Keep one decode call queued on the device while the host reads the one before it.
-            while inflight and (len(inflight) > 1 or not decoding):
-                kind, out, slots = inflight.popleft()
-                with jax.transfer_guard_device_to_host("allow"):  # the one transfer steady state makes
-                    tokens = jax.device_get(out)
-                yield from handle(kind, tokens, slots)
+                inflight.append(("decode", out, list(range(rows))))
+            # Otherwise keep one decode call queued on the device while the host reads the one before it.
+            while inflight and (len(inflight) > queued or not decoding):
+                yield from read(*inflight.popleft())

@@ -216,12 +216,18 @@ def test_streaming_runs_short_decode_calls_of_the_same_program_and_tokens(qwen3_
     compiled = engine.compiled_programs()
     streamed = [[] for _ in prompts]
     sizes = []
-    for ev in engine.run([_text_request(p, max_new=20) for p in prompts], stream=True):
-        streamed[ev.request_index] += ev.tokens
-        sizes.append(len(ev.tokens))
+    recorder = _TransferRecorder(engine)
+    with recorder.watching():
+        for ev in engine.run([_text_request(p, max_new=20) for p in prompts], stream=True):
+            streamed[ev.request_index] += ev.tokens
+            sizes.append(len(ev.tokens))
     assert streamed == plain
     assert max(sizes) == 3 and sizes.count(3) >= 10
     assert engine.compiled_programs() == compiled
+    # First tokens are read before any decode call goes out, and each call is read before the next goes out.
+    kinds = [kind for kind, _ in recorder.events]
+    assert kinds[:2] == ["read", "read"] and kinds[2] == "dispatch"
+    assert all(a != b for a, b in zip(kinds[2:], kinds[3:])), kinds
 
 
 def test_requests_ending_at_their_first_token_run_no_decode_call(qwen3_5):
