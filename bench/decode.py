@@ -13,7 +13,8 @@ read). Reported: tok/s; the roofline, the bytes a step must move over the copy b
 routing; Gated DeltaNet conv and recurrent state read and written per row; KV read up to each row's mean
 length); the % of it reached; the call's isolated time (one call, synchronised) beside the loop's, whose
 difference is host time the loop did not hide; and the weight copies in the compiled program (must be none).
-``--profile`` adds each case's GPU kernel time per step by kernel name (jax.profiler). ``--hf`` times HF
+``--profile`` adds each case's GPU kernel time per step by kernel name (jax.profiler) and writes the compiled
+decode program's HLO (decode-hlo-MODEL-BxC.txt beside the JSON) to map those names to ops. ``--hf`` times HF
 transformers' ``generate`` on the same GPU for those cases (torch, random weights, same config;
 decode tok/s from a 1-token and a 33-token run). ``--e2e`` also runs batch 1 at the first case's context through
 ``Engine.run`` with a real prefill, plain and streamed (time to first token, decode tok/s and the gaps between
@@ -132,7 +133,8 @@ def synthetic_state(state: DecodeState, next_token_b: jax.Array, context: int, *
 # ------------------------------------------------------------------------------------------- timing
 
 
-def time_decode(engine: Engine, batch: int, context: int, calls: int, profile: bool = False) -> dict:
+def time_decode(engine: Engine, batch: int, context: int, calls: int, profile: bool = False,
+                hlo_path: pathlib.Path | None = None) -> dict:
     """The compiled decode program on a synthetic state: its weight copies, one isolated call, and ``calls``
     calls back to back the way ``Engine.run`` drives them. ``profile``: then two calls under jax.profiler, GPU
     kernel time per decode step by kernel name (the largest first) and in all."""
@@ -148,7 +150,11 @@ def time_decode(engine: Engine, batch: int, context: int, calls: int, profile: b
     decode = engine._decode.lower(engine._weights, engine.state, host_active, engine._eos, num_steps,
                                   steps=cfg.decode_steps, rows=rows).compile()
     compile_s = time.perf_counter() - t0
-    copies = materialised_weights(decode.as_text(), weight_shapes(engine.params))
+    hlo = decode.as_text()
+    if hlo_path is not None:  # maps the profile's kernel names (fusion names) back to the ops they run
+        hlo_path.parent.mkdir(parents=True, exist_ok=True)
+        hlo_path.write_text(hlo)
+    copies = materialised_weights(hlo, weight_shapes(engine.params))
 
     def call():
         engine.state, out = decode(engine._weights, engine.state, host_active, engine._eos, num_steps)
@@ -242,7 +248,8 @@ def run_model(name: str, raw: dict, cases: list[tuple[int, int, int | None]], ar
             max_batch=max(batches), max_len=max_len, prompt_buckets=(min(context, 1024),),
             decode_steps=args.steps, batch_buckets=tuple(batches)), eos_ids=())
         for batch in batches:
-            measured = time_decode(engine, batch, context, args.calls, profile=args.profile)
+            hlo_path = (pathlib.Path(args.out) / f"decode-hlo-{name}-{batch}x{context}.txt") if args.profile else None
+            measured = time_decode(engine, batch, context, args.calls, profile=args.profile, hlo_path=hlo_path)
             need = step_bytes(cfg, params, batch, measured["mean_context"])
             roofline = batch * bandwidth / need["total"]
             row = dict(batch=batch, context=context, max_len=max_len, bytes_per_step=need, roofline_tok_s=roofline,
@@ -280,7 +287,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16, help="tokens per decode call")
     ap.add_argument("--hf", default="", help="cases to time HF transformers on, e.g. 1x1024,8x1024")
     ap.add_argument("--e2e", action="store_true", help="also batch 1 through Engine.run with a real prefill")
-    ap.add_argument("--profile", action="store_true", help="GPU kernel time per step by kernel name, every case")
+    ap.add_argument("--profile", action="store_true",
+                    help="GPU kernel time per step by kernel name, every case (and the compiled HLO beside the JSON)")
     ap.add_argument("--tiny", action="store_true", help="tiny configs on the CPU (checks the script)")
     ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
     args = ap.parse_args()
