@@ -44,10 +44,10 @@ class EngineConfig:
     # (max_len itself if none does), filled in at construction.
     prompt_buckets: tuple[int, ...] | None = None
     decode_steps: int = 16  # tokens per decode call
-    # Tokens per decode call while streaming: a token reaches the caller at most one call after it is sampled, so
-    # fewer steps per call bound that delay (one compiled program runs either count: the count is data). At most
-    # decode_steps take effect.
-    stream_decode_steps: int = 4
+    # While streaming, a token reaches the caller when its decode call ends: calls are sized (1..decode_steps
+    # tokens, from the step time the previous calls measured) to end about this often. One compiled program runs
+    # any count: the count is data.
+    stream_interval_ms: float = 40.0
     batch_buckets: tuple[int, ...] = ()  # decode batch sizes; default: powers of two up to max_batch
     vision_buckets: tuple[int, ...] = (256, 1024, 4096)  # vision patches per request (powers of two beyond)
     vision_table_rows: int = 128  # 2D rotary table rows: grids up to this many patches a side share one program
@@ -62,8 +62,8 @@ class EngineConfig:
         if self.prompt_buckets is None:
             fitting = tuple(b for b in DEFAULT_PROMPT_BUCKETS if b <= self.max_len)
             object.__setattr__(self, "prompt_buckets", fitting or (self.max_len,))
-        if self.stream_decode_steps < 1:
-            raise ValueError(f"stream_decode_steps must be >= 1, got {self.stream_decode_steps}")
+        if not self.stream_interval_ms > 0:
+            raise ValueError(f"stream_interval_ms must be > 0, got {self.stream_interval_ms}")
         if not self.prompt_buckets or any(b < 1 for b in self.prompt_buckets):
             raise ValueError(f"prompt_buckets must be positive lengths, got {self.prompt_buckets}")
         if max(self.prompt_buckets) > self.max_len:
@@ -421,11 +421,12 @@ class Engine:
     def run(self, requests: Sequence[Request], stream: bool = False) -> Iterator[TokenEvent]:
         """Generates for every request (continuous batching over ``max_batch`` slots); yields token events in
         order. Steady state performs no compilation and no device->host transfer but the token ids. ``stream``:
-        decode calls of ``stream_decode_steps`` tokens, so each token reaches the caller sooner."""
+        decode calls sized to end every ``stream_interval_ms``, so each token reaches the caller that soon."""
         for req in requests:
             self.validate(req)
         cfg = self.config
-        num_steps = np.int32(min(cfg.stream_decode_steps, cfg.decode_steps) if stream else cfg.decode_steps)
+        # Streaming starts with one-token calls, which measure the step time the later calls are sized by.
+        num_steps = 1 if stream else cfg.decode_steps
         pending = collections.deque(enumerate(requests))
         slot_req: dict[int, int] = {}  # slot -> request index
         produced = collections.Counter()
@@ -440,9 +441,15 @@ class Engine:
             host_active[slot] = False
             del slot_req[slot]
 
-        def read(kind: str, out: jax.Array, slots: Sequence[int]) -> Iterator[TokenEvent]:
+        def read(kind: str, out: jax.Array, slots: Sequence[int], steps: int = 0, dispatched: float = 0.0
+                 ) -> Iterator[TokenEvent]:
+            nonlocal num_steps
             with jax.transfer_guard_device_to_host("allow"):  # the one transfer steady state makes
                 tokens = jax.device_get(out)
+            if stream and kind == "decode":
+                # No call is queued while streaming, so dispatch to read is this call's time on the device.
+                step_ms = 1e3 * (time.perf_counter() - dispatched) / steps
+                num_steps = int(np.clip(cfg.stream_interval_ms // step_ms, 1, cfg.decode_steps))
             yield from handle(kind, tokens, slots)
 
         def handle(kind: str, tokens: np.ndarray, slots: Sequence[int]) -> Iterator[TokenEvent]:
@@ -487,15 +494,16 @@ class Engine:
             # first tokens are read before the next decode call goes out, and a stream keeps no call queued: a
             # token then waits for one call, not two.
             queued = 0 if stream else 1
-            while any(kind == "first" for kind, _, _ in inflight):
+            while any(entry[0] == "first" for entry in inflight):
                 yield from read(*inflight.popleft())
             # A request that ends with its first token needs no decode call.
             decoding = any(produced[i] > 0 or not at_length(requests[i], 1) for i in slot_req.values())
             if decoding:
                 rows = min(b for b in cfg.decode_buckets if b > max(slot_req))
+                dispatched = time.perf_counter()
                 self.state, out = self._decode(self._weights, self.state, host_active.copy(), self._eos,
-                                               num_steps, steps=cfg.decode_steps, rows=rows)
-                inflight.append(("decode", out, list(range(rows))))
+                                               np.int32(num_steps), steps=cfg.decode_steps, rows=rows)
+                inflight.append(("decode", out, list(range(rows)), num_steps, dispatched))
             # Otherwise keep one decode call queued on the device while the host reads the one before it.
             while inflight and (len(inflight) > queued or not decoding):
                 yield from read(*inflight.popleft())

@@ -206,12 +206,14 @@ def test_steady_state_compiles_nothing_and_moves_only_tokens(qwen3_5):
     assert sum(kind == "dispatch" for kind, _ in recorder.events[:first_decode_read]) >= 2
 
 
-def test_streaming_runs_short_decode_calls_of_the_same_program_and_tokens(qwen3_5):
-    """Streamed, every decode call yields at most stream_decode_steps tokens per request (so a token reaches the
-    caller one short call after it is sampled); the tokens and the compiled programs are those of a plain run."""
+@pytest.mark.parametrize("interval_ms, most", [(1e-3, 1), (1e6, 8)])
+def test_streaming_sizes_decode_calls_by_the_interval_with_the_same_program_and_tokens(qwen3_5, interval_ms, most):
+    """Streamed, decode calls are sized from the measured step time to end every stream_interval_ms: a tiny
+    interval gives one-token calls, a huge one grows them to decode_steps after the first (one-token) call. The
+    tokens and the compiled programs are a plain run's; every call is read before the next goes out."""
     _, ours = qwen3_5
     prompts = [np.random.default_rng(9).integers(0, 400, n) for n in (11, 26)]
-    engine = _engine(ours, max_batch=2, decode_steps=8, stream_decode_steps=3)
+    engine = _engine(ours, max_batch=2, decode_steps=8, stream_interval_ms=interval_ms)
     plain = _run(engine, [_text_request(p, max_new=20) for p in prompts])
     compiled = engine.compiled_programs()
     streamed = [[] for _ in prompts]
@@ -222,7 +224,7 @@ def test_streaming_runs_short_decode_calls_of_the_same_program_and_tokens(qwen3_
             streamed[ev.request_index] += ev.tokens
             sizes.append(len(ev.tokens))
     assert streamed == plain
-    assert max(sizes) == 3 and sizes.count(3) >= 10
+    assert max(sizes) == most and sizes.count(most) >= 2
     assert engine.compiled_programs() == compiled
     # First tokens are read before any decode call goes out, and each call is read before the next goes out.
     kinds = [kind for kind, _ in recorder.events]
