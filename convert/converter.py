@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import uuid
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +34,12 @@ from qwenvl_jax.config import ModelConfig, load_config
 from qwenvl_jax.models.model import QwenVLModel, abstract_model
 
 PARAMS_DIR = "params"
-MTP_DIR = "mtp"
 MANIFEST = "qwenvl_jax.json"
 # 2: one parameter array per layer (format 1 stacked the decoder layers and vision blocks).
-FORMAT_VERSION = 2
+# 3: Qwen3.5's MTP head converted into the parameter tree (``mtp``); format 2 kept it aside in HF form, so a
+# format-2 checkpoint loads without it.
+FORMAT_VERSION = 3
+READABLE_FORMATS = (2, 3)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
 _WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
@@ -49,7 +53,6 @@ class ConversionPlan:
     leaf_shapes: dict[LeafPath, tuple[int, ...]]
     tensors_by_shard: dict[Path, list[TensorInfo]]
     sources: dict[str, Source]  # by original HF name
-    mtp: dict[str, TensorInfo]
 
     @property
     def num_tensors(self) -> int:
@@ -65,13 +68,17 @@ def leaf_shapes_of(model: QwenVLModel) -> dict[LeafPath, tuple[int, ...]]:
     return {tuple(path): tuple(v.get_value().shape) for path, v in nnx.to_flat_state(nnx.state(model))}
 
 
+def mtp_layers_in(names: list[str]) -> int:
+    """MTP decoder layers a checkpoint's (normalised) tensor names hold: 1 + the largest ``mtp.layers.{i}``."""
+    indexes = [int(m.group(1)) for n in names if (m := re.match(r"mtp\.layers\.(\d+)\.", n))]
+    return max(indexes, default=-1) + 1
+
+
 def plan_conversion(hf_dir: str | Path, dtype: str | jnp.dtype = "bfloat16") -> ConversionPlan:
     """Reads config and headers, maps every tensor, and raises CheckpointError listing all that is wrong."""
     hf_dir = checkpoint_dir(hf_dir)
     cfg = load_config(hf_dir)
     dtype = jnp.dtype(dtype)
-    model = abstract_model(cfg, dtype)
-    leaf_shapes = leaf_shapes_of(model)
 
     infos: dict[str, TensorInfo] = {}
     by_shard: dict[Path, list[TensorInfo]] = {}
@@ -84,10 +91,19 @@ def plan_conversion(hf_dir: str | Path, dtype: str | jnp.dtype = "bfloat16") -> 
             by_shard.setdefault(shard, []).append(info)
 
     normalized = {normalize_name(n): n for n in infos}
+    # The MTP head joins the model when the checkpoint carries it (config.json says nothing about the weights).
+    mtp_layers = mtp_layers_in(list(normalized)) if cfg.family == "qwen3_5" else 0
+    if mtp_layers > 1:
+        warnings.warn(f"{hf_dir} has {mtp_layers} MTP layers; speculative decoding reads one, so the MTP head is "
+                      "left out of the conversion", stacklevel=2)
+        mtp_layers = 0
+    cfg = cfg.with_mtp_layers(mtp_layers)
+    model = abstract_model(cfg, dtype)
+    leaf_shapes = leaf_shapes_of(model)
     layout = detect_expert_layout({normalize_name(n): i for n, i in infos.items()}, cfg.text.hidden_size,
                                   cfg.text.moe_intermediate_size) if cfg.is_moe else "split"
     wanted = build_sources(leaf_shapes, layout)
-    ignored = {n for n in normalized if is_mtp(n)}
+    ignored = {n for n in normalized if is_mtp(n)} if not mtp_layers else set()
     if cfg.text.tie_word_embeddings:
         ignored.add("lm_head.weight")  # some tied checkpoints still carry the copy
 
@@ -115,29 +131,24 @@ def plan_conversion(hf_dir: str | Path, dtype: str | jnp.dtype = "bfloat16") -> 
     return ConversionPlan(
         cfg=cfg, dtype=dtype, leaf_shapes=leaf_shapes, tensors_by_shard=by_shard,
         sources={normalized[n]: src for n, src in wanted.items()},
-        mtp={n: infos[n] for n in infos if is_mtp(n)},
     )
 
 
 def fill_params(plan: ConversionPlan, allocate: Callable[[str, tuple[int, ...], np.dtype], np.ndarray],
-                progress: bool = True) -> tuple[dict[LeafPath, np.ndarray], dict[str, np.ndarray]]:
-    """Streams every shard into arrays from ``allocate(key, shape, dtype)``: (params by leaf path, mtp by name)."""
+                progress: bool = True) -> dict[LeafPath, np.ndarray]:
+    """Streams every shard into arrays from ``allocate(key, shape, dtype)``: params by leaf path."""
     np_dtype = np.dtype(plan.dtype)
     leaves = {path: allocate("param." + ".".join(map(str, path)), shape, np_dtype)
               for path, shape in plan.leaf_shapes.items()}
-    mtp: dict[str, np.ndarray] = {}
     bar = tqdm(total=plan.num_tensors, desc="converting", unit="tensor", disable=not progress)
     for i, (shard, infos) in enumerate(sorted(plan.tensors_by_shard.items())):
         bar.set_postfix_str(f"shard {i + 1}/{len(plan.tensors_by_shard)}")
         for info, array in read_tensors(shard, infos):
-            if info.name in plan.mtp:
-                mtp[info.name] = allocate("mtp." + info.name, info.shape, np_dtype)
-                mtp[info.name][...] = array
-            elif (src := plan.sources.get(info.name)) is not None:
+            if (src := plan.sources.get(info.name)) is not None:
                 leaves[src.leaf][src.index] = apply_transform(array, src.transform)
             bar.update()
     bar.close()
-    return leaves, mtp
+    return leaves
 
 
 def nest(flat: dict[LeafPath, object]) -> dict:
@@ -180,18 +191,16 @@ def convert_checkpoint(hf_dir: str | Path, out_dir: str | Path, dtype: str = "bf
             # Disk-backed, so peak memory stays near one shard however large the model is.
             return np.lib.format.open_memmap(scratch / f"{key}.npy", mode="w+", dtype=np_dtype, shape=shape)
 
-        leaves, mtp = fill_params(plan, allocate, progress)
+        leaves = fill_params(plan, allocate, progress)
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(tmp / PARAMS_DIR, nest(leaves))
-        if mtp:
-            checkpointer.save(tmp / MTP_DIR, nest({tuple(n.split(".")): a for n, a in mtp.items()}))
         checkpointer.wait_until_finished()
-        del leaves, mtp
+        del leaves
         shutil.rmtree(scratch)
         _copy_aux_files(hf_dir, tmp)
         (tmp / MANIFEST).write_text(json.dumps({
             "format_version": FORMAT_VERSION, "dtype": plan.dtype.name, "model_type": plan.cfg.model_type,
-            "source": str(hf_dir), "has_mtp": bool(plan.mtp),
+            "source": str(hf_dir), "mtp_layers": plan.cfg.text.mtp_layers,
         }, indent=2))
         if overwrite and out_dir.exists():
             shutil.rmtree(out_dir)
@@ -220,13 +229,14 @@ def load_params(path: str | Path, dtype: str | jnp.dtype | None = None) -> tuple
     path = checkpoint_dir(path)
     if is_converted(path):
         manifest = json.loads((path / MANIFEST).read_text())
-        if manifest.get("format_version") != FORMAT_VERSION:
+        if manifest.get("format_version") not in READABLE_FORMATS:
             source = manifest.get("source", "HF_DIR")
             raise CheckpointError(
                 f"{path} was converted with checkpoint format {manifest.get('format_version')}; this version of "
-                f"qwenvl-jax reads format {FORMAT_VERSION} (one array per layer instead of stacked layers). "
-                f"Convert it again from the HF checkpoint: qwenvl convert {source} {path} --overwrite")
-        cfg = load_config(path)
+                f"qwenvl-jax reads formats {', '.join(map(str, READABLE_FORMATS))} (one array per layer instead "
+                f"of stacked layers). Convert it again from the HF checkpoint: "
+                f"qwenvl convert {source} {path} --overwrite")
+        cfg = load_config(path).with_mtp_layers(manifest.get("mtp_layers", 0))
         dtype = jnp.dtype(dtype or manifest["dtype"])
         graphdef, abstract = nnx.split(abstract_model(cfg, dtype))
         flat_abstract = {tuple(p): v.get_value() for p, v in nnx.to_flat_state(abstract)}
@@ -242,6 +252,6 @@ def load_params(path: str | Path, dtype: str | jnp.dtype | None = None) -> tuple
         plan = plan_conversion(path, dtype or "bfloat16")
         cfg = plan.cfg
         graphdef, abstract = nnx.split(abstract_model(cfg, plan.dtype))
-        leaves, _ = fill_params(plan, lambda key, shape, dt: np.empty(shape, dt), progress=False)
+        leaves = fill_params(plan, lambda key, shape, dt: np.empty(shape, dt), progress=False)
         flat = {p: jnp.asarray(a) for p, a in leaves.items()}
     return cfg, nnx.merge(graphdef, _fill_state(abstract, flat))

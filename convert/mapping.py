@@ -38,7 +38,7 @@ def normalize_name(hf_name: str) -> str:
 
 
 def is_mtp(name: str) -> bool:
-    """Qwen3.5 checkpoints carry a multi-token-prediction head; it is stored aside, unused for now."""
+    """Qwen3.5 checkpoints carry a multi-token-prediction head (``qwenvl_jax.models.mtp``)."""
     return name.startswith("mtp.")
 
 

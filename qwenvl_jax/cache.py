@@ -13,7 +13,21 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
+from qwenvl_jax.models.attention import AttnCache
 from qwenvl_jax.models.decoder import LayerCache
+
+
+class SpecState(NamedTuple):
+    """Speculative decoding's per-slot state (``EngineConfig.speculative_tokens`` = k > 0)."""
+
+    mtp_layers: tuple[AttnCache, ...]  # the MTP head's KV caches [S, max_len, KV, D]
+    drafts: jax.Array  # [S, k] int32 tokens proposed for the positions after next_token
+    # [S, D] the main model's final hidden state at the last token of the latest prompt chunk: the MTP input that
+    # waits for the next chunk's first token
+    chunk_hidden: jax.Array
+    # [S, max_len] int32 tokens the caller predicts per position (Request.draft_tokens), -1 where none: they
+    # replace the MTP head's drafts (acceptance tests and benchmarks; prompt lookup)
+    draft_table: jax.Array
 
 
 class DecodeState(NamedTuple):
@@ -26,6 +40,7 @@ class DecodeState(NamedTuple):
     keys: jax.Array  # [S] typed PRNG keys: each slot's sampling stream
     seen: jax.Array  # [S, vocab] bool tokens in prompt + output (repetition penalty)
     sampling: object  # per-slot sampling parameters (qwenvl_jax.sampling.SamplingArrays)
+    spec: SpecState | None = None  # None without speculative decoding
 
 
 def tree_bytes(tree) -> int:

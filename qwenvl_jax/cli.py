@@ -43,7 +43,8 @@ def _load_for_generation(args: argparse.Namespace):
 
     model = qj.load(args.model, dtype=args.dtype)
     # Only the options given: the others keep the library's defaults (one set of defaults for both).
-    given = {"max_len": args.max_len, "decode_steps": args.decode_steps}
+    given = {"max_len": args.max_len, "decode_steps": args.decode_steps,
+             "speculative_tokens": args.speculative_tokens}
     model.configure(max_batch=1, **{k: v for k, v in given.items() if v is not None})
     engine = model.engine()
     print(f"decode state: {engine.state_bytes / 2**20:.1f} MiB for max_len {engine.config.max_len}; programs "
@@ -193,6 +194,8 @@ def main(argv: list[str] | None = None) -> None:
                        help="tokens per request, prompt + generated (default: the library's, EngineConfig.max_len)")
         p.add_argument("--decode-steps", type=int,
                        help="tokens per decode call (default: the library's, EngineConfig.decode_steps)")
+        p.add_argument("--speculative-tokens", type=int,
+                       help="Qwen3.5: tokens drafted a step by the checkpoint's MTP head, 1-4 (default: off)")
         p.add_argument("--warmup", action="store_true", help="compile every prompt/vision/decode bucket up front")
         p.set_defaults(func=_generate if name == "generate" else _chat)
 

@@ -66,6 +66,9 @@ class TextConfig:
     linear_value_head_dim: int = 0
     linear_num_key_heads: int = 0
     linear_num_value_heads: int = 0
+    # Multi-token-prediction layers the model carries (Qwen3.5's ``mtp.*`` head): set by the converter from the
+    # checkpoint's weights, 0 when it has none. ``config.json`` alone does not say whether the weights exist.
+    mtp_layers: int = 0
 
     @property
     def rotary_dim(self) -> int:
@@ -131,6 +134,9 @@ class ModelConfig:
     @property
     def is_moe(self) -> bool:
         return self.text.num_experts > 0
+
+    def with_mtp_layers(self, layers: int) -> ModelConfig:
+        return dataclasses.replace(self, text=dataclasses.replace(self.text, mtp_layers=layers))
 
 
 def load_config(path: str | Path) -> ModelConfig:

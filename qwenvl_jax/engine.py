@@ -18,15 +18,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qwenvl_jax.cache import DecodeState, tree_bytes
+from qwenvl_jax.cache import DecodeState, SpecState, tree_bytes
 from qwenvl_jax.models.attention import AttnCache
 from qwenvl_jax.models.context import ForwardContext
 from qwenvl_jax.models.decoder import init_layer_caches
 from qwenvl_jax.models.model import QwenVLModel
+from qwenvl_jax.models.mtp import init_mtp_caches
 from qwenvl_jax.models.multimodal import fuse_vision
 from qwenvl_jax.models.vision import prepare_vision_inputs
 from qwenvl_jax.models.rope import mrope_cos_sin
 from qwenvl_jax.sampling import SamplingArrays, SamplingParams, mark_seen, request_keys, sample, sampling_arrays
+from qwenvl_jax.speculative import first_drafts, prefill_mtp, speculative_step
 
 
 DEFAULT_MAX_LEN = 4096  # the library's and the CLI's context per request
@@ -34,6 +36,7 @@ DEFAULT_PROMPT_BUCKETS = (64, 256, 1024)
 # Rows of a batched prefill call: powers of four keep the compiled programs few (each row count is a program
 # per bucket) while a group of n prompts still needs at most 3 calls per power.
 PREFILL_ROWS = (1, 4, 16, 64)
+MAX_SPECULATIVE_TOKENS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,10 +58,17 @@ class EngineConfig:
     # Text prompts admitted together that fit one bucket share prefill calls of PREFILL_ROWS rows, up to this many
     # tokens (rows x bucket) per call: a short prompt alone leaves the GPU's matrix units idle.
     prefill_tokens: int = 8192
+    # Draft tokens per decode step from Qwen3.5's MTP head (0: no speculation). Each step verifies them in one
+    # target pass and emits the accepted ones plus one: exact (greedy output is unchanged, sampling keeps the
+    # target distribution), faster when most drafts are accepted.
+    speculative_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_len < 2 or self.decode_steps < 1:
             raise ValueError(f"invalid engine config {self}")
+        if not 0 <= self.speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"speculative_tokens must be 0 (off) to {MAX_SPECULATIVE_TOKENS}, got "
+                             f"{self.speculative_tokens}")
         if self.prompt_buckets is None:
             fitting = tuple(b for b in DEFAULT_PROMPT_BUCKETS if b <= self.max_len)
             object.__setattr__(self, "prompt_buckets", fitting or (self.max_len,))
@@ -93,6 +103,10 @@ class Request:
     sampling: SamplingParams
     max_new_tokens: int
     vision: VisionPayload | None = None
+    # With speculative decoding: the tokens the caller predicts at cache positions 0.. (prompt, then output; -1
+    # for none). Where given they replace the MTP head's drafts: acceptance tests and benchmarks use the
+    # target's own continuation as an oracle.
+    draft_tokens: np.ndarray | None = None
 
 
 @dataclasses.dataclass
@@ -111,6 +125,7 @@ class TokenEvent:
     tokens: list[int]
     finished: bool
     finish_reason: str | None  # "stop" (eos), "length" (max_new_tokens or max_len), None while running
+    steps: int = 0  # decode steps that produced these tokens (more tokens than steps: accepted drafts)
 
 
 # ----------------------------------------------------------------------------------------------- device programs
@@ -128,12 +143,13 @@ def _step_keys(state: DecodeState, rows: jax.Array | int, step_s: jax.Array) -> 
 def prefill_program(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, ids_bt: jax.Array,
                     positions_3bt: jax.Array, lengths_b: jax.Array, starts_b: jax.Array, slots_b: jax.Array,
                     rope_delta_b: jax.Array, sampling_b: SamplingArrays, keys_b: jax.Array, max_new_b: jax.Array,
-                    eos_e: jax.Array, vision: tuple | None, *, fresh: bool, final: bool
+                    eos_e: jax.Array, vision: tuple | None, speculative: tuple | None, *, fresh: bool, final: bool
                     ) -> tuple[DecodeState, jax.Array]:
     """Runs one prompt chunk per row into its slot. The final chunk samples the first token and arms the slot.
 
     ``vision``: (visual_md, deepstack_kmd or None, dest_m) with dest_m the flat chunk index of each vision token
-    (out of range: not in this chunk, dropped)."""
+    (out of range: not in this chunk, dropped). ``speculative`` (with an MTP engine): (mRoPE position [3, B] of
+    the token before the chunk, the rows' draft tables [B, max_len])."""
     model: QwenVLModel = nnx.merge(graphdef, params)
     lm = model.language_model
     cos, sin = mrope_cos_sin(positions_3bt, lm.cfg)
@@ -150,6 +166,9 @@ def prefill_program(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeStat
     lengths_after = starts_b + lengths_b
     state = state._replace(layers=layers, seen=state.seen.at[slots_b].set(seen_b),
                            lengths=state.lengths.at[slots_b].set(lengths_after))
+    if state.spec is not None:
+        state = state._replace(spec=prefill_mtp(model, state.spec, embeds_btd, hidden_btd, positions_3bt,
+                                                speculative[0], lengths_b, starts_b, slots_b, fresh))
     if not final:
         return state, jnp.full(slots_b.shape, -1, jnp.int32)
 
@@ -167,6 +186,10 @@ def prefill_program(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeStat
         keys=state.keys.at[slots_b].set(keys_b),
         sampling=jax.tree_util.tree_map(lambda s, v: s.at[slots_b].set(v), state.sampling, sampling_b),
     )
+    if state.spec is not None:
+        last_position_3b = jnp.take_along_axis(positions_3bt, (lengths_b - 1)[None, :, None], axis=2)[:, :, 0]
+        state = state._replace(spec=first_drafts(model, state.spec, token_b, last_position_3b, lengths_after - 1,
+                                                 rope_delta_b, slots_b, speculative[1]))
     return state, token_b
 
 
@@ -182,25 +205,30 @@ def _cache_len(state: DecodeState) -> int:
 
 def decode_program(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, host_active_s: jax.Array,
                    eos_e: jax.Array, num_steps: jax.Array, *, steps: int, rows: int) -> tuple[DecodeState, jax.Array]:
-    """``num_steps`` (<= ``steps``, a traced count) decode steps for slots [0, rows): tokens [steps, rows] (-1
-    where a slot emitted nothing, and in the rows past ``num_steps``)."""
+    """``num_steps`` (<= ``steps``, a traced count) decode steps for slots [0, rows): tokens [steps, rows, T] (T
+    = 1, or speculative_tokens + 1: the tokens of one step in order; -1 where a slot emitted nothing, and in the
+    steps past ``num_steps``)."""
     model: QwenVLModel = nnx.merge(graphdef, params)
     lm = model.language_model
     max_len = _cache_len(state)
     sampling = jax.tree_util.tree_map(lambda x: x[:rows], state.sampling)
 
     def step(k: int, carry: tuple[DecodeState, jax.Array]) -> tuple[DecodeState, jax.Array]:
-        state, out_ks = carry
+        state, out_kst = carry
         active_s = state.active[:rows] & host_active_s[:rows]
         token_s = state.next_token[:rows]
         start_s = state.lengths[:rows]
+        keys_s = _step_keys(state, rows, start_s + 1)
+        if state.spec is not None:
+            state, tokens_st = speculative_step(model, state, rows, active_s, eos_e, keys_s, sampling, max_len)
+            return state, out_kst.at[k].set(tokens_st)
         pos_s = start_s + state.rope_delta[:rows]
         cos, sin = mrope_cos_sin(jnp.broadcast_to(pos_s[None, :, None], (3, rows, 1)), lm.cfg)
         ctx = ForwardContext(cos, sin, active_s.astype(jnp.int32), start_s, rows, False)
         hidden, layers = lm.forward(lm.embed_tokens(token_s[:, None]), ctx, state.layers)
         logits_sv = model.lm_logits(hidden[:, 0]).astype(jnp.float32)
         # The whole [S, vocab] presence mask goes in: it is sliced (read) only if a row has a repetition penalty.
-        new_s = sample(logits_sv, sampling, _step_keys(state, rows, start_s + 1), state.seen)
+        new_s = sample(logits_sv, sampling, keys_s, state.seen)
 
         lengths_s = start_s + active_s
         remaining_s = state.remaining[:rows] - active_s
@@ -213,9 +241,10 @@ def decode_program(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState
             active=state.active.at[:rows].set(active_s & ~done_s),
             seen=mark_seen(state.seen, new_s[:, None], active_s[:, None]),
         )
-        return state, out_ks.at[k].set(jnp.where(active_s, new_s, -1))
+        return state, out_kst.at[k, :, 0].set(jnp.where(active_s, new_s, -1))
 
-    out = jnp.full((steps, rows), -1, jnp.int32)
+    tokens_per_step = 1 if state.spec is None else state.spec.drafts.shape[1] + 1
+    out = jnp.full((steps, rows, tokens_per_step), -1, jnp.int32)
     return jax.lax.fori_loop(0, jnp.minimum(num_steps, steps), step, (state, out))
 
 
@@ -240,6 +269,17 @@ class Engine:
         self.scratch_slot = config.max_batch  # warm-up writes here, never into a request's slot
         slots = config.max_batch + 1
         dtype = text.embed_tokens.weight.get_value().dtype
+        spec = None
+        if config.speculative_tokens:
+            if model.mtp is None:
+                raise ValueError(
+                    f"speculative_tokens={config.speculative_tokens} needs the MTP head of a Qwen3.5 checkpoint "
+                    f"(its mtp.* weights), and this {model.cfg.model_type} model has none (a checkpoint converted "
+                    "before qwenvl-jax read the MTP head must be converted again)")
+            spec = SpecState(init_mtp_caches(text.cfg, slots, config.max_len, dtype),
+                             jnp.zeros((slots, config.speculative_tokens), jnp.int32),
+                             jnp.zeros((slots, text.cfg.hidden_size), dtype),
+                             jnp.full((slots, config.max_len), -1, jnp.int32))
         self.state = DecodeState(
             layers=init_layer_caches(text.cfg, slots, config.max_len, dtype),
             lengths=jnp.zeros(slots, jnp.int32), rope_delta=jnp.zeros(slots, jnp.int32),
@@ -247,6 +287,7 @@ class Engine:
             remaining=jnp.zeros(slots, jnp.int32), keys=request_keys([0] * slots),
             seen=jnp.zeros((slots, self.vocab_size), bool),
             sampling=jax.tree_util.tree_map(jnp.asarray, sampling_arrays([], slots)),
+            spec=spec,
         )
         # The programs take the weights as a flat list: a call then neither hashes the graph definition as a static
         # argument nor flattens the nnx.State (measured on a 2-core CPU: 3 and 0.7 ms of host time per call, for
@@ -361,11 +402,21 @@ class Engine:
         for row, (req, n) in enumerate(zip(reqs, lengths)):
             ids[row, :n] = req.input_ids[start : start + n]
             pos[:, row, :n] = req.positions[:, start : start + n]
+        speculative = None
+        if self.state.spec is not None:
+            prev_position = np.stack([r.positions[:, start - 1] if start else np.zeros(3, np.int32) for r in reqs], 1)
+            table = np.full((rows, self.config.max_len), -1, np.int32)
+            for row, req in enumerate(reqs):
+                if req.draft_tokens is not None:
+                    given = np.asarray(req.draft_tokens, np.int32)[: self.config.max_len]
+                    table[row, : len(given)] = given
+            speculative = (prev_position.astype(np.int32), table)
         self.state, token = self._prefill(
             self._weights, self.state, ids, pos, lengths, np.full(rows, start, np.int32),
             np.asarray(slots, np.int32), np.array([r.rope_delta for r in reqs], np.int32),
             sampling_arrays([r.sampling for r in reqs]), request_keys([r.sampling.seed for r in reqs]),
-            np.array([r.max_new_tokens for r in reqs], np.int32), self._eos, chunk_vision, fresh=fresh, final=final)
+            np.array([r.max_new_tokens for r in reqs], np.int32), self._eos, chunk_vision, speculative, fresh=fresh,
+            final=final)
         return token
 
     def _prefill_request(self, req: Request, slot: int) -> jax.Array:
@@ -453,16 +504,18 @@ class Engine:
             yield from handle(kind, tokens, slots)
 
         def handle(kind: str, tokens: np.ndarray, slots: Sequence[int]) -> Iterator[TokenEvent]:
-            rows = tokens.reshape(1, -1) if kind == "first" else tokens
+            steps_rows_t = tokens.reshape(1, -1, 1) if kind == "first" else tokens  # [steps, rows, tokens a step]
             for col, slot in enumerate(slots):
                 i = slot_req.get(slot)
                 if i is None:
                     continue
                 req = requests[i]
+                row_st = steps_rows_t[:, col]
+                steps = int((row_st[:, 0] >= 0).sum()) if kind == "decode" else 0
                 new, reason = [], None
-                for tok in rows[:, col]:
-                    if tok < 0:
-                        break
+                for tok in row_st.reshape(-1):
+                    if tok < 0:  # a step's unused entries, or steps after the request ended
+                        continue
                     new.append(int(tok))
                     produced[i] += 1
                     if tok in self.eos_ids:
@@ -474,7 +527,7 @@ class Engine:
                 if reason:
                     finish(slot)
                 if new or reason:
-                    yield TokenEvent(i, new, reason is not None, reason)
+                    yield TokenEvent(i, new, reason is not None, reason, steps)
 
         self._cancelled.clear()
         while pending or slot_req or inflight:

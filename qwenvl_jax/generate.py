@@ -68,6 +68,10 @@ class GenerationStats:
     total_s: float
     # Ended by the engine's max_len (prompt + new tokens) before max_new_tokens; a warning says so too.
     truncated_by_max_len: bool
+    # Speculative decoding (configure(speculative_tokens=k)), else None: tokens after the first per decode step
+    # (1 to k + 1), and the share of drafts accepted, (tokens_per_step - 1) / k.
+    tokens_per_step: float | None = None
+    draft_acceptance: float | None = None
 
 
 @dataclasses.dataclass
@@ -215,8 +219,10 @@ def _run(model: GenerationModel, requests: list[Request], stop: list[str], strea
     first_at: list[float | None] = [None] * len(requests)
     reasons: list[str | None] = [None] * len(requests)
     done_at = [0.0] * len(requests)
+    steps = [0] * len(requests)
     for ev in engine.run(requests, stream=stream):
         i = ev.request_index
+        steps[i] += ev.steps
         if reasons[i] is not None:  # already ended by a stop string
             continue
         now = time.perf_counter()
@@ -252,11 +258,14 @@ def _run(model: GenerationModel, requests: list[Request], stop: list[str], strea
             warnings.warn(f"request {i} stopped at the engine's max_len of {engine.config.max_len} tokens: its "
                           f"{len(req.input_ids)} prompt tokens left room for {len(ids[i])} of max_new_tokens="
                           f"{req.max_new_tokens} (raise it with configure(max_len=...) or --max-len)", stacklevel=2)
+        k = engine.config.speculative_tokens
+        per_step = (len(ids[i]) - 1) / steps[i] if k and steps[i] else None
         stats = GenerationStats(
             prompt_tokens=len(req.input_ids), new_tokens=len(ids[i]), ttft_s=ttft,
             prefill_tok_s=len(req.input_ids) / ttft if ttft > 0 else float("inf"),
             decode_tok_s=(len(ids[i]) - 1) / decode_s if decode_s > 0 else 0.0,
             compile_s=_compile_seconds[0] - compiled_before, total_s=time.perf_counter() - t0,
-            truncated_by_max_len=truncated)
+            truncated_by_max_len=truncated, tokens_per_step=per_step,
+            draft_acceptance=None if per_step is None else (per_step - 1) / k)
         results.append(GenerationResult(texts[i] if detok is not None else None, ids[i], reason, stats))
     yield results

@@ -236,3 +236,63 @@ def sample(logits_sv: jax.Array, params: SamplingArrays, keys_s: jax.Array,
 
     # An all-greedy batch (the common case) skips the warpers and the Gumbel draw.
     return jax.lax.cond(jnp.all(greedy_s), lambda: argmax_s, draw)
+
+
+def speculative_accept(logits_rtv: jax.Array, drafts_rk: jax.Array, params: SamplingArrays, keys_r: jax.Array,
+                       seen_sv: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Speculative sampling of T = k + 1 verified positions per row against k deterministic drafts.
+
+    ``logits_rtv[:, j]`` is the target's prediction after the row's last token and drafts 1..j. Draft j+1 is
+    accepted with probability p_j(draft) (p_j: what :func:`sample` draws from); at the first rejection the token
+    is drawn from p_j without the draft, renormalised; if all k are accepted a bonus token is drawn from p_k. The
+    emitted tokens then follow the target distribution exactly (Leviathan et al. 2023, with a point-mass draft
+    distribution), and greedy rows (p one-hot at the argmax) emit the target's argmax chain. Position j's
+    repetition penalty counts drafts 1..j as seen: it is used only when they were all accepted.
+
+    Returns (tokens [R, T]: the drafts while accepted, then the drawn token; entries past it are meaningless,
+    and emitted [R] in 1..T: how many tokens of the row are emitted)."""
+    rows, t, vocab = logits_rtv.shape
+    k = t - 1
+    params_flat = SamplingArrays(*(jnp.repeat(jnp.asarray(x), t) for x in params))
+    logits_flat = logits_rtv.reshape(rows * t, vocab).astype(jnp.float32)
+
+    def seen_by_position() -> jax.Array:
+        seen_rtv = jnp.broadcast_to(seen_sv[:rows, None], (rows, t, vocab))
+        earlier_rtk = jnp.arange(k)[None, None, :] < jnp.arange(t)[None, :, None]
+        drafts_rtk = jnp.where(earlier_rtk, drafts_rk[:, None, :], vocab)  # vocab: out of range, dropped
+        return mark_seen(seen_rtv.reshape(rows * t, vocab), drafts_rtk.reshape(rows * t, k))
+
+    penalised_flat = logits_flat
+    if seen_sv is not None:
+        penalised_flat = jax.lax.cond(
+            jnp.any(params.repetition_penalty != 1),
+            lambda: _apply_repetition_penalty(logits_flat, params_flat.repetition_penalty, seen_by_position()),
+            lambda: logits_flat)
+
+    def accept(target_rt: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Drafts equal to the target's token are accepted up to the first that is not."""
+        accepted_rk = jnp.cumprod(drafts_rk == target_rt[:, :k], axis=1)
+        return target_rt, 1 + jnp.sum(accepted_rk, axis=1).astype(jnp.int32)
+
+    def greedy() -> tuple[jax.Array, jax.Array]:
+        return accept(jnp.argmax(penalised_flat, axis=-1).astype(jnp.int32).reshape(rows, t))
+
+    def sampled() -> tuple[jax.Array, jax.Array]:
+        # The penalty is in already: process_logits without the mask applies none.
+        logp_rtv = jax.nn.log_softmax(process_logits(penalised_flat, params_flat).reshape(rows, t, vocab), axis=-1)
+        accept_key_r, draw_key_r = jax.vmap(lambda key: tuple(jax.random.split(key)))(keys_r)
+        u_rk = jax.vmap(lambda key: jax.random.uniform(key, (k,)))(accept_key_r)
+        p_draft_rk = jnp.exp(jnp.take_along_axis(logp_rtv[:, :k], drafts_rk[:, :, None], axis=-1)[..., 0])
+        kept_rk = jnp.cumprod(u_rk < p_draft_rk, axis=1).astype(bool)
+        emitted_r = 1 + jnp.sum(kept_rk, axis=1).astype(jnp.int32)
+        # Position j's draw excludes its draft (the residual distribution); position k has no draft. A rejected
+        # draft had p < 1, so its residual has mass; an accepted one's is never read (kept finite regardless).
+        drafts_rt = jnp.pad(drafts_rk, ((0, 0), (0, 1)), constant_values=-1)
+        residual_rtv = jnp.where(jnp.arange(vocab)[None, None, :] == drafts_rt[:, :, None], -jnp.inf, logp_rtv)
+        residual_rtv = jnp.where(jnp.all(residual_rtv == -jnp.inf, axis=-1, keepdims=True), logp_rtv, residual_rtv)
+        drawn_rt = jax.vmap(lambda key, lp: jax.random.categorical(key, lp, axis=-1))(draw_key_r, residual_rtv)
+        tokens_rt = jnp.where(jnp.arange(t)[None, :] < emitted_r[:, None] - 1, drafts_rt, drawn_rt)
+        return tokens_rt.astype(jnp.int32), emitted_r
+
+    # An all-greedy batch (the common case) skips the warpers and the draws.
+    return jax.lax.cond(jnp.all(params.temperature == 0), greedy, sampled)

@@ -3,7 +3,7 @@
 # GPU tests and the decode and prefill benchmarks, as the arguments ask, in order.
 # Logs and result JSONs go to $OUT (default ./gpu-out). BENCH_COMMIT names the commit when .git did not travel.
 #
-#     bash scripts/gpu_check.sh [tests] [decode MODELS CASES] [prefill SECTIONS] ...
+#     bash scripts/gpu_check.sh [tests] [decode MODELS CASES] [prefill SECTIONS] [speculative MODELS] ...
 #     e.g. bash scripts/gpu_check.sh tests decode qwen3_5-9b,qwen3_vl-8b 1x1024,8x1024,32x1024,64x1024 prefill text
 # BENCH_ARGS adds options to every benchmark (e.g. "--hf 1x1024,8x1024", or "--tiny" to check this script on a CPU).
 set -uo pipefail
@@ -32,7 +32,12 @@ while [ $# -gt 0 ]; do
       # shellcheck disable=SC2086
       python bench/prefill.py --sections "$2" --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee -a "$OUT/prefill.log"
       status=$((status | PIPESTATUS[0])); shift 2 ;;
-    *) echo "unknown step $1 (tests | decode MODELS CASES | prefill SECTIONS)" >&2; exit 2 ;;
+    speculative)
+      [ $# -ge 2 ] || { echo "speculative needs MODELS (qwen3_5-9b,qwen3_5-35b-a3b)" >&2; exit 2; }
+      # shellcheck disable=SC2086
+      python bench/speculative.py --models "$2" --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee -a "$OUT/speculative.log"
+      status=$((status | PIPESTATUS[0])); shift 2 ;;
+    *) echo "unknown step $1 (tests | decode MODELS CASES | prefill SECTIONS | speculative MODELS)" >&2; exit 2 ;;
   esac
 done
 exit $status

@@ -112,3 +112,38 @@ def build_hf_checkpoint(variant: str, out_dir: Path, vocab_size: int = 512):
     for key, value in tokens.items():  # HF reads these at forward time
         setattr(hf.config, key, value)
     return hf
+
+
+def add_mtp_weights(hf_dir: Path, seed: int = 0) -> None:
+    """Random ``mtp.*`` tensors in HF layout, in a shard of their own: transformers has no MTP module, so its tiny
+    Qwen3.5 checkpoints lack the head that released ones carry. Laid out as the converter reads them back (the
+    expert layout of the checkpoint's other layers)."""
+    import jax.numpy as jnp
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from convert.converter import leaf_shapes_of
+    from convert.mapping import build_sources, detect_expert_layout, normalize_name, region_shape
+    from convert.safetensors_io import read_header, shard_files
+    from qwenvl_jax.models.model import abstract_model
+
+    cfg = load_config(hf_dir).with_mtp_layers(1)
+    leaves = {p: s for p, s in leaf_shapes_of(abstract_model(cfg, jnp.float32)).items() if p[0] == "mtp"}
+    names = {normalize_name(i.name): i for shard in shard_files(hf_dir) for i in read_header(shard)}
+    layout = detect_expert_layout(names, cfg.text.hidden_size, cfg.text.moe_intermediate_size) if cfg.is_moe \
+        else "split"
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for name, src in build_sources(leaves, layout).items():
+        shape = region_shape(leaves[src.leaf], src.index)
+        if src.transform == "linear":  # ours is HF's weight transposed
+            shape = shape[::-1]
+        elif src.transform == "swap_last2":
+            shape = (*shape[:-2], shape[-1], shape[-2])
+        scale = 0.1 if len(shape) == 1 else 1.0 / np.sqrt(shape[-1])
+        tensors[name] = (scale * rng.standard_normal(shape)).astype(np.float32)
+    save_file(tensors, str(hf_dir / "mtp.safetensors"))
+    index_file = hf_dir / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    index["weight_map"].update(dict.fromkeys(tensors, "mtp.safetensors"))
+    index_file.write_text(json.dumps(index))

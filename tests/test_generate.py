@@ -199,10 +199,11 @@ def test_steady_state_compiles_nothing_and_moves_only_tokens(qwen3_5):
     assert engine.compiled_programs() == compiled, "steady state must not compile"
     steps = engine.config.decode_steps
     reads = [shape for kind, shape in recorder.events if kind == "read"]
-    assert reads and set(reads) <= {(1,), (steps, 1), (steps, 2)}, reads  # first tokens and decode tokens only
+    assert reads and set(reads) <= {(1,), (steps, 1, 1), (steps, 2, 1)}, reads  # first tokens and decode tokens
     assert sum(shape == (1,) for shape in reads) == len(mixed)
     # The host reads a decode call's tokens only after dispatching the next call.
-    first_decode_read = next(i for i, (kind, shape) in enumerate(recorder.events) if shape in {(steps, 1), (steps, 2)})
+    first_decode_read = next(i for i, (kind, shape) in enumerate(recorder.events)
+                             if shape in {(steps, 1, 1), (steps, 2, 1)})
     assert sum(kind == "dispatch" for kind, _ in recorder.events[:first_decode_read]) >= 2
 
 

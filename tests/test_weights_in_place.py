@@ -30,11 +30,15 @@ def test_the_check_finds_a_materialised_weight():
     assert materialised_weights(reading, shapes) == []
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_5", "qwen3_vl", "qwen2_5_vl"])
-def test_decode_and_prefill_programs_copy_no_weight(model_type):
-    cfg = parse_config(hf_config_dict(model_type, *TINY_CONFIGS[model_type]))
+@pytest.mark.parametrize("model_type, speculative_tokens",
+                         [("qwen3_5", 0), ("qwen3_5", 2), ("qwen3_vl", 0), ("qwen2_5_vl", 0)])
+def test_decode_and_prefill_programs_copy_no_weight(model_type, speculative_tokens):
+    """Also with speculative decoding (the MTP head and the verify pass)."""
+    cfg = parse_config(hf_config_dict(model_type, *TINY_CONFIGS[model_type])).with_mtp_layers(
+        1 if speculative_tokens else 0)
     graphdef, params = nnx.split(abstract_model(cfg, jnp.float32))
-    engine = Engine(graphdef, params, EngineConfig(max_batch=2, max_len=64, prompt_buckets=(16,), decode_steps=2))
+    engine = Engine(graphdef, params, EngineConfig(max_batch=2, max_len=64, prompt_buckets=(16,), decode_steps=2,
+                                                   speculative_tokens=speculative_tokens))
     shapes = weight_shapes(params)
     assert len(shapes) >= 5
     decode = engine._decode.lower(engine._weights, engine.state, np.ones(3, bool), engine._eos, np.int32(2),
@@ -43,6 +47,7 @@ def test_decode_and_prefill_programs_copy_no_weight(model_type):
         engine._weights, engine.state, np.zeros((1, 16), np.int32), np.zeros((3, 1, 16), np.int32),
         np.array([5], np.int32), np.array([0], np.int32), np.array([0], np.int32), np.array([0], np.int32),
         sampling_arrays([], 1), request_keys([0]), np.array([4], np.int32), engine._eos, None,
+        (np.zeros((3, 1), np.int32), np.full((1, 64), -1, np.int32)) if speculative_tokens else None,
         fresh=True, final=True)
     for program in (decode, prefill):
         # As written (a stacked-layer scan slices each layer's matrices out; the CPU fuses those slices, a GPU

@@ -1,6 +1,7 @@
 """Gated delta rule: one entry point that picks the Pallas kernels on GPU and the pure-JAX references elsewhere.
 
-T == 1 takes the recurrent decode kernel (state read once, updated in place), longer inputs the chunked one.
+T == 1 takes the recurrent decode kernel (state read once, updated in place), longer inputs the chunked one
+(the references: the recurrence below 8 tokens).
 ``gated_delta_rule_step_slots`` is the decode step over a pool of slot states, advanced where they live.
 """
 
@@ -61,7 +62,8 @@ def gated_delta_rule(
         raise ValueError(f"value heads ({num_v_heads}) must be a multiple of key heads ({num_k_heads})")
     impl = _resolve(impl, head_k, head_v)
     if impl == "reference":
-        ref = recurrent_gated_delta_rule_ref if seq_len == 1 else chunk_gated_delta_rule_ref
+        # A few tokens (decode, a speculative verify pass) step the recurrence: a 64-token chunk would be padding.
+        ref = recurrent_gated_delta_rule_ref if seq_len < 8 else chunk_gated_delta_rule_ref
         return ref(
             q, k, v, g, beta,
             initial_state=initial_state, lengths=lengths, scale=scale, use_qk_l2norm=use_qk_l2norm,

@@ -19,6 +19,10 @@ class ForwardContext:
     rows: jax.Array | int
     # True when every row starts a new sequence: attend over the new tokens only and start GDN state at zero.
     fresh: bool
+    # A speculative verify pass (rows = slots 0..B-1): attention writes the keys of every token (those past the
+    # accepted length are dead once the lengths are rolled back); Gated DeltaNet leaves its state untouched and
+    # returns a GdnPending that ``commit_verified`` applies once the accepted length is known.
+    verify: bool = False
 
     def row_index(self) -> jax.Array | slice:
         return slice(0, self.rows) if isinstance(self.rows, int) else self.rows

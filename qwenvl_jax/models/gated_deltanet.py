@@ -26,6 +26,32 @@ class GdnCache(NamedTuple):
     recurrent: jax.Array  # [S, Hv, Dk, Dv] float32
 
 
+class GdnPending(NamedTuple):
+    """A speculative verify pass's inputs to a Gated DeltaNet layer, with the state before it: the state is
+    advanced only once the accepted length is known (``commit_verified``)."""
+
+    before: GdnCache
+    mixed_btc: jax.Array  # conv inputs of the T tokens
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    g: jax.Array
+    beta: jax.Array
+
+
+def commit_verified(pending: GdnPending, tokens_b: jax.Array) -> GdnCache:
+    """The state after the first ``tokens_b`` [B] of the verified tokens of rows = slots 0..B-1 (0: unchanged).
+
+    Recomputed from the saved gate inputs rather than kept per position: the recurrence over T <= 5 tokens is a
+    state read and write, where keeping T states would write T of them."""
+    cache = pending.before
+    b = tokens_b.shape[0]
+    conv = last_conv_window(pending.mixed_btc, cache.conv[:b], tokens_b)
+    _, recurrent = gated_delta_rule(pending.q, pending.k, pending.v, pending.g, pending.beta,
+                                    initial_state=cache.recurrent[:b], lengths=tokens_b, use_qk_l2norm=True)
+    return GdnCache(cache.conv.at[:b].set(conv.astype(cache.conv.dtype)), cache.recurrent.at[:b].set(recurrent))
+
+
 def init_gdn_cache(cfg: TextConfig, slots: int, dtype: jnp.dtype) -> GdnCache:
     return GdnCache(
         jnp.zeros((slots, cfg.linear_conv_kernel_dim - 1, cfg.gdn_conv_dim), dtype),
@@ -93,7 +119,9 @@ class GatedDeltaNet(nnx.Module):
                 jnp.zeros((batch, self.value_heads, self.key_dim, self.value_dim), jnp.float32))
 
     def __call__(self, x_btd: jax.Array, ctx: ForwardContext, cache: GdnCache | None = None
-                 ) -> tuple[jax.Array, GdnCache | None]:
+                 ) -> tuple[jax.Array, GdnCache | GdnPending | None]:
+        if cache is not None and ctx.verify:
+            return self._verify(x_btd, ctx, cache)
         if cache is not None and ctx.is_decode(x_btd.shape[1]):
             return self._decode_step(x_btd, ctx, cache)
         rows = ctx.row_index()
@@ -109,15 +137,24 @@ class GatedDeltaNet(nnx.Module):
         The conv window is small (K-1 rows per slot), so it is read out and written back."""
         b = x_b1d.shape[0]
         conv_bkc = cache.conv[:b]
-        q, k, v, g, beta, z, new_conv = self._gates_and_inputs(x_b1d, conv_bkc, ctx.lengths_b)
+        q, k, v, g, beta, z, mixed = self._gates_and_inputs(x_b1d, conv_bkc)
+        new_conv = last_conv_window(mixed, conv_bkc, ctx.lengths_b)
         core_bhv, recurrent = gated_delta_rule_step_slots(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0],
                                                           cache.recurrent, ctx.lengths_b)
         out = self._output(core_bhv[:, None], z, x_b1d.dtype)
         return out, GdnCache(cache.conv.at[:b].set(new_conv.astype(cache.conv.dtype)), recurrent)
 
-    def _gates_and_inputs(self, x_btd: jax.Array, conv_state_bkc: jax.Array, lengths_b: jax.Array) -> tuple:
+    def _verify(self, x_btd: jax.Array, ctx: ForwardContext, cache: GdnCache) -> tuple[jax.Array, GdnPending]:
+        """T speculative tokens for rows = slots 0..B-1: outputs from the slot states, which stay as they are."""
+        b = x_btd.shape[0]
+        q, k, v, g, beta, z, mixed = self._gates_and_inputs(x_btd, cache.conv[:b])
+        core_bthv, _ = gated_delta_rule(q, k, v, g, beta, initial_state=cache.recurrent[:b], lengths=ctx.lengths_b,
+                                        use_qk_l2norm=True)
+        return self._output(core_bthv, z, x_btd.dtype), GdnPending(cache, mixed, q, k, v, g, beta)
+
+    def _gates_and_inputs(self, x_btd: jax.Array, conv_state_bkc: jax.Array) -> tuple:
         """Projections, causal conv + SiLU and gates: (q, k [B,T,Hk,Dk], v [B,T,Hv,Dv], g, beta [B,T,Hv] fp32,
-        z [B,T,Hv,Dv], the conv window after the real tokens)."""
+        z [B,T,Hv,Dv], the conv inputs [B,T,C] whose tail is the next conv window)."""
         b, t, _ = x_btd.shape
         mixed_btc = self.in_proj_qkv(x_btd)
         z_bthv = self.in_proj_z(x_btd).reshape(b, t, self.value_heads, self.value_dim)
@@ -127,14 +164,13 @@ class GatedDeltaNet(nnx.Module):
 
         kernel = self.conv1d.kernel[...]
         conved_btc = jax.nn.silu(causal_depthwise_conv(mixed_btc, conv_state_bkc, kernel))
-        new_conv_state = last_conv_window(mixed_btc, conv_state_bkc, lengths_b).astype(conv_state_bkc.dtype)
 
         kd = self.key_heads * self.key_dim
         q, k, v = jnp.split(conved_btc, [kd, 2 * kd], axis=-1)
         q_bthk = q.reshape(b, t, self.key_heads, self.key_dim)
         k_bthk = k.reshape(b, t, self.key_heads, self.key_dim)
         v_bthv = v.reshape(b, t, self.value_heads, self.value_dim)
-        return q_bthk, k_bthk, v_bthv, g_bth, beta_bth, z_bthv, new_conv_state
+        return q_bthk, k_bthk, v_bthv, g_bth, beta_bth, z_bthv, mixed_btc
 
     def _output(self, core_bthv: jax.Array, z_bthv: jax.Array, dtype: jnp.dtype) -> jax.Array:
         b, t = core_bthv.shape[:2]
@@ -146,7 +182,8 @@ class GatedDeltaNet(nnx.Module):
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """The mixer on right-padded rows from ``state`` (zeros if None): (output, (conv, recurrent) after)."""
         conv_state, recurrent_state = state if state is not None else self.init_state(x_btd.shape[0], x_btd.dtype)
-        q, k, v, g, beta, z, new_conv_state = self._gates_and_inputs(x_btd, conv_state, lengths_b)
+        q, k, v, g, beta, z, mixed = self._gates_and_inputs(x_btd, conv_state)
+        new_conv_state = last_conv_window(mixed, conv_state, lengths_b).astype(conv_state.dtype)
         core_bthv, new_recurrent = gated_delta_rule(
             q, k, v, g, beta, initial_state=recurrent_state, lengths=lengths_b, use_qk_l2norm=True,
         )

@@ -15,6 +15,7 @@ from flax import nnx
 from qwenvl_jax.config import ModelConfig
 from qwenvl_jax.models.decoder import TextModel
 from qwenvl_jax.models.layers import Linear
+from qwenvl_jax.models.mtp import MtpHead
 from qwenvl_jax.models.multimodal import MultimodalInputs, fuse_vision
 from qwenvl_jax.models.vision import VisionModel
 
@@ -26,6 +27,7 @@ class QwenVLModel(nnx.Module):
         self.visual = None if cfg.vision is None else VisionModel(cfg.vision, dtype=dtype, rngs=rngs)
         self.lm_head = None if text.tie_word_embeddings else Linear(
             text.hidden_size, text.vocab_size, bias=False, dtype=dtype, rngs=rngs)
+        self.mtp = MtpHead(text, dtype=dtype, rngs=rngs) if text.mtp_layers else None
         self.cfg = cfg
 
     def lm_logits(self, hidden_btd: jax.Array) -> jax.Array:
