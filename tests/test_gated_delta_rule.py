@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from pallas_kernels.gated_delta_rule import (
     chunk_gated_delta_rule_ref,
     gated_delta_rule,
+    gated_delta_rule_tokens_slots,
     recurrent_gated_delta_rule_ref,
 )
 from pallas_kernels.device_info import multiprocessors
@@ -124,6 +125,36 @@ def test_interpreted_decode_matches_reference_with_either_state_read_order(state
                             block_v=16, state_first=state_first, interpret=True)
     assert rel_err(o, o_ref[:, 0]) < 1e-5 and rel_err(s, s_ref) < 1e-5
     assert np.array_equal(np.asarray(s[1]), np.asarray(state[1]))  # the pad row's state is untouched
+
+
+@pytest.mark.parametrize("tokens", [2, 3, 5])
+def test_interpreted_tokens_kernel_matches_reference_in_the_slot_pool(tokens):
+    """A speculative verify pass (outputs, pool untouched) and its commit (first lengths[b] tokens applied to
+    slot b in place): rows past the batch and zero-length rows keep their slots bit-identical."""
+    q, k, v, g, beta, _ = make_inputs(11, 3, tokens, 2, 4, 16, 32)
+    pool = jnp.asarray(np.random.default_rng(tokens).normal(size=(5, 4, 16, 32)) * 0.1, jnp.float32)
+    full = jnp.full((3,), tokens, jnp.int32)
+    o_ref, _ = recurrent_gated_delta_rule_ref(q, k, v, g, beta, initial_state=pool[:3], lengths=full)
+    o, same = gated_delta_rule_tokens_slots(q, k, v, g, beta, pool, full, outputs=True, advance=False,
+                                            impl="interpret")
+    assert rel_err(o, o_ref) < 1e-5 and same is pool
+    lengths = jnp.asarray([tokens, 1, 0], jnp.int32)
+    _, s_ref = recurrent_gated_delta_rule_ref(q, k, v, g, beta, initial_state=pool[:3], lengths=lengths)
+    none, advanced = gated_delta_rule_tokens_slots(q, k, v, g, beta, pool, lengths, outputs=False, advance=True,
+                                                   impl="interpret")
+    assert none is None and rel_err(advanced[:3], s_ref) < 1e-5
+    assert np.array_equal(np.asarray(advanced[2:]), np.asarray(pool[2:]))
+
+
+def test_tokens_kernel_writes_every_output_element():
+    """The interpreter leaves unwritten output elements NaN: a tile or token the kernel skips fails here."""
+    from pallas_kernels.gated_delta_rule.recurrent import recurrent_tokens
+
+    q, k, v, g, beta, _ = make_inputs(12, 2, 3, 2, 4, 16, 32)
+    pool = jnp.zeros((2, 4, 16, 32), jnp.float32)
+    o, _ = recurrent_tokens(q, k, v, g, beta, pool, jnp.asarray([3, 1], jnp.int32), scale=16**-0.5,
+                            outputs=True, advance=False, block_v=16, interpret=True)
+    assert o.shape == v.shape and not np.isnan(np.asarray(o, np.float32)).any()
 
 
 def test_decode_reads_the_state_first_only_past_eight_programs_per_sm():

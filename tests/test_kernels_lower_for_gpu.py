@@ -15,7 +15,7 @@ from jax import export
 
 from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.gated_delta_rule.chunk import chunk_prefill
-from pallas_kernels.gated_delta_rule.recurrent import recurrent_decode
+from pallas_kernels.gated_delta_rule.recurrent import recurrent_decode, recurrent_tokens
 from pallas_kernels.moe_matmul import moe_experts
 from pallas_kernels.prefill_attention import prefill_attention
 from pallas_kernels.vision_rotary import apply_vision_rotary_pallas
@@ -88,6 +88,21 @@ def test_decode_kernel_lowers_to_triton(hopper, batch):
     shapes = (spec((batch, hk, d)), spec((batch, hk, d)), spec((batch, hv, d)), spec((batch, hv), jnp.float32),
               spec((batch, hv)), spec((batch, hv, d, d), jnp.float32), spec((batch,), jnp.int32))
     assert triton_kernels_in(fn, *shapes) == 1
+
+
+@pytest.mark.parametrize("batch, tokens, advance", [(1, 3, False), (8, 3, True), (64, 5, True)])
+def test_tokens_kernel_lowers_to_triton_with_the_pool_aliased(hopper, batch, tokens, advance):
+    """The speculative verify pass (outputs) and commit (the pool advanced in place) at Qwen3.5's GDN heads,
+    over a pool with a spare slot; T is not a power of two."""
+    hk, hv, d = 16, 32, 128
+    fn = functools.partial(recurrent_tokens, scale=d**-0.5, outputs=not advance, advance=advance)
+    shapes = (spec((batch, tokens, hk, d)), spec((batch, tokens, hk, d)), spec((batch, tokens, hv, d)),
+              spec((batch, tokens, hv), jnp.float32), spec((batch, tokens, hv)),
+              spec((batch + 1, hv, d, d), jnp.float32), spec((batch,), jnp.int32))
+    module = lowered_for_cuda(fn, *shapes, donate_argnums=5)
+    calls = [line for line in module.splitlines() if f"stablehlo.custom_call @{TRITON_CALL}" in line]
+    assert len(calls) == 1
+    assert ("output_operand_alias" in calls[0]) == advance
 
 
 @pytest.mark.parametrize("head_dim", [80, 72])

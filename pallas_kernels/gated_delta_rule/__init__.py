@@ -1,8 +1,8 @@
 """Gated delta rule: one entry point that picks the Pallas kernels on GPU and the pure-JAX references elsewhere.
 
-T == 1 takes the recurrent decode kernel (state read once, updated in place), longer inputs the chunked one
-(the references: the recurrence below 8 tokens).
-``gated_delta_rule_step_slots`` is the decode step over a pool of slot states, advanced where they live.
+T == 1 takes the recurrent decode kernel (state read once, updated in place), longer inputs the chunked one.
+``gated_delta_rule_step_slots`` is the decode step over a pool of slot states, advanced where they live;
+``gated_delta_rule_tokens_slots`` the same for a few tokens (a speculative verify pass).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.gated_delta_rule.chunk import chunk_prefill
-from pallas_kernels.gated_delta_rule.recurrent import recurrent_decode
+from pallas_kernels.gated_delta_rule.recurrent import recurrent_decode, recurrent_tokens
 from pallas_kernels.gated_delta_rule.reference import (
     chunk_gated_delta_rule_ref,
     initial_state_fp32,
@@ -24,6 +24,7 @@ __all__ = [
     "chunk_gated_delta_rule_ref",
     "gated_delta_rule",
     "gated_delta_rule_step_slots",
+    "gated_delta_rule_tokens_slots",
     "kernel_supports",
     "recurrent_gated_delta_rule_ref",
 ]
@@ -62,8 +63,7 @@ def gated_delta_rule(
         raise ValueError(f"value heads ({num_v_heads}) must be a multiple of key heads ({num_k_heads})")
     impl = _resolve(impl, head_k, head_v)
     if impl == "reference":
-        # A few tokens (decode, a speculative verify pass) step the recurrence: a 64-token chunk would be padding.
-        ref = recurrent_gated_delta_rule_ref if seq_len < 8 else chunk_gated_delta_rule_ref
+        ref = recurrent_gated_delta_rule_ref if seq_len == 1 else chunk_gated_delta_rule_ref
         return ref(
             q, k, v, g, beta,
             initial_state=initial_state, lengths=lengths, scale=scale, use_qk_l2norm=use_qk_l2norm,
@@ -124,3 +124,37 @@ def gated_delta_rule_step_slots(
     return recurrent_decode(q_bhk, k_bhk, v_bhv, g_bh, beta_bh, state_shkv.astype(jnp.float32),
                             jnp.asarray(lengths_b, jnp.int32), scale=head_k**-0.5, use_qk_l2norm=use_qk_l2norm,
                             interpret=impl == "interpret")
+
+
+def gated_delta_rule_tokens_slots(
+    q_bthk: jax.Array,
+    k_bthk: jax.Array,
+    v_bthv: jax.Array,
+    g_bth: jax.Array,
+    beta_bth: jax.Array,
+    state_shkv: jax.Array,
+    lengths_b: jax.Array,
+    *,
+    outputs: bool,
+    advance: bool,
+    use_qk_l2norm: bool = True,
+    impl: Impl = "auto",
+) -> tuple[jax.Array | None, jax.Array]:
+    """A few tokens per row (a speculative verify pass, T <= 5) from slot b of the pool [S >= B, Hv, Dk, Dv] fp32,
+    the first lengths_b [B] of them applied. Returns (o [B, T, Hv, Dv] if ``outputs``, else None; the pool with
+    rows [0, B) advanced if ``advance``, else the pool as given). The kernel reads each state tile once and, when
+    advancing, writes it back where it lives (aliased: nothing is copied under a donated state)."""
+    batch, _, num_v_heads, head_v = v_bthv.shape
+    head_k = q_bthk.shape[-1]
+    if state_shkv.shape[0] < batch or state_shkv.shape[1:] != (num_v_heads, head_k, head_v):
+        raise ValueError(f"state pool {state_shkv.shape} does not hold {batch} rows of {(num_v_heads, head_k, head_v)}")
+    impl = _resolve(impl, head_k, head_v)
+    if impl == "reference":
+        o, new_bhkv = recurrent_gated_delta_rule_ref(q_bthk, k_bthk, v_bthv, g_bth, beta_bth,
+                                                     initial_state=state_shkv[:batch], lengths=lengths_b,
+                                                     use_qk_l2norm=use_qk_l2norm)
+        return (o if outputs else None), (state_shkv.at[:batch].set(new_bhkv) if advance else state_shkv)
+    o, pool = recurrent_tokens(q_bthk, k_bthk, v_bthv, g_bth, beta_bth, state_shkv.astype(jnp.float32),
+                               jnp.asarray(lengths_b, jnp.int32), scale=head_k**-0.5, use_qk_l2norm=use_qk_l2norm,
+                               outputs=outputs, advance=advance, interpret=impl == "interpret")
+    return o, (pool if advance else state_shkv)

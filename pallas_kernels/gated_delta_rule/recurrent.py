@@ -124,3 +124,76 @@ def recurrent_decode(
         name="gdr_recurrent_decode",
     )(lengths_b, g_bh, beta_bh, q_bhk, k_bhk, v_bhv, state_bhkv)
     return o_bhv, state_bhkv
+
+
+def _tokens_kernel(lengths_ref, g_ref, beta_ref, q_ref, k_ref, v_ref, state_in_ref, *out_refs, scale,
+                   use_qk_l2norm, tokens, group, outputs, advance):
+    b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    block_v = state_in_ref.shape[-1]
+    cols = pl.ds(pl.multiple_of(j * block_v, block_v), block_v)
+    s_kv = state_in_ref[...]
+    # A few tokens (a speculative verify pass): unrolled, the state tile stays in registers. The token rows are
+    # indexed in the whole arrays (T is not a power of two: no block may span it).
+    for t in range(tokens):
+        tile = s_kv
+        s_kv, o_v = decode_tile(lambda: tile, q_ref[b, t, h // group, :], k_ref[b, t, h // group, :],
+                                v_ref[b, t, h, cols], g_ref[b, t, h], beta_ref[b, t, h], t < lengths_ref[b],
+                                scale=scale, use_qk_l2norm=use_qk_l2norm)
+        if outputs:
+            out_refs[0][b, t, h, cols] = o_v.astype(out_refs[0].dtype)
+    if advance:
+        out_refs[-1][...] = s_kv
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "use_qk_l2norm", "advance", "outputs", "block_v", "num_warps",
+                                             "interpret"))
+def recurrent_tokens(
+    q_bthk: jax.Array,
+    k_bthk: jax.Array,
+    v_bthv: jax.Array,
+    g_bth: jax.Array,
+    beta_bth: jax.Array,
+    state_shkv: jax.Array,
+    lengths_b: jax.Array,
+    *,
+    scale: float,
+    use_qk_l2norm: bool = True,
+    advance: bool,
+    outputs: bool,
+    block_v: int | None = None,
+    num_warps: int = 4,
+    interpret: bool = False,
+) -> tuple[jax.Array | None, jax.Array | None]:
+    """T tokens per row (T small) from slot b of the state pool [S >= B, Hv, Dk, Dv] fp32, the first lengths[b]
+    of them applied. Returns (o [B, T, Hv, Dv] if ``outputs``, the pool with rows [0, B) advanced if ``advance``:
+    aliased to the input pool, so a donated pool is updated in place). Each program reads its state tile once."""
+    batch, tokens, num_v_heads, head_v = v_bthv.shape
+    num_k_heads, head_k = q_bthk.shape[2:]
+    group = num_v_heads // num_k_heads
+    if block_v is None:
+        block_v = 64 if batch * num_v_heads * head_v // 64 >= 256 else 32
+    block_v = min(block_v, head_v)
+    grid = (batch, num_v_heads, head_v // block_v)
+    kernel = functools.partial(_tokens_kernel, scale=scale, use_qk_l2norm=use_qk_l2norm, tokens=tokens,
+                               group=group, outputs=outputs, advance=advance)
+    whole = pl.BlockSpec(memory_space=None)
+    state_spec = pl.BlockSpec((None, None, head_k, block_v), lambda b, h, j: (b, h, 0, j))
+    out_specs, out_shape = [], []
+    if outputs:
+        out_specs.append(whole)
+        out_shape.append(jax.ShapeDtypeStruct(v_bthv.shape, v_bthv.dtype))
+    if advance:
+        out_specs.append(state_spec)
+        out_shape.append(jax.ShapeDtypeStruct(state_shkv.shape, jnp.float32))
+    results = pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=[whole, whole, whole, whole, whole, whole, state_spec],
+        out_specs=out_specs,
+        out_shape=out_shape,
+        input_output_aliases={6: len(out_shape) - 1} if advance else {},
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+        name="gdr_recurrent_tokens",
+    )(lengths_b, g_bth, beta_bth, q_bthk, k_bthk, v_bthv, state_shkv)
+    return (results[0] if outputs else None), (results[-1] if advance else None)

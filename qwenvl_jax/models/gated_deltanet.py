@@ -13,7 +13,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pallas_kernels.gated_delta_rule import gated_delta_rule, gated_delta_rule_step_slots
+from pallas_kernels.gated_delta_rule import (
+    gated_delta_rule, gated_delta_rule_step_slots, gated_delta_rule_tokens_slots,
+)
 from qwenvl_jax.config import TextConfig
 from qwenvl_jax.models.context import ForwardContext
 from qwenvl_jax.models.layers import Linear, _normal
@@ -43,13 +45,13 @@ def commit_verified(pending: GdnPending, tokens_b: jax.Array) -> GdnCache:
     """The state after the first ``tokens_b`` [B] of the verified tokens of rows = slots 0..B-1 (0: unchanged).
 
     Recomputed from the saved gate inputs rather than kept per position: the recurrence over T <= 5 tokens is a
-    state read and write, where keeping T states would write T of them."""
+    state read and write in place, where keeping T states would write T of them."""
     cache = pending.before
     b = tokens_b.shape[0]
     conv = last_conv_window(pending.mixed_btc, cache.conv[:b], tokens_b)
-    _, recurrent = gated_delta_rule(pending.q, pending.k, pending.v, pending.g, pending.beta,
-                                    initial_state=cache.recurrent[:b], lengths=tokens_b, use_qk_l2norm=True)
-    return GdnCache(cache.conv.at[:b].set(conv.astype(cache.conv.dtype)), cache.recurrent.at[:b].set(recurrent))
+    _, recurrent = gated_delta_rule_tokens_slots(pending.q, pending.k, pending.v, pending.g, pending.beta,
+                                                 cache.recurrent, tokens_b, outputs=False, advance=True)
+    return GdnCache(cache.conv.at[:b].set(conv.astype(cache.conv.dtype)), recurrent)
 
 
 def init_gdn_cache(cfg: TextConfig, slots: int, dtype: jnp.dtype) -> GdnCache:
@@ -148,8 +150,8 @@ class GatedDeltaNet(nnx.Module):
         """T speculative tokens for rows = slots 0..B-1: outputs from the slot states, which stay as they are."""
         b = x_btd.shape[0]
         q, k, v, g, beta, z, mixed = self._gates_and_inputs(x_btd, cache.conv[:b])
-        core_bthv, _ = gated_delta_rule(q, k, v, g, beta, initial_state=cache.recurrent[:b], lengths=ctx.lengths_b,
-                                        use_qk_l2norm=True)
+        core_bthv, _ = gated_delta_rule_tokens_slots(q, k, v, g, beta, cache.recurrent, ctx.lengths_b, outputs=True,
+                                                     advance=False)
         return self._output(core_bthv, z, x_btd.dtype), GdnPending(cache, mixed, q, k, v, g, beta)
 
     def _gates_and_inputs(self, x_btd: jax.Array, conv_state_bkc: jax.Array) -> tuple:
