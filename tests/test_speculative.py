@@ -105,17 +105,25 @@ def test_tokens_per_step_and_acceptance_in_the_stats(tmp_path):
     model.configure(**ENGINE)
     ids = np.random.default_rng(3).integers(0, 400, 30).tolist()
     plain = model.generate(input_ids=ids, max_new_tokens=40)
+    plain_engine = model.engine()
     assert plain.stats.tokens_per_step is None and plain.stats.draft_acceptance is None
     model.configure(speculative_tokens=4)
     drafted = model.generate(input_ids=ids, max_new_tokens=40)
     assert drafted.token_ids == plain.token_ids
     assert 1.0 <= drafted.stats.tokens_per_step <= 5.0
     assert drafted.stats.draft_acceptance == pytest.approx((drafted.stats.tokens_per_step - 1) / 4)
-    for k in (1, 4):
-        engine = _engine(model, speculative_tokens=k)
+    engines = {1: _engine(model, speculative_tokens=1), 4: model.engine()}
+    for k, engine in engines.items():
         oracle = np.concatenate([ids, plain.token_ids])
         tokens, steps = _run(engine, [_text_request(ids, max_new=40, draft_tokens=oracle)])
         assert tokens[0] == plain.token_ids and steps[0] == math.ceil(39 / (k + 1))
+    # Up to the end of the cache: drafts and verified tokens that would pass max_len are neither written nor
+    # read, and the request ends where a plain one does.
+    long_plain, _ = _run(plain_engine, [_text_request(ids, max_new=500)])
+    assert len(ids) + len(long_plain[0]) == ENGINE["max_len"]
+    oracle = np.concatenate([ids, long_plain[0]])
+    for drafts in (None, oracle):
+        assert _run(engines[4], [_text_request(ids, max_new=500, draft_tokens=drafts)])[0] == long_plain
 
 
 def _reference_drafts(model, tokens: np.ndarray) -> np.ndarray:
@@ -137,7 +145,8 @@ def _reference_drafts(model, tokens: np.ndarray) -> np.ndarray:
 
 def test_mtp_drafts_match_a_cache_free_reference(tmp_path):
     """k = 1, a 45-token prompt prefilled in 16-token chunks (MTP positions across chunk boundaries), then one
-    step per call: after every step the draft equals the cache-free MTP pass's over the tokens so far."""
+    step per call: after every step the draft equals the cache-free MTP pass's over the tokens so far (one pass
+    over the final sequence: the MTP head is causal)."""
     model = mtp_checkpoint("qwen3_5-b", tmp_path)
     engine = _engine(model, speculative_tokens=1, prompt_buckets=(16,), max_batch=1)
     prompt = np.random.default_rng(4).integers(0, 400, 45).astype(np.int32)
@@ -145,15 +154,14 @@ def test_mtp_drafts_match_a_cache_free_reference(tmp_path):
     sequence = list(prompt) + [int(engine.state.next_token[0])]
     host_active = np.zeros(2, bool)
     host_active[0] = True
-    checked = 0
+    drafts = {}  # sequence length -> the engine's draft for the token after it
     for _ in range(12):
-        draft = int(engine.state.spec.drafts[0, 0])
-        assert draft == _reference_drafts(model, np.array(sequence))[-1], f"after {len(sequence)} tokens"
-        checked += 1
+        drafts[len(sequence)] = int(engine.state.spec.drafts[0, 0])
         engine.state, out = engine._decode(engine._weights, engine.state, host_active, engine._eos, np.int32(1),
                                            steps=16, rows=1)
         sequence += [int(t) for t in np.asarray(out)[0, 0] if t >= 0]
-    assert checked == 12 and len(sequence) > len(prompt) + 12
+    reference = _reference_drafts(model, np.array(sequence))  # entry i: the draft for position i + 2
+    assert {n: d for n, d in drafts.items()} == {n: int(reference[n - 2]) for n in drafts}
 
 
 def test_speculative_sampling_keeps_the_target_distribution():
