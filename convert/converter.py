@@ -24,8 +24,8 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from convert.mapping import (
-    Source, apply_transform, build_sources, detect_expert_layout, is_mtp, normalize_name, region_shape,
-    transformed_shape,
+    Source, apply_transform, build_sources, detect_expert_layout, fp8_modules_in, is_mtp, normalize_name,
+    region_shape, transformed_shape,
 )
 from convert.safetensors_io import (
     CheckpointError, TensorInfo, absolute_path, checkpoint_dir, read_header, read_tensors, shard_files,
@@ -51,6 +51,7 @@ class ConversionPlan:
     cfg: ModelConfig
     dtype: jnp.dtype
     leaf_shapes: dict[LeafPath, tuple[int, ...]]
+    leaf_dtypes: dict[LeafPath, np.dtype]  # the compute dtype, or FP8 kernels and fp32 scales
     tensors_by_shard: dict[Path, list[TensorInfo]]
     sources: dict[str, Source]  # by original HF name
 
@@ -66,6 +67,27 @@ def _listing(names: list[str], limit: int = 20) -> str:
 
 def leaf_shapes_of(model: QwenVLModel) -> dict[LeafPath, tuple[int, ...]]:
     return {tuple(path): tuple(v.get_value().shape) for path, v in nnx.to_flat_state(nnx.state(model))}
+
+
+def leaf_dtypes_of(model: QwenVLModel) -> dict[LeafPath, np.dtype]:
+    return {tuple(path): np.dtype(v.get_value().dtype) for path, v in nnx.to_flat_state(nnx.state(model))}
+
+
+def _fp8_config(cfg: ModelConfig, normalized: list[str], hf_dir: Path) -> ModelConfig:
+    """The config with the Linears the checkpoint stores in FP8 (those with block scales)."""
+    modules = fp8_modules_in(normalized)
+    if modules and cfg.fp8 is None:
+        raise CheckpointError(f"checkpoint {hf_dir} has FP8 scale tensors ({_listing(modules, 3)}) but config.json "
+                              "has no quantization_config")
+    if not modules:
+        return cfg.with_fp8_modules(())
+    plain = abstract_model(cfg.with_fp8_modules(()), jnp.float32)
+    linears = {".".join(map(str, p[:-1])) for p in leaf_shapes_of(plain) if p[-1] == "kernel"}
+    unsupported = [m for m in modules if m not in linears]
+    if unsupported:
+        raise CheckpointError(f"checkpoint {hf_dir} stores in FP8 modules that qwenvl-jax runs only unquantized: "
+                              f"{_listing(unsupported, 5)} (FP8 MoE experts are not supported yet)")
+    return cfg.with_fp8_modules(tuple(modules))
 
 
 def mtp_layers_in(names: list[str]) -> int:
@@ -97,7 +119,7 @@ def plan_conversion(hf_dir: str | Path, dtype: str | jnp.dtype = "bfloat16") -> 
         warnings.warn(f"{hf_dir} has {mtp_layers} MTP layers; speculative decoding reads one, so the MTP head is "
                       "left out of the conversion", stacklevel=2)
         mtp_layers = 0
-    cfg = cfg.with_mtp_layers(mtp_layers)
+    cfg = _fp8_config(cfg.with_mtp_layers(mtp_layers), list(normalized), hf_dir)
     model = abstract_model(cfg, dtype)
     leaf_shapes = leaf_shapes_of(model)
     layout = detect_expert_layout({normalize_name(n): i for n, i in infos.items()}, cfg.text.hidden_size,
@@ -129,7 +151,7 @@ def plan_conversion(hf_dir: str | Path, dtype: str | jnp.dtype = "bfloat16") -> 
                               + "; ".join(problems))
 
     return ConversionPlan(
-        cfg=cfg, dtype=dtype, leaf_shapes=leaf_shapes, tensors_by_shard=by_shard,
+        cfg=cfg, dtype=dtype, leaf_shapes=leaf_shapes, leaf_dtypes=leaf_dtypes_of(model), tensors_by_shard=by_shard,
         sources={normalized[n]: src for n, src in wanted.items()},
     )
 
@@ -137,8 +159,7 @@ def plan_conversion(hf_dir: str | Path, dtype: str | jnp.dtype = "bfloat16") -> 
 def fill_params(plan: ConversionPlan, allocate: Callable[[str, tuple[int, ...], np.dtype], np.ndarray],
                 progress: bool = True) -> dict[LeafPath, np.ndarray]:
     """Streams every shard into arrays from ``allocate(key, shape, dtype)``: params by leaf path."""
-    np_dtype = np.dtype(plan.dtype)
-    leaves = {path: allocate("param." + ".".join(map(str, path)), shape, np_dtype)
+    leaves = {path: allocate("param." + ".".join(map(str, path)), shape, plan.leaf_dtypes[path])
               for path, shape in plan.leaf_shapes.items()}
     bar = tqdm(total=plan.num_tensors, desc="converting", unit="tensor", disable=not progress)
     for i, (shard, infos) in enumerate(sorted(plan.tensors_by_shard.items())):
@@ -201,6 +222,7 @@ def convert_checkpoint(hf_dir: str | Path, out_dir: str | Path, dtype: str = "bf
         (tmp / MANIFEST).write_text(json.dumps({
             "format_version": FORMAT_VERSION, "dtype": plan.dtype.name, "model_type": plan.cfg.model_type,
             "source": str(hf_dir), "mtp_layers": plan.cfg.text.mtp_layers,
+            "fp8_modules": list(plan.cfg.fp8.modules) if plan.cfg.fp8 else [],
         }, indent=2))
         if overwrite and out_dir.exists():
             shutil.rmtree(out_dir)
@@ -236,7 +258,8 @@ def load_params(path: str | Path, dtype: str | jnp.dtype | None = None) -> tuple
                 f"qwenvl-jax reads formats {', '.join(map(str, READABLE_FORMATS))} (one array per layer instead "
                 f"of stacked layers). Convert it again from the HF checkpoint: "
                 f"qwenvl convert {source} {path} --overwrite")
-        cfg = load_config(path).with_mtp_layers(manifest.get("mtp_layers", 0))
+        cfg = load_config(path).with_mtp_layers(manifest.get("mtp_layers", 0)).with_fp8_modules(
+            tuple(manifest.get("fp8_modules", ())))
         dtype = jnp.dtype(dtype or manifest["dtype"])
         graphdef, abstract = nnx.split(abstract_model(cfg, dtype))
         flat_abstract = {tuple(p): v.get_value() for p, v in nnx.to_flat_state(abstract)}

@@ -37,6 +37,14 @@ def normalize_name(hf_name: str) -> str:
     return hf_name
 
 
+FP8_SCALE_SUFFIX = ".weight_scale_inv"
+
+
+def fp8_modules_in(names: list[str]) -> list[str]:
+    """The modules whose weights a checkpoint stores in FP8: those with a block-scale tensor."""
+    return sorted(n[: -len(FP8_SCALE_SUFFIX)] for n in names if n.endswith(FP8_SCALE_SUFFIX))
+
+
 def is_mtp(name: str) -> bool:
     """Qwen3.5 checkpoints carry a multi-token-prediction head (``qwenvl_jax.models.mtp``)."""
     return name.startswith("mtp.")
@@ -88,6 +96,8 @@ def _hf_name(path: Path) -> tuple[str, Transform]:
     *parents, leaf = (str(p) for p in path)
     if leaf == "kernel":
         return ".".join([*parents, "weight"]), "linear"
+    if leaf == "kernel_scale_inv":  # FP8 block scales [out blocks, in blocks], ours transposed like the kernel
+        return ".".join([*parents, "weight_scale_inv"]), "linear"
     return ".".join([*parents, leaf]), "copy"
 
 

@@ -118,6 +118,23 @@ class VisionConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class Fp8Config:
+    """Fine-grained FP8 weights (HF ``"quant_method": "fp8"``): float8_e4m3fn weights, one fp32 scale per
+    ``block`` = (output rows, input columns) block, activations quantized at run time. ``modules`` are the
+    Linear layers that are FP8 (our dotted module paths; the checkpoint's scale tensors say which), the others
+    stay in the compute dtype. ``modules_to_not_convert``: HF's list, kept for quantizing a bf16 checkpoint."""
+
+    block: tuple[int, int] = (128, 128)
+    modules: tuple[str, ...] = ()
+    modules_to_not_convert: tuple[str, ...] = ()
+
+
+# Quantization methods of HF configs that are not fine-grained FP8, named in the refusal.
+_QUANT_METHODS_REFUSED = ("awq", "gptq", "compressed-tensors", "bitsandbytes", "aqlm", "exl2", "hqq", "eetq",
+                          "fbgemm_fp8", "torchao", "quanto", "bitnet", "higgs", "vptq", "spqr", "mxfp4")
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     model_type: str
     text: TextConfig
@@ -126,6 +143,7 @@ class ModelConfig:
     video_token_id: int | None = None
     vision_start_token_id: int | None = None
     vision_end_token_id: int | None = None
+    fp8: Fp8Config | None = None  # None: every weight in the compute dtype
 
     @property
     def family(self) -> Family:
@@ -137,6 +155,12 @@ class ModelConfig:
 
     def with_mtp_layers(self, layers: int) -> ModelConfig:
         return dataclasses.replace(self, text=dataclasses.replace(self.text, mtp_layers=layers))
+
+    def with_fp8_modules(self, modules: tuple[str, ...]) -> ModelConfig:
+        """The FP8 config with the modules a checkpoint quantizes (None when it quantizes none)."""
+        if not modules:
+            return dataclasses.replace(self, fp8=None)
+        return dataclasses.replace(self, fp8=dataclasses.replace(self.fp8 or Fp8Config(), modules=tuple(modules)))
 
 
 def load_config(path: str | Path) -> ModelConfig:
@@ -182,7 +206,33 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
         video_token_id=raw.get("video_token_id"),
         vision_start_token_id=raw.get("vision_start_token_id"),
         vision_end_token_id=raw.get("vision_end_token_id"),
+        fp8=_parse_quantization(raw.get("quantization_config")),
     )
+
+
+def _parse_quantization(raw: dict[str, Any] | None) -> Fp8Config | None:
+    """HF's ``quantization_config``: fine-grained FP8 is read; any other method is refused by name."""
+    if raw is None:
+        return None
+    w = "quantization_config."
+    method = raw.get("quant_method")
+    if method != "fp8":
+        known = " (a method qwenvl-jax does not run)" if method in _QUANT_METHODS_REFUSED else ""
+        raise ValueError(f"config field '{w}quant_method' is {method!r}{known}: qwenvl-jax reads unquantized "
+                         "checkpoints and fine-grained FP8 ('fp8', float8_e4m3fn weights with 128x128 block scales)")
+    if (fmt := raw.get("fmt", "e4m3")) != "e4m3":
+        raise ValueError(f"config field '{w}fmt' is {fmt!r}; only 'e4m3' (float8_e4m3fn) FP8 weights are supported")
+    if (scheme := raw.get("activation_scheme", "dynamic")) != "dynamic":
+        raise ValueError(f"config field '{w}activation_scheme' is {scheme!r}; only 'dynamic' (activations "
+                         "quantized at run time) is supported")
+    block = raw.get("weight_block_size")
+    if block is None:
+        raise ValueError(f"config field '{w}weight_block_size' is missing: per-tensor FP8 scales are not supported, "
+                         "only block scales such as [128, 128]")
+    if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        raise ValueError(f"config field '{w}weight_block_size' must be two positive integers, got {block!r}")
+    skip = raw.get("modules_to_not_convert") or raw.get("ignored_layers") or ()
+    return Fp8Config(block=(block[0], block[1]), modules_to_not_convert=tuple(skip))
 
 
 def _require(raw: dict[str, Any], key: str, where: str, *aliases: str) -> Any:

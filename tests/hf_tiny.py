@@ -147,3 +147,74 @@ def add_mtp_weights(hf_dir: Path, seed: int = 0) -> None:
     index = json.loads(index_file.read_text())
     index["weight_map"].update(dict.fromkeys(tensors, "mtp.safetensors"))
     index_file.write_text(json.dumps(index))
+
+
+# What the official FP8 checkpoints keep unquantized (and MoE experts, which qwenvl-jax runs only unquantized).
+FP8_KEEP = ("visual", "lm_head", "embed_tokens", "mlp.gate.", "shared_expert_gate", "experts")
+
+
+def write_fp8_checkpoint(hf_dir: Path, fp8_dir: Path, deq_dir: Path, block: tuple[int, int] = (128, 128)) -> None:
+    """Quantizes a tiny HF checkpoint to the fine-grained FP8 layout, independently of the converter (numpy,
+    after HF's documented format): every 2-D ``*.weight`` of a linear layer not in FP8_KEEP becomes
+    float8_e4m3fn with ``weight_scale_inv`` [ceil(out / block[0]), ceil(in / block[1])] fp32 (max |w| / 448 per
+    block), and config.json gains ``quantization_config``. ``deq_dir`` gets the same model with those weights
+    dequantized back to fp32 and no quantization: the reference."""
+    import shutil
+
+    import ml_dtypes
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    index = json.loads((hf_dir / "model.safetensors.index.json").read_text())
+    tensors = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        tensors.update(load_file(str(hf_dir / shard)))
+    quantized, dequantized = {}, {}
+    bo, bi = block
+    for name, w in tensors.items():
+        if not (name.endswith(".weight") and w.ndim == 2 and not any(k in name for k in FP8_KEEP)):
+            quantized[name] = dequantized[name] = w
+            continue
+        out, inp = w.shape
+        nbo, nbi = -(-out // bo), -(-inp // bi)
+        padded = np.zeros((nbo * bo, nbi * bi), np.float32)
+        padded[:out, :inp] = w
+        blocks = padded.reshape(nbo, bo, nbi, bi)
+        scale = np.abs(blocks).max(axis=(1, 3)) / float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)
+        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        q = (blocks / scale[:, None, :, None]).reshape(padded.shape)[:out, :inp].astype(ml_dtypes.float8_e4m3fn)
+        quantized[name], quantized[name + "_scale_inv"] = q, scale
+        deq = (q.astype(np.float32).reshape(out, inp) * np.repeat(np.repeat(scale, bo, 0), bi, 1)[:out, :inp])
+        dequantized[name] = deq.astype(np.float32)
+    for directory, arrays, quant in ((fp8_dir, quantized, True), (deq_dir, dequantized, False)):
+        shutil.copytree(hf_dir, directory)
+        for f in directory.glob("*.safetensors"):
+            f.unlink()
+        save_safetensors(arrays, directory / "model.safetensors")
+        (directory / "model.safetensors.index.json").unlink()
+        if quant:
+            cfg = json.loads((directory / "config.json").read_text())
+            cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                          "weight_block_size": list(block), "modules_to_not_convert": list(FP8_KEEP)}
+            (directory / "config.json").write_text(json.dumps(cfg))
+
+
+def save_safetensors(arrays: dict, path: Path) -> None:
+    """safetensors' numpy writer has no float8: the format written by hand (8-byte little-endian header size,
+    JSON header of dtype, shape and byte offsets, then the raw tensors)."""
+    import ml_dtypes
+    import numpy as np
+
+    names = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(ml_dtypes.bfloat16): "BF16",
+             np.dtype(ml_dtypes.float8_e4m3fn): "F8_E4M3", np.dtype(np.int64): "I64", np.dtype(np.int32): "I32"}
+    header, blobs, offset = {}, [], 0
+    for name, a in arrays.items():
+        data = np.ascontiguousarray(a).tobytes()
+        header[name] = {"dtype": names[np.dtype(a.dtype)], "shape": list(a.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head + b"".join(blobs))

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from qwenvl_jax.models.fp8 import dequantize
+
 
 def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: jnp.dtype, std: float = 0.02) -> jax.Array:
     return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
@@ -20,9 +22,18 @@ class Linear(nnx.Module):
     def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype: jnp.dtype, rngs: nnx.Rngs):
         self.kernel = nnx.Param(_normal(rngs, (in_features, out_features), dtype))
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
+        # FP8 (qwenvl_jax.models.fp8.quantize_linears): the kernel's block scales and their block shape.
+        self.kernel_scale_inv = nnx.data(None)
+        self.block = None
+
+    def weight(self, dtype: jnp.dtype) -> jax.Array:
+        """The [in, out] weight as the matmul reads it (an FP8 kernel dequantized blockwise)."""
+        if self.kernel_scale_inv is None:
+            return self.kernel[...]
+        return dequantize(self.kernel[...], self.kernel_scale_inv[...], self.block, dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x, self.kernel[...])
+        y = jnp.dot(x, self.weight(x.dtype))
         if self.bias is not None:
             y = y + self.bias[...]
         return y

@@ -14,6 +14,7 @@ from flax import nnx
 
 from qwenvl_jax.config import ModelConfig
 from qwenvl_jax.models.decoder import TextModel
+from qwenvl_jax.models.fp8 import quantize_linears
 from qwenvl_jax.models.layers import Linear
 from qwenvl_jax.models.mtp import MtpHead
 from qwenvl_jax.models.multimodal import MultimodalInputs, fuse_vision
@@ -29,6 +30,8 @@ class QwenVLModel(nnx.Module):
             text.hidden_size, text.vocab_size, bias=False, dtype=dtype, rngs=rngs)
         self.mtp = MtpHead(text, dtype=dtype, rngs=rngs) if text.mtp_layers else None
         self.cfg = cfg
+        if cfg.fp8 is not None:
+            quantize_linears(self, cfg.fp8)
 
     def lm_logits(self, hidden_btd: jax.Array) -> jax.Array:
         if self.lm_head is None:

@@ -1,0 +1,51 @@
+"""Fine-grained FP8 weights (HF ``"quant_method": "fp8"``, the format of Qwen's ``-FP8`` checkpoints).
+
+A quantized Linear keeps its kernel [in, out] as float8_e4m3fn and ``kernel_scale_inv`` [ceil(in / bi),
+ceil(out / bo)] fp32, one scale per (bo output rows x bi input columns) block of HF's [out, in] weight, so that
+weight = kernel * scale_inv blockwise. Which Linears are FP8 is the checkpoint's say (``Fp8Config.modules``);
+the others stay in the compute dtype.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qwenvl_jax.config import Fp8Config
+
+FP8_DTYPE = jnp.float8_e4m3fn
+
+
+def scale_shape(in_features: int, out_features: int, block: tuple[int, int]) -> tuple[int, int]:
+    """``kernel_scale_inv``'s shape for a [in, out] kernel; ``block`` is HF's (output rows, input columns)."""
+    block_out, block_in = block
+    return -(-in_features // block_in), -(-out_features // block_out)
+
+
+def dequantize(kernel_io: jax.Array, scale_inv_io: jax.Array, block: tuple[int, int], dtype: jnp.dtype) -> jax.Array:
+    """The [in, out] weight in ``dtype``: each block of the FP8 kernel times its scale (fp32 arithmetic)."""
+    block_out, block_in = block
+    n_in, n_out = kernel_io.shape
+    scale = jnp.repeat(jnp.repeat(scale_inv_io.astype(jnp.float32), block_in, axis=0)[:n_in], block_out, axis=1)
+    return (kernel_io.astype(jnp.float32) * scale[:, :n_out]).astype(dtype)
+
+
+def _module_at(root: nnx.Module, dotted: str) -> nnx.Module:
+    node = root
+    for part in dotted.split("."):
+        node = node[int(part)] if part.isdigit() else getattr(node, part)
+    return node
+
+
+def quantize_linears(model: nnx.Module, cfg: Fp8Config) -> None:
+    """Makes the Linears named in ``cfg.modules`` FP8 in place (kernel float8_e4m3fn, scales 1): the structure a
+    converted or loaded FP8 checkpoint fills."""
+    for dotted in cfg.modules:
+        linear = _module_at(model, dotted)
+        if not hasattr(linear, "kernel_scale_inv"):  # models.layers.Linear
+            raise ValueError(f"FP8 weights for {dotted}, which is a {type(linear).__name__}, not a linear layer")
+        kernel = linear.kernel[...]
+        linear.kernel = nnx.Param(kernel.astype(FP8_DTYPE))
+        linear.kernel_scale_inv = nnx.Param(jnp.ones(scale_shape(*kernel.shape, cfg.block), jnp.float32))
+        linear.block = cfg.block
