@@ -7,6 +7,7 @@ that is renamed into place only when complete, so a failed or interrupted conver
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -30,7 +31,9 @@ from convert.mapping import (
 from convert.safetensors_io import (
     CheckpointError, TensorInfo, absolute_path, checkpoint_dir, read_header, read_tensors, shard_files,
 )
-from qwenvl_jax.config import ModelConfig, load_config
+from qwenvl_jax.config import Fp8Config, ModelConfig, load_config
+from qwenvl_jax.models.fp8 import FP8_DTYPE, KEEP_UNQUANTIZED, quantizable, quantize_rows
+from qwenvl_jax.models.layers import Linear
 from qwenvl_jax.models.model import QwenVLModel, abstract_model
 
 PARAMS_DIR = "params"
@@ -73,16 +76,29 @@ def leaf_dtypes_of(model: QwenVLModel) -> dict[LeafPath, np.dtype]:
     return {tuple(path): np.dtype(v.get_value().dtype) for path, v in nnx.to_flat_state(nnx.state(model))}
 
 
-def _fp8_config(cfg: ModelConfig, normalized: list[str], hf_dir: Path) -> ModelConfig:
-    """The config with the Linears the checkpoint stores in FP8 (those with block scales)."""
+def _linear_modules(cfg: ModelConfig) -> list[str]:
+    """Dotted paths of the model's Linear layers (the modules FP8 applies to)."""
+    plain = abstract_model(cfg.with_fp8_modules(()), jnp.float32)
+    return sorted(".".join(map(str, path)) for path, node in nnx.iter_graph(plain) if isinstance(node, Linear))
+
+
+def _fp8_config(cfg: ModelConfig, normalized: list[str], hf_dir: Path, quantize: bool) -> ModelConfig:
+    """The config with the Linears stored in FP8: those the checkpoint has block scales for, or with
+    ``quantize`` (a checkpoint without FP8 weights converted with dtype "fp8"), every Linear Qwen's FP8
+    checkpoints quantize."""
     modules = fp8_modules_in(normalized)
+    if quantize and not modules:
+        keep = tuple(normalize_name(k) for k in cfg.fp8.modules_to_not_convert) if cfg.fp8 and \
+            cfg.fp8.modules_to_not_convert else KEEP_UNQUANTIZED
+        fp8 = dataclasses.replace(cfg.fp8 or Fp8Config(), modules_to_not_convert=tuple(keep))
+        return dataclasses.replace(cfg, fp8=fp8).with_fp8_modules(
+            tuple(m for m in _linear_modules(cfg) if quantizable(m, tuple(keep))))
     if modules and cfg.fp8 is None:
         raise CheckpointError(f"checkpoint {hf_dir} has FP8 scale tensors ({_listing(modules, 3)}) but config.json "
                               "has no quantization_config")
     if not modules:
         return cfg.with_fp8_modules(())
-    plain = abstract_model(cfg.with_fp8_modules(()), jnp.float32)
-    linears = {".".join(map(str, p[:-1])) for p in leaf_shapes_of(plain) if p[-1] == "kernel"}
+    linears = set(_linear_modules(cfg))
     unsupported = [m for m in modules if m not in linears]
     if unsupported:
         raise CheckpointError(f"checkpoint {hf_dir} stores in FP8 modules that qwenvl-jax runs only unquantized: "
@@ -97,10 +113,13 @@ def mtp_layers_in(names: list[str]) -> int:
 
 
 def plan_conversion(hf_dir: str | Path, dtype: str | jnp.dtype = "bfloat16") -> ConversionPlan:
-    """Reads config and headers, maps every tensor, and raises CheckpointError listing all that is wrong."""
+    """Reads config and headers, maps every tensor, and raises CheckpointError listing all that is wrong.
+    ``dtype`` "fp8": FP8 weights as the checkpoint has them, or quantized to 128x128 blocks if it has none,
+    bfloat16 for the rest."""
     hf_dir = checkpoint_dir(hf_dir)
     cfg = load_config(hf_dir)
-    dtype = jnp.dtype(dtype)
+    quantize = str(dtype) == "fp8"
+    dtype = jnp.dtype(jnp.bfloat16 if quantize else dtype)
 
     infos: dict[str, TensorInfo] = {}
     by_shard: dict[Path, list[TensorInfo]] = {}
@@ -119,12 +138,14 @@ def plan_conversion(hf_dir: str | Path, dtype: str | jnp.dtype = "bfloat16") -> 
         warnings.warn(f"{hf_dir} has {mtp_layers} MTP layers; speculative decoding reads one, so the MTP head is "
                       "left out of the conversion", stacklevel=2)
         mtp_layers = 0
-    cfg = _fp8_config(cfg.with_mtp_layers(mtp_layers), list(normalized), hf_dir)
+    cfg = _fp8_config(cfg.with_mtp_layers(mtp_layers), list(normalized), hf_dir, quantize)
     model = abstract_model(cfg, dtype)
     leaf_shapes = leaf_shapes_of(model)
     layout = detect_expert_layout({normalize_name(n): i for n, i in infos.items()}, cfg.text.hidden_size,
                                   cfg.text.moe_intermediate_size) if cfg.is_moe else "split"
     wanted = build_sources(leaf_shapes, layout)
+    if quantize and not fp8_modules_in(list(normalized)):  # scales are made from the weights, not read
+        wanted = {n: src for n, src in wanted.items() if src.leaf[-1] != "kernel_scale_inv"}
     ignored = {n for n in normalized if is_mtp(n)} if not mtp_layers else set()
     if cfg.text.tie_word_embeddings:
         ignored.add("lm_head.weight")  # some tied checkpoints still carry the copy
@@ -165,11 +186,24 @@ def fill_params(plan: ConversionPlan, allocate: Callable[[str, tuple[int, ...], 
     for i, (shard, infos) in enumerate(sorted(plan.tensors_by_shard.items())):
         bar.set_postfix_str(f"shard {i + 1}/{len(plan.tensors_by_shard)}")
         for info, array in read_tensors(shard, infos):
-            if (src := plan.sources.get(info.name)) is not None:
+            if (src := plan.sources.get(info.name)) is None:
+                pass
+            elif plan.leaf_dtypes[src.leaf] == FP8_DTYPE and array.dtype != FP8_DTYPE:
+                _quantize_into(leaves, src, apply_transform(array, src.transform), plan.cfg.fp8.block)
+            else:
                 leaves[src.leaf][src.index] = apply_transform(array, src.transform)
             bar.update()
     bar.close()
     return leaves
+
+
+def _quantize_into(leaves: dict[LeafPath, np.ndarray], src: Source, w_io: np.ndarray, block: tuple[int, int]) -> None:
+    """Quantizes a [in, out] weight into its FP8 kernel and scale leaves, one row-block at a time (memory stays at
+    one block of rows, not the tensor)."""
+    kernel, scale = leaves[src.leaf], leaves[(*src.leaf[:-1], "kernel_scale_inv")]
+    block_in = block[1]
+    for i, start in enumerate(range(0, w_io.shape[0], block_in)):
+        kernel[start : start + block_in], scale[i] = quantize_rows(w_io[start : start + block_in], block)
 
 
 def nest(flat: dict[LeafPath, object]) -> dict:

@@ -163,8 +163,9 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("convert", help="convert a HF checkpoint directory to our Orbax format")
     p.add_argument("hf_dir")
     p.add_argument("out_dir")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
-                   help="dtype of the stored weights (default: bfloat16)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16", "fp8"],
+                   help="dtype of the stored weights (default: bfloat16); fp8: linear layers in float8_e4m3fn with "
+                        "128x128 block scales as in Qwen's FP8 checkpoints, the rest bfloat16")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.set_defaults(func=_convert)
 

@@ -150,7 +150,7 @@ def add_mtp_weights(hf_dir: Path, seed: int = 0) -> None:
 
 
 # What the official FP8 checkpoints keep unquantized (and MoE experts, which qwenvl-jax runs only unquantized).
-FP8_KEEP = ("visual", "lm_head", "embed_tokens", "mlp.gate.", "shared_expert_gate", "experts")
+FP8_KEEP = ("visual.", "lm_head.", "embed_tokens.", "mlp.gate.", "shared_expert_gate.", "experts.")
 
 
 def write_fp8_checkpoint(hf_dir: Path, fp8_dir: Path, deq_dir: Path, block: tuple[int, int] = (128, 128)) -> None:
@@ -195,7 +195,8 @@ def write_fp8_checkpoint(hf_dir: Path, fp8_dir: Path, deq_dir: Path, block: tupl
         if quant:
             cfg = json.loads((directory / "config.json").read_text())
             cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                          "weight_block_size": list(block), "modules_to_not_convert": list(FP8_KEEP)}
+                                          "weight_block_size": list(block),
+                                          "modules_to_not_convert": [k.rstrip(".") for k in FP8_KEEP]}
             (directory / "config.json").write_text(json.dumps(cfg))
 
 

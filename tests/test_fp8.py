@@ -84,3 +84,22 @@ def test_unsupported_quantization_is_refused_by_name(raw, message):
     config = hf_config_dict("qwen3_vl", *TINY_CONFIGS["qwen3_vl"])
     with pytest.raises(ValueError, match=message):
         parse_config({**config, "quantization_config": raw})
+
+
+@pytest.mark.parametrize("variant", ["qwen3_5_moe-b", "qwen2_5_vl-b"])
+def test_converting_with_dtype_fp8_quantizes_as_the_official_format(variant, tmp_path):
+    """convert --dtype fp8 on an unquantized checkpoint: the same Linears in FP8 as the test writer quantizes
+    (not the vision tower, LM head, routers, shared-expert gates or experts), the same 128x128 block values,
+    so the same logits; everything else bfloat16."""
+    fp8_dir, _ = _fp8_pair(variant, tmp_path)
+    ours = convert_checkpoint(tmp_path / "hf", tmp_path / "ours", dtype="fp8", progress=False)
+    theirs = convert_checkpoint(fp8_dir, tmp_path / "theirs", dtype="bfloat16", progress=False)
+    manifests = [json.loads((d / "qwenvl_jax.json").read_text()) for d in (ours, theirs)]
+    assert manifests[0]["fp8_modules"] == manifests[1]["fp8_modules"] and manifests[0]["dtype"] == "bfloat16"
+    a, b = qj.load(ours, dtype="float32"), qj.load(theirs, dtype="float32")
+    for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
+        assert x.dtype == y.dtype
+        if x.dtype == jnp.float8_e4m3fn:
+            np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+    ids = [[5, 17, 99, 3, 250]]
+    np.testing.assert_allclose(a.logits(ids), b.logits(ids), rtol=1e-5, atol=1e-5)

@@ -49,3 +49,32 @@ def quantize_linears(model: nnx.Module, cfg: Fp8Config) -> None:
         linear.kernel = nnx.Param(kernel.astype(FP8_DTYPE))
         linear.kernel_scale_inv = nnx.Param(jnp.ones(scale_shape(*kernel.shape, cfg.block), jnp.float32))
         linear.block = cfg.block
+
+
+# Module-name fragments that Qwen's FP8 checkpoints keep unquantized (the vision tower, the LM head and
+# embeddings, MoE routers and shared-expert gates), plus the MoE experts, which run only unquantized here.
+KEEP_UNQUANTIZED = ("visual", "lm_head", "embed_tokens", "mlp.gate", "shared_expert_gate", "experts")
+
+
+def quantizable(module: str, keep: tuple[str, ...] = KEEP_UNQUANTIZED) -> bool:
+    """Whether ``--dtype fp8`` stores this Linear (dotted path) in FP8: no ``keep`` entry names it or a module
+    around it (whole dotted components: "mlp.gate" is the router, not "mlp.gate_proj")."""
+    return not any(f".{k}." in f".{module}." for k in keep)
+
+
+def quantize_rows(w_io, block: tuple[int, int]):
+    """numpy: one row-block ([<= block_in, out] of a [in, out] weight) -> (float8_e4m3fn rows, fp32 scales
+    [out blocks]): each block scaled so that its largest magnitude is float8_e4m3fn's largest (448), HF's
+    ``weight_scale_inv`` = max |w| / 448 (1 for an all-zero block)."""
+    import ml_dtypes
+    import numpy as np
+
+    block_out = block[0]
+    rows, out = w_io.shape
+    blocks = -(-out // block_out)
+    padded = np.zeros((rows, blocks * block_out), np.float32)
+    padded[:, :out] = w_io
+    amax = np.abs(padded.reshape(rows, blocks, block_out)).max(axis=(0, 2))
+    scale = np.where(amax > 0, amax / float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max), 1.0).astype(np.float32)
+    q = (padded.reshape(rows, blocks, block_out) / scale[None, :, None]).reshape(rows, -1)[:, :out]
+    return q.astype(ml_dtypes.float8_e4m3fn), scale
