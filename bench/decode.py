@@ -2,7 +2,7 @@
 
     python bench/decode.py [--models qwen3_5-9b,qwen3_vl-8b,qwen2_5_vl-7b,qwen3_5-35b-a3b]
                            [--cases 1x1024,8x1024,32x1024,64x1024,1x32768,8x32768] [--calls 8] [--steps 16]
-                           [--hf 1x1024,8x1024] [--e2e] [--tiny]
+                           [--hf 1x1024,8x1024] [--e2e] [--fp8] [--tiny]
 
 Per model (bench/configs/NAME.json, the decoder alone: no vision weights) and case BATCHxCONTEXT: the engine's
 compiled decode program (``--steps`` tokens per call) runs on a state holding BATCH requests of CONTEXT tokens
@@ -49,6 +49,7 @@ from bench.models import (  # noqa: E402
     copy_bandwidth, profiled_kernel_seconds, random_params, random_text_request, released_config, text_only,
 )
 from bench.run_info import run_info  # noqa: E402
+from convert.converter import with_fp8_quantization  # noqa: E402
 from qwenvl_jax.cache import DecodeState, tree_bytes  # noqa: E402
 from qwenvl_jax.config import ModelConfig, parse_config  # noqa: E402
 from qwenvl_jax.engine import Engine, EngineConfig  # noqa: E402
@@ -235,6 +236,8 @@ def time_hf(raw: dict, batch: int, prompt: int, new: int = 33) -> dict:
 
 def run_model(name: str, raw: dict, cases: list[tuple[int, int, int | None]], args, bandwidth: float) -> dict:
     cfg = parse_config(text_only(raw))
+    if args.fp8:
+        cfg = with_fp8_quantization(cfg)
     dtype = jnp.float32 if args.tiny else jnp.bfloat16
     graphdef, params = random_params(abstract_model(cfg, dtype), jax.random.key(0))
     rows = []
@@ -289,6 +292,8 @@ def main() -> None:
     ap.add_argument("--e2e", action="store_true", help="also batch 1 through Engine.run with a real prefill")
     ap.add_argument("--profile", action="store_true",
                     help="GPU kernel time per step by kernel name, every case (and the compiled HLO beside the JSON)")
+    ap.add_argument("--fp8", action="store_true",
+                    help="linear layers in FP8 (128x128 block scales, as convert --dtype fp8 stores them)")
     ap.add_argument("--tiny", action="store_true", help="tiny configs on the CPU (checks the script)")
     ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
     args = ap.parse_args()
@@ -323,11 +328,11 @@ def main() -> None:
             print(f"{m['model']:>16} e2e batch 1, prompt {e['prompt']}{', streamed' if e['stream'] else ''}: TTFT "
                   f"{e['ttft_ms']:.1f} ms, decode {e['decode_tok_s']:.1f} tok/s, token events every "
                   f"{e['event_gap_ms_median']:.1f} ms (max {e['event_gap_ms_max']:.1f})")
-    result = dict(**run_info(), tiny=args.tiny, steps=args.steps, calls=args.calls,
+    result = dict(**run_info(), tiny=args.tiny, fp8=args.fp8, steps=args.steps, calls=args.calls,
                   copy_bandwidth_bytes_s=bandwidth, models=models)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"decode{'-tiny' if args.tiny else ''}-{device.replace(' ', '_')}.json"
+    path = out / f"decode{'-fp8' if args.fp8 else ''}{'-tiny' if args.tiny else ''}-{device.replace(' ', '_')}.json"
     path.write_text(json.dumps(result, indent=1))
     print(f"wrote {path}")
 

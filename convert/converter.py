@@ -82,17 +82,23 @@ def _linear_modules(cfg: ModelConfig) -> list[str]:
     return sorted(".".join(map(str, path)) for path, node in nnx.iter_graph(plain) if isinstance(node, Linear))
 
 
+def with_fp8_quantization(cfg: ModelConfig) -> ModelConfig:
+    """The config of this model quantized to FP8 the way Qwen's FP8 checkpoints are: every Linear but those its
+    ``modules_to_not_convert`` (default: KEEP_UNQUANTIZED) names."""
+    keep = tuple(normalize_name(k) for k in cfg.fp8.modules_to_not_convert) if cfg.fp8 and \
+        cfg.fp8.modules_to_not_convert else KEEP_UNQUANTIZED
+    fp8 = dataclasses.replace(cfg.fp8 or Fp8Config(), modules_to_not_convert=tuple(keep))
+    return dataclasses.replace(cfg, fp8=fp8).with_fp8_modules(
+        tuple(m for m in _linear_modules(cfg) if quantizable(m, tuple(keep))))
+
+
 def _fp8_config(cfg: ModelConfig, normalized: list[str], hf_dir: Path, quantize: bool) -> ModelConfig:
     """The config with the Linears stored in FP8: those the checkpoint has block scales for, or with
     ``quantize`` (a checkpoint without FP8 weights converted with dtype "fp8"), every Linear Qwen's FP8
     checkpoints quantize."""
     modules = fp8_modules_in(normalized)
     if quantize and not modules:
-        keep = tuple(normalize_name(k) for k in cfg.fp8.modules_to_not_convert) if cfg.fp8 and \
-            cfg.fp8.modules_to_not_convert else KEEP_UNQUANTIZED
-        fp8 = dataclasses.replace(cfg.fp8 or Fp8Config(), modules_to_not_convert=tuple(keep))
-        return dataclasses.replace(cfg, fp8=fp8).with_fp8_modules(
-            tuple(m for m in _linear_modules(cfg) if quantizable(m, tuple(keep))))
+        return with_fp8_quantization(cfg)
     if modules and cfg.fp8 is None:
         raise CheckpointError(f"checkpoint {hf_dir} has FP8 scale tensors ({_listing(modules, 3)}) but config.json "
                               "has no quantization_config")
