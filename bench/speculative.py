@@ -8,7 +8,12 @@ a real prefill of ``--prompt`` tokens per request: plain decode, then speculatio
 weights accept almost no MTP draft, so the MTP rows time the step itself (tokens/step ~ 1); the projected tok/s
 at a per-draft acceptance a is B * E / step time, E = (1 - a^(k+1)) / (1 - a) the expected tokens a step. The
 oracle rows feed the plain run's own tokens as drafts (``Request.draft_tokens``: every draft accepted) and
-measure tok/s. Decode time is measured from the last request's first token to the end.
+measure tok/s. In bf16 a verify pass over k + 1 tokens does not round exactly as k + 1 one-token steps, so
+with random weights (near-tied logits) the speculative run leaves the plain run's tokens after a few dozen
+(measured, H200) and the plain continuation stops being an oracle. The oracle is therefore the speculative
+engine's own continuation under full acceptance, found by feeding each run's tokens back as the next run's
+drafts until they reproduce themselves (``oracle_rounds``; ``oracle_fixed_point`` says whether that happened).
+Decode time is measured from the last request's first token to the end.
 
 Prints a table and writes bench/results/speculative-<device>.json (device, jax version, commit, date, every
 figure). ``--tiny`` runs a tiny Qwen3.5 on the CPU to check the script.
@@ -40,6 +45,7 @@ from qwenvl_jax.sampling import SamplingParams  # noqa: E402
 from qwenvl_jax.tiny_model import TINY_CONFIGS, hf_config_dict  # noqa: E402
 
 ACCEPTANCE = (0.6, 0.8, 0.9)
+ORACLE_ROUNDS = 6
 
 
 def expected_tokens(k: int, acceptance: float) -> float:
@@ -104,9 +110,16 @@ def run_model(name: str, raw: dict, args) -> dict:
             spec_engine = engine(k)
             decode_run(spec_engine, requests())
             mtp, _ = decode_run(spec_engine, requests())
-            oracle, oracle_tokens = decode_run(spec_engine, requests(oracle_drafts))
+            drafts, fixed_point = oracle_drafts, False
+            for rounds in range(1, ORACLE_ROUNDS + 1):
+                oracle, oracle_tokens = decode_run(spec_engine, requests(drafts))
+                fixed_point = all(np.array_equal(d[len(p):], t) for d, p, t in zip(drafts, prompts, oracle_tokens))
+                if fixed_point:
+                    break
+                drafts = [np.concatenate([p, t]) for p, t in zip(prompts, oracle_tokens)]
             del spec_engine
-            entry = dict(k=k, mtp=mtp, oracle=oracle, oracle_exact=oracle_tokens == continuation,
+            entry = dict(k=k, mtp=mtp, oracle=oracle, oracle_rounds=rounds, oracle_fixed_point=fixed_point,
+                         plain_tokens_kept=oracle_tokens == continuation,
                          step_cost_vs_plain=mtp["step_ms"] / plain["step_ms"],
                          oracle_speedup=oracle["tok_s"] / plain["tok_s"],
                          projected_tok_s={str(a): batch * expected_tokens(k, a) / mtp["step_ms"] * 1e3
@@ -137,7 +150,7 @@ def main() -> None:
         models.append(run_model(name, raw, args))
 
     print(f"\n{'model':>16} {'B':>3} {'k':>2} {'step ms':>8} {'x plain':>8} {'tok/step':>8} "
-          + " ".join(f"{'@' + str(a):>8}" for a in ACCEPTANCE) + f" {'oracle':>8} {'speedup':>8} {'exact':>6}")
+          + " ".join(f"{'@' + str(a):>8}" for a in ACCEPTANCE) + f" {'oracle':>8} {'speedup':>8} {'fixed':>6}")
     for m in models:
         for r in m["rows"]:
             p = r["plain"]
@@ -147,7 +160,7 @@ def main() -> None:
                 print(f"{m['model']:>16} {r['batch']:>3} {s['k']:>2} {s['mtp']['step_ms']:>8.2f} "
                       f"{s['step_cost_vs_plain']:>8.2f} {s['mtp']['tokens_per_step']:>8.2f} "
                       + " ".join(f"{s['projected_tok_s'][str(a)]:>8.1f}" for a in ACCEPTANCE)
-                      + f" {s['oracle']['tok_s']:>8.1f} {s['oracle_speedup']:>8.2f} {str(s['oracle_exact']):>6}")
+                      + f" {s['oracle']['tok_s']:>8.1f} {s['oracle_speedup']:>8.2f} {str(s['oracle_fixed_point']):>6}")
     result = dict(**run_info(), tiny=args.tiny, models=models)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
