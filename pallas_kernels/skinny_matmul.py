@@ -1,0 +1,125 @@
+"""x [M, K] @ w [K, N] for decode's few rows (M <= 16): a weight-streaming matmul.
+
+Used where XLA is slow: a [1, K] x [K, N] dot with a narrow weight (K x N up to 4096 x 1024: attention's k/v
+projections, Gated DeltaNet's gate projections) is rewritten by XLA into a multiply that writes a weight-sized
+product and a reduction over it (measured on an H200 with jax 0.11.2: 19.8 us for 4096 x 1024 against 8.0 us
+here; in Qwen3-VL-8B's batch-1 decode step those two fusions took 1.35 of 6.4 ms). Larger weights go to XLA's
+GEMM, which this kernel does not beat (bench/NOTES.md).
+
+At batch 1-16 a decode step's projections are matrix-vector products bound by reading w once. Each program
+owns a column tile of w and one of S contiguous spans of K (split-K, so that narrow outputs such as a down
+projection to 4096 columns still give every SM several programs) and streams its [span, block_n] slab
+through a software-pipelined loop of [block_k, block_n] tiles. The rows of x are gathered into a 16-row tile
+(Triton's smallest matrix-product tile; rows past M repeat row M-1 and are dropped). With S > 1 the partial
+sums leave in fp32 and XLA adds them (that sum fuses into the consumer). Lowered through Triton on GPU, or run by
+the Pallas interpreter on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.device_info import multiprocessors
+
+TILE_M = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    block_n: int
+    block_k: int
+    splits: int
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+def tiling_error(tiling: Tiling, rows: int, k: int, n: int) -> str | None:
+    """Why the kernel cannot take [rows, k] @ [k, n] at this tiling, or None."""
+    if not 1 <= rows <= TILE_M:
+        return f"rows={rows} must be 1..{TILE_M}"
+    for name, size in (("block_n", tiling.block_n), ("block_k", tiling.block_k)):
+        if size < 16 or size & (size - 1):
+            return f"{name}={size} must be a power of two >= 16"
+    if n % tiling.block_n:
+        return f"block_n={tiling.block_n} does not divide N={n}"
+    if k % (tiling.block_k * tiling.splits):
+        return f"block_k={tiling.block_k} x splits={tiling.splits} does not divide K={k}"
+    return None
+
+
+def default_tiling(k: int, n: int) -> Tiling | None:
+    """64-column tiles of 128-deep steps; K split until there are at least 4 programs per SM (two fit at once
+    in shared memory at 4 stages, so loads of one hide the other's tail). None if no tiling fits."""
+    block_n = next((b for b in (64, 32, 16) if n % b == 0), None)
+    block_k = next((b for b in (128, 64, 32, 16) if k % b == 0), None)
+    if block_n is None or block_k is None:
+        return None
+    splits = 1
+    while (n // block_n) * splits < 4 * multiprocessors() and k % (block_k * splits * 2) == 0 \
+            and k // (splits * 2) >= 4 * block_k:
+        splits *= 2
+    return Tiling(block_n=block_n, block_k=block_k, splits=splits)
+
+
+def _kernel(x_ref, w_ref, o_ref, *, block_k: int, span: int, rows: int):
+    j, s = pl.program_id(0), pl.program_id(1)
+    block_n = o_ref.shape[-1]
+    row_m = jnp.minimum(lax.broadcasted_iota(jnp.int32, (TILE_M,), 0), rows - 1)
+    cols = pl.ds(pl.multiple_of(j * block_n, block_n), block_n)
+
+    def step(i, acc_mn):
+        ks = pl.ds(pl.multiple_of(s * span + i * block_k, block_k), block_k)
+        return acc_mn + jnp.dot(x_ref[row_m, ks], w_ref[ks, cols], preferred_element_type=jnp.float32)
+
+    acc_mn = lax.fori_loop(0, span // block_k, step, jnp.zeros((TILE_M, block_n), jnp.float32))
+    o_ref[...] = acc_mn.astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("tiling", "interpret"))
+def skinny_matmul_pallas(x_mk: jax.Array, w_kn: jax.Array, *, tiling: Tiling, interpret: bool = False) -> jax.Array:
+    rows, k = x_mk.shape
+    n = w_kn.shape[1]
+    span = k // tiling.splits
+    partial_dtype = x_mk.dtype if tiling.splits == 1 else jnp.float32
+    whole = pl.BlockSpec(memory_space=None)
+    out = pl.pallas_call(
+        functools.partial(_kernel, block_k=tiling.block_k, span=span, rows=rows),
+        grid=(n // tiling.block_n, tiling.splits),
+        in_specs=[whole, whole],
+        out_specs=pl.BlockSpec((None, TILE_M, tiling.block_n), lambda j, s: (s, 0, j)),
+        out_shape=jax.ShapeDtypeStruct((tiling.splits, TILE_M, n), partial_dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
+        interpret=interpret,
+        name="skinny_matmul",
+    )(x_mk, w_kn)
+    return out.sum(axis=0).astype(x_mk.dtype)[:rows] if tiling.splits > 1 else out[0, :rows]
+
+
+# The largest weight measured going through XLA's multiply + reduce rewrite of a one-row dot (4096 x 1024); a
+# 4096 x 4096 one became a GEMM.
+NARROW_WEIGHT_ELEMENTS = 4096 * 1024
+
+
+def skinny_matmul(x: jax.Array, w_kn: jax.Array) -> jax.Array | None:
+    """x [..., K] @ w [K, N] through the kernel where XLA is slow (a GPU, one row, a weight of at most
+    NARROW_WEIGHT_ELEMENTS, half-precision operands of one dtype, a tiling that fits), else None (the caller's
+    XLA dot). ``QWENVL_XLA_MATMUL=1`` turns it off (benchmark baselines)."""
+    rows = math.prod(x.shape[:-1])
+    k, n = w_kn.shape
+    if (os.environ.get("QWENVL_XLA_MATMUL") == "1" or jax.default_backend() != "gpu" or rows != 1
+            or k * n > NARROW_WEIGHT_ELEMENTS or x.dtype != w_kn.dtype
+            or x.dtype not in (jnp.bfloat16, jnp.float16)):
+        return None
+    tiling = default_tiling(k, n)
+    if tiling is None or tiling_error(tiling, rows, k, n) is not None:
+        return None
+    return skinny_matmul_pallas(x.reshape(rows, k), w_kn, tiling=tiling).reshape(*x.shape[:-1], n)
