@@ -13,6 +13,9 @@ import jax
 
 # `%name = bf16[4096,12288]{1,0} opcode(operands...)...`: array-shaped results only (tuples never match).
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.-]+) = (\w+)\[([0-9,]*)\](?:\{[^}]*\})? ([\w-]+)\((.*)$", re.M)
+# A multi-output fusion: `%name = (bf16[4096,1024]{1,0}, bf16[4096,1024]{1,0}) fusion(operands...)...`.
+_TUPLE_FUSION = re.compile(r"^\s*(?:ROOT )?%([\w.-]+) = \(([^()]*)\) (fusion)\((.*)$", re.M)
+_ELEMENT = re.compile(r"(\w+)\[([0-9,]*)\]")
 _OPERAND = re.compile(r"%([\w.-]+)")
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.-]+) .*\{$", re.M)
 _FUSED_BODY = re.compile(r"\bfusion\(.*?calls=%([\w.-]+)")
@@ -45,6 +48,12 @@ def materialised_weights(hlo_text: str, shapes: set[tuple[int, ...]]) -> list[tu
     for name, dtype, dims, opcode, rest in _INSTRUCTION.findall(unfused):
         shape = tuple(int(d) for d in dims.split(",") if d)
         instructions[name] = (opcode, shape, f"{dtype}[{dims}]", _OPERAND.findall(rest))
+    # Each output of a multi-output fusion counts as its own result (XLA's one-row dot rewrite writes x * W for
+    # two projections from one such fusion, measured on an H200).
+    for name, elements, opcode, rest in _TUPLE_FUSION.findall(unfused):
+        for i, (dtype, dims) in enumerate(_ELEMENT.findall(elements)):
+            shape = tuple(int(d) for d in dims.split(",") if d)
+            instructions[f"{name}#{i}"] = (opcode, shape, f"{dtype}[{dims}]", _OPERAND.findall(rest))
 
     def arrived_weight(name: str) -> bool:
         opcode, shape, _, _ = instructions.get(name, ("", (), "", []))

@@ -18,6 +18,7 @@ from pallas_kernels.gated_delta_rule.chunk import chunk_prefill
 from pallas_kernels.gated_delta_rule.recurrent import recurrent_decode, recurrent_tokens
 from pallas_kernels.moe_matmul import moe_experts
 from pallas_kernels.prefill_attention import prefill_attention
+from pallas_kernels.skinny_matmul import default_tiling, skinny_matmul_pallas
 from pallas_kernels.vision_rotary import apply_vision_rotary_pallas
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
@@ -103,6 +104,13 @@ def test_tokens_kernel_lowers_to_triton_with_the_pool_aliased(hopper, batch, tok
     calls = [line for line in module.splitlines() if f"stablehlo.custom_call @{TRITON_CALL}" in line]
     assert len(calls) == 1
     assert ("output_operand_alias" in calls[0]) == advance
+
+
+@pytest.mark.parametrize("k, n", [(4096, 1024), (4096, 32), (3584, 512)])
+def test_skinny_matmul_lowers_to_triton(hopper, k, n):
+    """The one-row decode matmul at the default tiling of Qwen's narrow projections (k/v, GDN gates)."""
+    fn = functools.partial(skinny_matmul_pallas, tiling=default_tiling(k, n))
+    assert triton_kernels_in(fn, spec((1, k)), spec((k, n))) == 1
 
 
 @pytest.mark.parametrize("head_dim", [80, 72])

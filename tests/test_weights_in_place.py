@@ -28,6 +28,12 @@ def test_the_check_finds_a_materialised_weight():
     shapes = weight_shapes({"w": w})
     assert [op[2] for op in materialised_weights(copying, shapes)] == ["f32[96,64]"]
     assert materialised_weights(reading, shapes) == []
+    # The outputs of a multi-output fusion, as XLA's GPU rewrite of one-row dots writes x * W (H200 HLO, 2026-12).
+    fused = ("%p0 = bf16[4096,1024]{1,0} parameter(0)\n%p1 = bf16[1,4096]{1,0} parameter(1)\n"
+             "%loop_multiply_fusion.109 = (bf16[4096,1024]{1,0}, bf16[4096,1024]{1,0}) fusion(%p0, %p1), "
+             "kind=kLoop, calls=%fused_multiply.109\n")
+    found = materialised_weights(fused, weight_shapes({"w": jax.ShapeDtypeStruct((4096, 1024), jnp.bfloat16)}))
+    assert [op[0] for op in found] == ["loop_multiply_fusion.109#0", "loop_multiply_fusion.109#1"]
 
 
 @pytest.mark.parametrize("model_type, speculative_tokens",

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pallas_kernels.skinny_matmul import skinny_matmul
 from qwenvl_jax.models.fp8 import dequantize
 
 
@@ -33,7 +34,9 @@ class Linear(nnx.Module):
         return dequantize(self.kernel[...], self.kernel_scale_inv[...], self.block, dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x, self.weight(x.dtype))
+        y = skinny_matmul(x, self.kernel[...]) if self.kernel_scale_inv is None else None
+        if y is None:
+            y = jnp.dot(x, self.weight(x.dtype))
         if self.bias is not None:
             y = y + self.bias[...]
         return y
