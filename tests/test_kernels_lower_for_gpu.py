@@ -113,6 +113,14 @@ def test_skinny_matmul_lowers_to_triton(hopper, k, n):
     assert triton_kernels_in(fn, spec((1, k)), spec((k, n))) == 1
 
 
+@pytest.mark.parametrize("rows, k, n", [(1, 4096, 12288), (8, 12288, 4096)])
+def test_fp8_skinny_matmul_lowers_to_triton(hopper, rows, k, n):
+    """FP8 weights (float8_e4m3fn, 128x128 block scales) converted to bf16 tile by tile inside the kernel."""
+    fn = functools.partial(skinny_matmul_pallas, tiling=default_tiling(k, n), scale_block=(128, 128))
+    shapes = (spec((rows, k)), spec((k, n), jnp.float8_e4m3fn), spec((k // 128, n // 128), jnp.float32))
+    assert triton_kernels_in(fn, *shapes) == 1
+
+
 @pytest.mark.parametrize("head_dim", [80, 72])
 def test_vision_rotary_kernel_lowers_to_triton(hopper, head_dim):
     tokens, heads, positions = 1000, 16, 64

@@ -35,3 +35,26 @@ def test_tilings_and_where_the_kernel_applies():
     # On the CPU (and for several rows, or a weight XLA's GEMM handles) the model keeps XLA's dot.
     x, w = jnp.ones((1, 4096), jnp.bfloat16), jnp.ones((4096, 1024), jnp.bfloat16)
     assert skinny_matmul(x, w) is None
+
+
+@pytest.mark.parametrize("rows, k, n, block, tiling", [
+    (1, 512, 256, (128, 128), Tiling(64, 128, 2)),
+    (3, 256, 192, (64, 32), Tiling(32, 32, 2)),  # several scale blocks along both axes
+    (16, 384, 128, (128, 128), Tiling(64, 128, 1)),  # K = 3 blocks
+])
+def test_interpreted_fp8_kernel_matches_the_dequantized_dot(rows, k, n, block, tiling):
+    from qwenvl_jax.models.fp8 import dequantize, scale_shape
+
+    x = jax.random.normal(jax.random.key(rows), (rows, k), jnp.float32).astype(jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(k), (k, n), jnp.float32).astype(jnp.float8_e4m3fn)
+    scale = jax.random.uniform(jax.random.key(n), scale_shape(k, n, block), jnp.float32, 0.001, 0.01)
+    assert tiling_error(tiling, rows, k, n, block) is None
+    y = skinny_matmul_pallas(x, w, scale, tiling=tiling, scale_block=block, interpret=True)
+    want = jnp.dot(x.astype(jnp.float32), dequantize(w, scale, block, jnp.float32), precision="highest")
+    assert not np.isnan(np.asarray(y, np.float32)).any()
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(want), rtol=2e-2,
+                               atol=1e-2 * float(jnp.abs(want).max()))
+
+
+def test_fp8_tiles_must_nest_in_scale_blocks():
+    assert "do not nest" in tiling_error(Tiling(64, 128, 1), 1, 512, 256, (128, 64))

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pallas_kernels.skinny_matmul import skinny_matmul
+from pallas_kernels.skinny_matmul import skinny_matmul, skinny_matmul_fp8
 from qwenvl_jax.models.fp8 import dequantize
 
 
@@ -34,7 +34,10 @@ class Linear(nnx.Module):
         return dequantize(self.kernel[...], self.kernel_scale_inv[...], self.block, dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = skinny_matmul(x, self.kernel[...]) if self.kernel_scale_inv is None else None
+        if self.kernel_scale_inv is None:
+            y = skinny_matmul(x, self.kernel[...])
+        else:
+            y = skinny_matmul_fp8(x, self.kernel[...], self.kernel_scale_inv[...], self.block)
         if y is None:
             y = jnp.dot(x, self.weight(x.dtype))
         if self.bias is not None:
