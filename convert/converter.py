@@ -34,6 +34,7 @@ from convert.safetensors_io import (
 from qwenvl_jax.config import Fp8Config, ModelConfig, load_config
 from qwenvl_jax.models.fp8 import FP8_DTYPE, KEEP_UNQUANTIZED, quantizable, quantize_rows
 from qwenvl_jax.models.layers import Linear
+from qwenvl_jax.models.moe import Experts
 from qwenvl_jax.models.model import QwenVLModel, abstract_model
 
 PARAMS_DIR = "params"
@@ -76,20 +77,20 @@ def leaf_dtypes_of(model: QwenVLModel) -> dict[LeafPath, np.dtype]:
     return {tuple(path): np.dtype(v.get_value().dtype) for path, v in nnx.to_flat_state(nnx.state(model))}
 
 
-def _linear_modules(cfg: ModelConfig) -> list[str]:
-    """Dotted paths of the model's Linear layers (the modules FP8 applies to)."""
+def _modules_of(cfg: ModelConfig, *types: type) -> list[str]:
+    """Dotted paths of the model's modules of these types (Linear, Experts: the modules FP8 applies to)."""
     plain = abstract_model(cfg.with_fp8_modules(()), jnp.float32)
-    return sorted(".".join(map(str, path)) for path, node in nnx.iter_graph(plain) if isinstance(node, Linear))
+    return sorted(".".join(map(str, path)) for path, node in nnx.iter_graph(plain) if isinstance(node, types))
 
 
 def with_fp8_quantization(cfg: ModelConfig) -> ModelConfig:
-    """The config of this model quantized to FP8 the way Qwen's FP8 checkpoints are: every Linear but those its
-    ``modules_to_not_convert`` (default: KEEP_UNQUANTIZED) names."""
+    """The config of this model quantized to FP8 the way Qwen's FP8 checkpoints are: every Linear and MoE experts
+    module but those its ``modules_to_not_convert`` (default: KEEP_UNQUANTIZED) names."""
     keep = tuple(normalize_name(k) for k in cfg.fp8.modules_to_not_convert) if cfg.fp8 and \
         cfg.fp8.modules_to_not_convert else KEEP_UNQUANTIZED
     fp8 = dataclasses.replace(cfg.fp8 or Fp8Config(), modules_to_not_convert=tuple(keep))
     return dataclasses.replace(cfg, fp8=fp8).with_fp8_modules(
-        tuple(m for m in _linear_modules(cfg) if quantizable(m, tuple(keep))))
+        tuple(m for m in _modules_of(cfg, Linear, Experts) if quantizable(m, tuple(keep))))
 
 
 def _fp8_config(cfg: ModelConfig, normalized: list[str], hf_dir: Path, quantize: bool) -> ModelConfig:
@@ -104,11 +105,11 @@ def _fp8_config(cfg: ModelConfig, normalized: list[str], hf_dir: Path, quantize:
                               "has no quantization_config")
     if not modules:
         return cfg.with_fp8_modules(())
-    linears = set(_linear_modules(cfg))
-    unsupported = [m for m in modules if m not in linears]
+    capable = set(_modules_of(cfg, Linear, Experts))
+    unsupported = [m for m in modules if m not in capable]
     if unsupported:
         raise CheckpointError(f"checkpoint {hf_dir} stores in FP8 modules that qwenvl-jax runs only unquantized: "
-                              f"{_listing(unsupported, 5)} (FP8 MoE experts are not supported yet)")
+                              f"{_listing(unsupported, 5)}")
     return cfg.with_fp8_modules(tuple(modules))
 
 
@@ -151,7 +152,7 @@ def plan_conversion(hf_dir: str | Path, dtype: str | jnp.dtype = "bfloat16") -> 
                                   cfg.text.moe_intermediate_size) if cfg.is_moe else "split"
     wanted = build_sources(leaf_shapes, layout)
     if quantize and not fp8_modules_in(list(normalized)):  # scales are made from the weights, not read
-        wanted = {n: src for n, src in wanted.items() if src.leaf[-1] != "kernel_scale_inv"}
+        wanted = {n: src for n, src in wanted.items() if not str(src.leaf[-1]).endswith("_scale_inv")}
     ignored = {n for n in normalized if is_mtp(n)} if not mtp_layers else set()
     if cfg.text.tie_word_embeddings:
         ignored.add("lm_head.weight")  # some tied checkpoints still carry the copy
@@ -203,13 +204,34 @@ def fill_params(plan: ConversionPlan, allocate: Callable[[str, tuple[int, ...], 
     return leaves
 
 
-def _quantize_into(leaves: dict[LeafPath, np.ndarray], src: Source, w_io: np.ndarray, block: tuple[int, int]) -> None:
-    """Quantizes a [in, out] weight into its FP8 kernel and scale leaves, one row-block at a time (memory stays at
-    one block of rows, not the tensor)."""
-    kernel, scale = leaves[src.leaf], leaves[(*src.leaf[:-1], "kernel_scale_inv")]
+def _quantize_matrix(kernel_io: np.ndarray, scale_io: np.ndarray, w_io: np.ndarray, block: tuple[int, int]) -> None:
+    """Quantizes a [in, out] weight into an FP8 kernel and its block scales, one row-block at a time (memory stays
+    at one block of rows, not the tensor)."""
     block_in = block[1]
     for i, start in enumerate(range(0, w_io.shape[0], block_in)):
-        kernel[start : start + block_in], scale[i] = quantize_rows(w_io[start : start + block_in], block)
+        kernel_io[start : start + block_in], scale_io[i] = quantize_rows(w_io[start : start + block_in], block)
+
+
+def _quantize_into(leaves: dict[LeafPath, np.ndarray], src: Source, w: np.ndarray, block: tuple[int, int]) -> None:
+    """Quantizes a source's region of an FP8 leaf: a Linear's kernel, or MoE experts ([E, D, 2I] gate_up, whose
+    gate and up halves have blocks of their own, and [E, I, D] down), the whole stack or one expert's part."""
+    leaf = src.leaf[-1]
+    if leaf == "kernel":
+        _quantize_matrix(leaves[src.leaf], leaves[(*src.leaf[:-1], "kernel_scale_inv")], w, block)
+        return
+    kernel, scale = leaves[src.leaf], leaves[(*src.leaf[:-1], f"{leaf}_scale_inv")]
+    experts = [src.index[0]] if src.index else range(kernel.shape[0])
+    w = w[None] if src.index else w
+    for i, e in enumerate(experts):
+        if leaf == "down_proj":
+            _quantize_matrix(kernel[e], scale[e], w[i], block)
+            continue
+        inter, blocks = kernel.shape[-1] // 2, scale.shape[-1] // 2
+        halves = [src.index[2]] if len(src.index) == 3 else [slice(0, inter), slice(inter, 2 * inter)]
+        for half in halves:
+            first = half.start // inter  # 0: gate, 1: up
+            part = w[i] if len(src.index) == 3 else w[i][:, half]
+            _quantize_matrix(kernel[e, :, half], scale[e, :, first * blocks : (first + 1) * blocks], part, block)
 
 
 def nest(flat: dict[LeafPath, object]) -> dict:

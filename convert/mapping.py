@@ -41,8 +41,10 @@ FP8_SCALE_SUFFIX = ".weight_scale_inv"
 
 
 def fp8_modules_in(names: list[str]) -> list[str]:
-    """The modules whose weights a checkpoint stores in FP8: those with a block-scale tensor."""
-    return sorted(n[: -len(FP8_SCALE_SUFFIX)] for n in names if n.endswith(FP8_SCALE_SUFFIX))
+    """The modules whose weights a checkpoint stores in FP8: those with a block-scale tensor. Experts stored
+    one tensor per expert (``...experts.{e}.gate_proj``) name their experts module (``...experts``)."""
+    modules = {n[: -len(FP8_SCALE_SUFFIX)] for n in names if n.endswith(FP8_SCALE_SUFFIX)}
+    return sorted({re.sub(r"\.experts\.\d+\.(gate|up|down)_proj$", ".experts", m) for m in modules})
 
 
 def is_mtp(name: str) -> bool:
@@ -102,7 +104,9 @@ def _hf_name(path: Path) -> tuple[str, Transform]:
 
 
 def _expert_sources(prefix: str, leaf: Path, shape: tuple[int, ...], layout: ExpertLayout) -> list[Source]:
-    which = str(leaf[-1])  # gate_up_proj | down_proj
+    which = str(leaf[-1])  # gate_up_proj | down_proj, or their FP8 block scales (split layout only)
+    if which.endswith("_scale_inv"):
+        return _expert_scale_sources(prefix, leaf, shape)
     if layout != "split":
         transform: Transform = "swap_last2" if layout == "fused_transposed" else "copy"
         return [Source(f"{prefix}.{which}", leaf, (), transform)]
@@ -117,8 +121,26 @@ def _expert_sources(prefix: str, leaf: Path, shape: tuple[int, ...], layout: Exp
     return sources
 
 
+def _expert_scale_sources(prefix: str, leaf: Path, shape: tuple[int, ...]) -> list[Source]:
+    """FP8 experts stored one tensor per expert (Qwen3.5-MoE's hub layout): each expert's weight_scale_inv
+    [out blocks, in blocks] fills its region of our [E, in blocks, out blocks] scales (gate blocks, then up)."""
+    sources = []
+    for e in range(shape[0]):
+        if leaf[-1] == "down_proj_scale_inv":
+            sources.append(Source(f"{prefix}.{e}.down_proj.weight_scale_inv", leaf, (e,), "linear"))
+        else:
+            half = shape[-1] // 2
+            for part, cols in (("gate_proj", slice(0, half)), ("up_proj", slice(half, 2 * half))):
+                sources.append(Source(f"{prefix}.{e}.{part}.weight_scale_inv", leaf, (e, slice(None), cols),
+                                      "linear"))
+    return sources
+
+
+EXPERT_LEAVES = ("gate_up_proj", "down_proj", "gate_up_proj_scale_inv", "down_proj_scale_inv")
+
+
 def _sources_for_leaf(path: Path, shape: tuple[int, ...], layout: ExpertLayout) -> list[Source]:
-    if path[-2:] in (("experts", "gate_up_proj"), ("experts", "down_proj")):
+    if len(path) >= 2 and path[-2] == "experts" and path[-1] in EXPERT_LEAVES:
         return _expert_sources(".".join(map(str, path[:-1])), path, shape, layout)
     name, transform = _hf_name(path)
     return [Source(name, path, (), transform)]

@@ -149,8 +149,8 @@ def add_mtp_weights(hf_dir: Path, seed: int = 0) -> None:
     index_file.write_text(json.dumps(index))
 
 
-# What the official FP8 checkpoints keep unquantized (and MoE experts, which qwenvl-jax runs only unquantized).
-FP8_KEEP = ("visual.", "lm_head.", "embed_tokens.", "mlp.gate.", "shared_expert_gate.", "experts.")
+# What the official FP8 checkpoints keep unquantized.
+FP8_KEEP = ("visual.", "lm_head.", "embed_tokens.", "mlp.gate.", "shared_expert_gate.")
 
 
 def write_fp8_checkpoint(hf_dir: Path, fp8_dir: Path, deq_dir: Path, block: tuple[int, int] = (128, 128)) -> None:
@@ -169,6 +169,15 @@ def write_fp8_checkpoint(hf_dir: Path, fp8_dir: Path, deq_dir: Path, block: tupl
     tensors = {}
     for shard in sorted(set(index["weight_map"].values())):
         tensors.update(load_file(str(hf_dir / shard)))
+    # transformers' fused experts: gate_up_proj [E, 2I, D], down_proj [E, D, I] (each expert [out, in]).
+    for name in [n for n in tensors if n.endswith("mlp.experts.gate_up_proj")]:
+        prefix = name[: -len(".gate_up_proj")]
+        gate_up, down = tensors.pop(name), tensors.pop(prefix + ".down_proj")
+        inter = gate_up.shape[1] // 2
+        for e in range(gate_up.shape[0]):
+            tensors[f"{prefix}.{e}.gate_proj.weight"] = gate_up[e, :inter]
+            tensors[f"{prefix}.{e}.up_proj.weight"] = gate_up[e, inter:]
+            tensors[f"{prefix}.{e}.down_proj.weight"] = down[e]
     quantized, dequantized = {}, {}
     bo, bi = block
     for name, w in tensors.items():

@@ -39,8 +39,10 @@ def test_fp8_logits_match_the_dequantized_model(variant, block, tmp_path):
     converted = qj.load(convert_checkpoint(fp8_dir, tmp_path / "out", dtype="float32", progress=False))
     manifest = json.loads((tmp_path / "out" / "qwenvl_jax.json").read_text())
     assert manifest["fp8_modules"] and converted.config.fp8.block == block
-    fp8_kernels = [leaf for leaf in jax.tree_util.tree_leaves(converted.params) if leaf.dtype == jnp.float8_e4m3fn]
-    assert len(fp8_kernels) == len(manifest["fp8_modules"])
+    fp8_arrays = [leaf for leaf in jax.tree_util.tree_leaves(converted.params) if leaf.dtype == jnp.float8_e4m3fn]
+    experts = [m for m in manifest["fp8_modules"] if m.endswith(".experts")]  # two FP8 arrays each
+    assert len(fp8_arrays) == len(manifest["fp8_modules"]) + len(experts)
+    assert bool(experts) == ("moe" in variant)
     reference = qj.load(deq_dir, dtype="float32")
     ids = [[5, 17, 99, 3, 250, 7, 61, 400, 12]]
     np.testing.assert_allclose(converted.logits(ids), reference.logits(ids), rtol=2e-5, atol=2e-5)
@@ -89,8 +91,8 @@ def test_unsupported_quantization_is_refused_by_name(raw, message):
 @pytest.mark.parametrize("variant", ["qwen3_5_moe-b", "qwen2_5_vl-b"])
 def test_converting_with_dtype_fp8_quantizes_as_the_official_format(variant, tmp_path):
     """convert --dtype fp8 on an unquantized checkpoint: the same Linears in FP8 as the test writer quantizes
-    (not the vision tower, LM head, routers, shared-expert gates or experts), the same 128x128 block values,
-    so the same logits; everything else bfloat16."""
+    (not the vision tower, LM head, routers or shared-expert gates), the same 128x128 block values, so the
+    same logits; everything else bfloat16. MoE experts are quantized per expert, gate and up apart."""
     fp8_dir, _ = _fp8_pair(variant, tmp_path)
     ours = convert_checkpoint(tmp_path / "hf", tmp_path / "ours", dtype="fp8", progress=False)
     theirs = convert_checkpoint(fp8_dir, tmp_path / "theirs", dtype="bfloat16", progress=False)

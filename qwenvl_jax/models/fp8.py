@@ -39,21 +39,33 @@ def _module_at(root: nnx.Module, dotted: str) -> nnx.Module:
 
 
 def quantize_linears(model: nnx.Module, cfg: Fp8Config) -> None:
-    """Makes the Linears named in ``cfg.modules`` FP8 in place (kernel float8_e4m3fn, scales 1): the structure a
-    converted or loaded FP8 checkpoint fills."""
+    """Makes the modules named in ``cfg.modules`` (Linears, MoE experts) FP8 in place (weights float8_e4m3fn,
+    scales 1): the structure a converted or loaded FP8 checkpoint fills."""
     for dotted in cfg.modules:
-        linear = _module_at(model, dotted)
-        if not hasattr(linear, "kernel_scale_inv"):  # models.layers.Linear
-            raise ValueError(f"FP8 weights for {dotted}, which is a {type(linear).__name__}, not a linear layer")
-        kernel = linear.kernel[...]
-        linear.kernel = nnx.Param(kernel.astype(FP8_DTYPE))
-        linear.kernel_scale_inv = nnx.Param(jnp.ones(scale_shape(*kernel.shape, cfg.block), jnp.float32))
-        linear.block = cfg.block
+        module = _module_at(model, dotted)
+        if hasattr(module, "kernel_scale_inv"):  # models.layers.Linear
+            kernel = module.kernel[...]
+            module.kernel = nnx.Param(kernel.astype(FP8_DTYPE))
+            module.kernel_scale_inv = nnx.Param(jnp.ones(scale_shape(*kernel.shape, cfg.block), jnp.float32))
+        elif hasattr(module, "gate_up_proj_scale_inv"):  # models.moe.Experts: gate's blocks, then up's
+            gate_up, down = module.gate_up_proj[...], module.down_proj[...]
+            experts, hidden, double = gate_up.shape
+            gate_blocks = scale_shape(hidden, double // 2, cfg.block)
+            module.gate_up_proj = nnx.Param(gate_up.astype(FP8_DTYPE))
+            module.down_proj = nnx.Param(down.astype(FP8_DTYPE))
+            module.gate_up_proj_scale_inv = nnx.Param(
+                jnp.ones((experts, gate_blocks[0], 2 * gate_blocks[1]), jnp.float32))
+            module.down_proj_scale_inv = nnx.Param(
+                jnp.ones((experts, *scale_shape(*down.shape[1:], cfg.block)), jnp.float32))
+        else:
+            raise ValueError(f"FP8 weights for {dotted}, a {type(module).__name__}: only linear layers and MoE "
+                             "experts take FP8 weights")
+        module.block = cfg.block
 
 
-# Module-name fragments that Qwen's FP8 checkpoints keep unquantized (the vision tower, the LM head and
-# embeddings, MoE routers and shared-expert gates), plus the MoE experts, which run only unquantized here.
-KEEP_UNQUANTIZED = ("visual", "lm_head", "embed_tokens", "mlp.gate", "shared_expert_gate", "experts")
+# Module-name fragments that Qwen's FP8 checkpoints keep unquantized: the vision tower, the LM head and
+# embeddings, MoE routers and shared-expert gates.
+KEEP_UNQUANTIZED = ("visual", "lm_head", "embed_tokens", "mlp.gate", "shared_expert_gate")
 
 
 def quantizable(module: str, keep: tuple[str, ...] = KEEP_UNQUANTIZED) -> bool:

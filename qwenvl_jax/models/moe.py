@@ -13,6 +13,7 @@ from flax import nnx
 
 from pallas_kernels.moe_matmul import moe_experts
 from qwenvl_jax.config import TextConfig
+from qwenvl_jax.models.fp8 import dequantize
 from qwenvl_jax.models.layers import GatedMLP, Linear, _normal
 
 
@@ -21,6 +22,23 @@ class Experts(nnx.Module):
         # Hub layout: gate_up_proj [E, D, 2I] (gate | up on the last axis), down_proj [E, I, D].
         self.gate_up_proj = nnx.Param(_normal(rngs, (num_experts, hidden, 2 * intermediate), dtype))
         self.down_proj = nnx.Param(_normal(rngs, (num_experts, intermediate, hidden), dtype))
+        # FP8 (qwenvl_jax.models.fp8.quantize_module): block scales, gate's blocks then up's on the last axis.
+        self.gate_up_proj_scale_inv = nnx.data(None)
+        self.down_proj_scale_inv = nnx.data(None)
+        self.block = None
+
+    def weights(self, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+        """(gate_up [E, D, 2I], down [E, I, D]) as the matmuls read them (FP8 experts dequantized: the reference
+        path; the grouped kernels do not read FP8 yet)."""
+        gate_up, down = self.gate_up_proj[...], self.down_proj[...]
+        if self.gate_up_proj_scale_inv is None:
+            return gate_up, down
+        dequant = jax.vmap(lambda w, s: dequantize(w, s, self.block, dtype))
+        half, scale_half = gate_up.shape[-1] // 2, self.gate_up_proj_scale_inv.shape[-1] // 2
+        scale = self.gate_up_proj_scale_inv[...]
+        gate_up = jnp.concatenate([dequant(gate_up[..., :half], scale[..., :scale_half]),
+                                   dequant(gate_up[..., half:], scale[..., scale_half:])], axis=-1)
+        return gate_up, dequant(down, self.down_proj_scale_inv[...])
 
 
 class SparseMoeBlock(nnx.Module):
@@ -51,8 +69,7 @@ class SparseMoeBlock(nnx.Module):
         x_nd = x_btd.reshape(b * t, d)
         weights_nk, experts_nk = self.route(x_nd)
 
-        out_nd = moe_experts(x_nd, experts_nk, weights_nk, self.experts.gate_up_proj[...],
-                             self.experts.down_proj[...])
+        out_nd = moe_experts(x_nd, experts_nk, weights_nk, *self.experts.weights(x_nd.dtype))
 
         if self.shared_expert is not None:
             shared = self.shared_expert(x_nd)
