@@ -155,8 +155,20 @@ def _route(experts_nk: jax.Array, num_experts: int, block_m: int) -> tuple[jax.A
     return blocks_end[-1:], block_expert, slot_token.reshape(max_blocks, block_m), pair_slot
 
 
-def _gate_up_kernel(num_blocks_ref, block_expert_ref, slot_token_ref, x_ref, gate_up_ref, h_ref, *, block_k):
-    """Program (b, j): hidden columns [j*bn, (j+1)*bn) of block b's slots, silu(x @ gate) * (x @ up)."""
+def _tile_product(x_mk, w_ref, expert, rows, cols, scale_ref, scale_index):
+    """x tile @ one expert's weight tile in fp32; FP8 weights (``scale_ref`` given) converted to x's dtype and
+    the tile's block scale applied to the product (the tile nests in one scale block)."""
+    if scale_ref is None:
+        return jnp.dot(x_mk, w_ref[expert, rows, cols], preferred_element_type=jnp.float32)
+    product = jnp.dot(x_mk, w_ref[expert, rows, cols].astype(x_mk.dtype), preferred_element_type=jnp.float32)
+    return scale_ref[expert, scale_index[0], scale_index[1]] * product
+
+
+def _gate_up_kernel(num_blocks_ref, block_expert_ref, slot_token_ref, x_ref, gate_up_ref, *refs, block_k,
+                    scale_block):
+    """Program (b, j): hidden columns [j*bn, (j+1)*bn) of block b's slots, silu(x @ gate) * (x @ up).
+    FP8 (``scale_block`` = (output rows, input columns)): scales [E, D blocks, gate blocks then up blocks]."""
+    scale_ref, h_ref = refs if scale_block is not None else (None, refs[0])
     b, j = pl.program_id(0), pl.program_id(1)
 
     @pl.when(b < num_blocks_ref[0])
@@ -167,13 +179,16 @@ def _gate_up_kernel(num_blocks_ref, block_expert_ref, slot_token_ref, x_ref, gat
         intermediate = gate_up_ref.shape[2] // 2
         gate_cols = pl.ds(pl.multiple_of(j * block_n, block_n), block_n)
         up_cols = pl.ds(pl.multiple_of(intermediate + j * block_n, block_n), block_n)
+        block_out, block_in = scale_block or (1, 1)
+        up_blocks = scale_ref.shape[2] // 2 if scale_ref is not None else 0
 
         def step(i, acc):
             gate_mn, up_mn = acc
             rows = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
             x_mk = x_ref[token_m, rows]
-            gate_mn += jnp.dot(x_mk, gate_up_ref[expert, rows, gate_cols], preferred_element_type=jnp.float32)
-            up_mn += jnp.dot(x_mk, gate_up_ref[expert, rows, up_cols], preferred_element_type=jnp.float32)
+            kb, nb = (i * block_k) // block_in, (j * block_n) // block_out
+            gate_mn += _tile_product(x_mk, gate_up_ref, expert, rows, gate_cols, scale_ref, (kb, nb))
+            up_mn += _tile_product(x_mk, gate_up_ref, expert, rows, up_cols, scale_ref, (kb, up_blocks + nb))
             return gate_mn, up_mn
 
         zeros = jnp.zeros((block_m, block_n), jnp.float32)
@@ -181,8 +196,10 @@ def _gate_up_kernel(num_blocks_ref, block_expert_ref, slot_token_ref, x_ref, gat
         h_ref[...] = (jax.nn.silu(gate_mn) * up_mn).astype(h_ref.dtype)
 
 
-def _down_kernel(num_blocks_ref, block_expert_ref, h_ref, down_ref, y_ref, *, block_k):
-    """Program (b, j): output columns [j*bn, (j+1)*bn) of block b's slots, h @ down."""
+def _down_kernel(num_blocks_ref, block_expert_ref, h_ref, down_ref, *refs, block_k, scale_block):
+    """Program (b, j): output columns [j*bn, (j+1)*bn) of block b's slots, h @ down (FP8: scales
+    [E, I blocks, D blocks])."""
+    scale_ref, y_ref = refs if scale_block is not None else (None, refs[0])
     b, j = pl.program_id(0), pl.program_id(1)
 
     @pl.when(b < num_blocks_ref[0])
@@ -190,27 +207,33 @@ def _down_kernel(num_blocks_ref, block_expert_ref, h_ref, down_ref, y_ref, *, bl
         expert = block_expert_ref[b]
         block_m, block_n = y_ref.shape
         cols = pl.ds(pl.multiple_of(j * block_n, block_n), block_n)
+        block_out, block_in = scale_block or (1, 1)
 
         def step(i, acc_mn):
             rows = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
-            return acc_mn + jnp.dot(h_ref[:, rows], down_ref[expert, rows, cols], preferred_element_type=jnp.float32)
+            index = ((i * block_k) // block_in, (j * block_n) // block_out)
+            return acc_mn + _tile_product(h_ref[:, rows], down_ref, expert, rows, cols, scale_ref, index)
 
         acc_mn = lax.fori_loop(0, h_ref.shape[1] // block_k, step, jnp.zeros((block_m, block_n), jnp.float32))
         y_ref[...] = acc_mn.astype(y_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("tiling", "interpret"))
+@functools.partial(jax.jit, static_argnames=("tiling", "scale_block", "interpret"))
 def moe_experts_pallas(
     x_nd: jax.Array,
     experts_nk: jax.Array,
     weights_nk: jax.Array,
     gate_up_edf: jax.Array,
     down_efd: jax.Array,
+    scales: tuple[jax.Array, jax.Array] | None = None,
     *,
     tiling: Tiling,
+    scale_block: tuple[int, int] | None = None,
     interpret: bool = False,
 ) -> jax.Array:
-    """The two kernels at a given (already fitted and checked) tiling; see moe_experts for the arguments."""
+    """The two kernels at a given (already fitted and checked) tiling; see moe_experts for the arguments.
+    ``scales`` (FP8 float8_e4m3fn experts): (gate_up [E, D blocks, gate blocks + up blocks], down [E, I blocks,
+    D blocks]) fp32 of ``scale_block`` = (output rows, input columns) blocks."""
     num_tokens, hidden = x_nd.shape
     top_k = experts_nk.shape[1]
     num_experts, intermediate = down_efd.shape[:2]
@@ -221,26 +244,29 @@ def moe_experts_pallas(
     # Routing tables, tokens and weights are passed whole: the kernels index them with the block's expert and
     # tokens, which a BlockSpec's index map (a function of the grid position only) cannot express.
     whole = pl.BlockSpec(memory_space=None)
+    gate_up_scale, down_scale = ((s.astype(jnp.float32),) for s in scales) if scales is not None else ((), ())
     h_slots = pl.pallas_call(
-        functools.partial(_gate_up_kernel, block_k=tiling.gate_up_block_k),
+        functools.partial(_gate_up_kernel, block_k=tiling.gate_up_block_k, scale_block=scale_block),
         grid=(max_blocks, intermediate // tiling.gate_up_block_n),
-        in_specs=[whole, whole, pl.BlockSpec((None, block_m), lambda b, j: (b, 0)), whole, whole],
+        in_specs=[whole, whole, pl.BlockSpec((None, block_m), lambda b, j: (b, 0)), whole, whole]
+        + [whole] * len(gate_up_scale),
         out_specs=pl.BlockSpec((block_m, tiling.gate_up_block_n), lambda b, j: (b, j)),
         out_shape=jax.ShapeDtypeStruct((max_blocks * block_m, intermediate), x_nd.dtype),
         compiler_params=params,
         interpret=interpret,
         name="moe_gate_up",
-    )(num_blocks, block_expert, slot_token, x_nd, gate_up_edf)
+    )(num_blocks, block_expert, slot_token, x_nd, gate_up_edf, *gate_up_scale)
     y_slots = pl.pallas_call(
-        functools.partial(_down_kernel, block_k=tiling.down_block_k),
+        functools.partial(_down_kernel, block_k=tiling.down_block_k, scale_block=scale_block),
         grid=(max_blocks, hidden // tiling.down_block_n),
-        in_specs=[whole, whole, pl.BlockSpec((block_m, intermediate), lambda b, j: (b, 0)), whole],
+        in_specs=[whole, whole, pl.BlockSpec((block_m, intermediate), lambda b, j: (b, 0)), whole]
+        + [whole] * len(down_scale),
         out_specs=pl.BlockSpec((block_m, tiling.down_block_n), lambda b, j: (b, j)),
         out_shape=jax.ShapeDtypeStruct((max_blocks * block_m, hidden), x_nd.dtype),
         compiler_params=params,
         interpret=interpret,
         name="moe_down",
-    )(num_blocks, block_expert, h_slots, down_efd)
+    )(num_blocks, block_expert, h_slots, down_efd, *down_scale)
     y_nkd = y_slots[pair_slot].reshape(num_tokens, top_k, hidden)
     return jnp.einsum("nkd,nk->nd", y_nkd, weights_nk.astype(x_nd.dtype))
 
@@ -306,3 +332,38 @@ def moe_experts(
         raise ValueError(f"the MoE Pallas kernels cannot take these inputs: {error}")
     return moe_experts_pallas(x_nd, experts_nk, weights_nk, gate_up_edf, down_efd, tiling=tiling,
                               interpret=impl == "interpret")
+
+
+def moe_experts_fp8(
+    x_nd: jax.Array,
+    experts_nk: jax.Array,
+    weights_nk: jax.Array,
+    gate_up_edf: jax.Array,
+    down_efd: jax.Array,
+    scales: tuple[jax.Array, jax.Array],
+    scale_block: tuple[int, int],
+) -> jax.Array | None:
+    """Routed experts with FP8 weights (float8_e4m3fn, block scales as in ``moe_experts_pallas``) through the
+    kernels, which convert each weight tile to x's dtype and scale its product: on a GPU, when the default tiles
+    nest in the scale blocks. Else None: the caller dequantizes (the reference path)."""
+    if jax.default_backend() != "gpu" or x_nd.dtype not in (jnp.bfloat16, jnp.float16):
+        return None
+    as_x = [jax.ShapeDtypeStruct(w.shape, x_nd.dtype) for w in (gate_up_edf, down_efd)]  # the tiles' shapes
+    tiling, error = _tiling_for(x_nd, experts_nk, *as_x, {})
+    if error is not None or fp8_tiling_error(tiling, scale_block) is not None:
+        return None
+    return moe_experts_pallas(x_nd, experts_nk, weights_nk, gate_up_edf, down_efd, scales, tiling=tiling,
+                              scale_block=scale_block)
+
+
+def fp8_tiling_error(tiling: Tiling, scale_block: tuple[int, int]) -> str | None:
+    """Why FP8 scale blocks (output rows, input columns) cannot serve these tiles (each tile must lie in one
+    block), or None."""
+    block_out, block_in = scale_block
+    for name, size, block in (("gate_up_block_k", tiling.gate_up_block_k, block_in),
+                              ("gate_up_block_n", tiling.gate_up_block_n, block_out),
+                              ("down_block_k", tiling.down_block_k, block_in),
+                              ("down_block_n", tiling.down_block_n, block_out)):
+        if block % size:
+            return f"{name}={size} does not divide the FP8 scale block's {block}"
+    return None

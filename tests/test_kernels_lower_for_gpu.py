@@ -16,7 +16,8 @@ from jax import export
 from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.gated_delta_rule.chunk import chunk_prefill
 from pallas_kernels.gated_delta_rule.recurrent import recurrent_decode, recurrent_tokens
-from pallas_kernels.moe_matmul import moe_experts
+from pallas_kernels.moe_matmul import default_tiling as default_moe_tiling
+from pallas_kernels.moe_matmul import moe_experts, moe_experts_pallas
 from pallas_kernels.prefill_attention import prefill_attention
 from pallas_kernels.skinny_matmul import default_tiling, skinny_matmul_pallas
 from pallas_kernels.vision_rotary import apply_vision_rotary_pallas
@@ -174,4 +175,16 @@ def test_moe_expert_kernels_lower_to_triton(hopper, tokens):
     fn = functools.partial(moe_experts, impl="pallas")
     shapes = (spec((tokens, d)), spec((tokens, k), jnp.int32), spec((tokens, k)), spec((e, d, 2 * f)),
               spec((e, f, d)))
+    assert triton_kernels_in(fn, *shapes) == 2
+
+
+@pytest.mark.parametrize("tokens", [1, 1024])
+def test_fp8_moe_expert_kernels_lower_to_triton(hopper, tokens):
+    """The same experts in FP8 (float8_e4m3fn tiles converted in the kernels, 128x128 block scales)."""
+    d, f, e, k = 2048, 512, 256, 8
+    tiling = default_moe_tiling(tokens, k, e)
+    fn = functools.partial(moe_experts_pallas, tiling=tiling, scale_block=(128, 128))
+    shapes = (spec((tokens, d)), spec((tokens, k), jnp.int32), spec((tokens, k)),
+              spec((e, d, 2 * f), jnp.float8_e4m3fn), spec((e, f, d), jnp.float8_e4m3fn),
+              (spec((e, d // 128, 2 * f // 128), jnp.float32), spec((e, f // 128, d // 128), jnp.float32)))
     assert triton_kernels_in(fn, *shapes) == 2

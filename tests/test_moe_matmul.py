@@ -143,3 +143,30 @@ def test_batches_of_few_pairs_give_each_pair_its_own_block():
     np.testing.assert_array_equal(block_expert, np.asarray(experts_nk).reshape(-1))
     assert (slot_token == 0).all()
     np.testing.assert_array_equal(pair_slot, [0, 16])
+
+
+@pytest.mark.parametrize("num_tokens, top_k, block", [(1, 4, (32, 32)), (3, 2, (16, 32)), (64, 4, (32, 64))])
+def test_interpreted_fp8_kernels_match_the_dequantized_reference(num_tokens, top_k, block):
+    """FP8 experts (float8_e4m3fn, block scales: gate's blocks then up's on gate_up's last axis) against the
+    reference on the dequantized weights; several blocks along every axis of the tiny experts."""
+    from pallas_kernels.moe_matmul import Tiling, fp8_tiling_error, moe_experts_pallas
+    from qwenvl_jax.models.fp8 import dequantize, scale_shape
+
+    x, experts, weights, gate_up, down = make_inputs(7 + num_tokens, num_tokens, top_k, jnp.bfloat16)
+    rng = np.random.default_rng(num_tokens)
+    gate_up8, down8 = (w.astype(jnp.float8_e4m3fn) for w in (gate_up * 8, down * 8))
+    gate_blocks = scale_shape(HIDDEN, INTERMEDIATE, block)
+    gate_up_s = jnp.asarray(rng.uniform(0.05, 0.2, (EXPERTS, gate_blocks[0], 2 * gate_blocks[1])), jnp.float32)
+    down_s = jnp.asarray(rng.uniform(0.05, 0.2, (EXPERTS, *scale_shape(INTERMEDIATE, HIDDEN, block))), jnp.float32)
+    tiling = Tiling(block_m=16, gate_up_block_n=16, gate_up_block_k=32, down_block_n=16, down_block_k=16,
+                    num_warps=4, num_stages=2)
+    assert fp8_tiling_error(tiling, block) is None
+    out = moe_experts_pallas(x, experts, weights, gate_up8, down8, (gate_up_s, down_s), tiling=tiling,
+                             scale_block=block, interpret=True)
+    deq = jax.vmap(lambda w, s: dequantize(w, s, block, jnp.float32))
+    half = gate_blocks[1]
+    gate_up_f = jnp.concatenate([deq(gate_up8[..., :INTERMEDIATE], gate_up_s[..., :half]),
+                                 deq(gate_up8[..., INTERMEDIATE:], gate_up_s[..., half:])], axis=-1)
+    want = moe_experts_ref(x.astype(jnp.float32), experts, weights.astype(jnp.float32), gate_up_f,
+                           deq(down8, down_s))
+    assert rel_err(out, want) < 2e-2

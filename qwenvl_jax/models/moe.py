@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pallas_kernels.moe_matmul import moe_experts
+from pallas_kernels.moe_matmul import moe_experts, moe_experts_fp8
 from qwenvl_jax.config import TextConfig
 from qwenvl_jax.models.fp8 import dequantize
 from qwenvl_jax.models.layers import GatedMLP, Linear, _normal
@@ -28,8 +28,8 @@ class Experts(nnx.Module):
         self.block = None
 
     def weights(self, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
-        """(gate_up [E, D, 2I], down [E, I, D]) as the matmuls read them (FP8 experts dequantized: the reference
-        path; the grouped kernels do not read FP8 yet)."""
+        """(gate_up [E, D, 2I], down [E, I, D]) in ``dtype`` (FP8 experts dequantized: the reference path, where
+        the grouped kernels cannot read the FP8 tiles)."""
         gate_up, down = self.gate_up_proj[...], self.down_proj[...]
         if self.gate_up_proj_scale_inv is None:
             return gate_up, down
@@ -69,7 +69,14 @@ class SparseMoeBlock(nnx.Module):
         x_nd = x_btd.reshape(b * t, d)
         weights_nk, experts_nk = self.route(x_nd)
 
-        out_nd = moe_experts(x_nd, experts_nk, weights_nk, *self.experts.weights(x_nd.dtype))
+        experts = self.experts
+        out_nd = None
+        if experts.block is not None:  # FP8 experts: the kernels read FP8 tiles where they can
+            out_nd = moe_experts_fp8(x_nd, experts_nk, weights_nk, experts.gate_up_proj[...], experts.down_proj[...],
+                                     (experts.gate_up_proj_scale_inv[...], experts.down_proj_scale_inv[...]),
+                                     experts.block)
+        if out_nd is None:
+            out_nd = moe_experts(x_nd, experts_nk, weights_nk, *experts.weights(x_nd.dtype))
 
         if self.shared_expert is not None:
             shared = self.shared_expert(x_nd)
