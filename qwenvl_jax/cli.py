@@ -196,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--decode-steps", type=int,
                        help="tokens per decode call (default: the library's, EngineConfig.decode_steps)")
         p.add_argument("--speculative-tokens", type=int,
-                       help="Qwen3.5: tokens drafted a step by the checkpoint's MTP head, 1-4 (default: off)")
+                       help="Qwen3.5: tokens drafted a step by the checkpoint's MTP head, 0 (off) to 4 (default: 2 "
+                            "with an MTP head)")
         p.add_argument("--warmup", action="store_true", help="compile every prompt/vision/decode bucket up front")
         p.set_defaults(func=_generate if name == "generate" else _chat)
 

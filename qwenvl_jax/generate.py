@@ -68,7 +68,7 @@ class GenerationStats:
     total_s: float
     # Ended by the engine's max_len (prompt + new tokens) before max_new_tokens; a warning says so too.
     truncated_by_max_len: bool
-    # Speculative decoding (configure(speculative_tokens=k)), else None: tokens after the first per decode step
+    # Speculative decoding (Engine.speculative_tokens = k > 0), else None: tokens after the first per decode step
     # (1 to k + 1), and the share of drafts accepted, (tokens_per_step - 1) / k.
     tokens_per_step: float | None = None
     draft_acceptance: float | None = None
@@ -258,7 +258,7 @@ def _run(model: GenerationModel, requests: list[Request], stop: list[str], strea
             warnings.warn(f"request {i} stopped at the engine's max_len of {engine.config.max_len} tokens: its "
                           f"{len(req.input_ids)} prompt tokens left room for {len(ids[i])} of max_new_tokens="
                           f"{req.max_new_tokens} (raise it with configure(max_len=...) or --max-len)", stacklevel=2)
-        k = engine.config.speculative_tokens
+        k = engine.speculative_tokens
         per_step = (len(ids[i]) - 1) / steps[i] if k and steps[i] else None
         stats = GenerationStats(
             prompt_tokens=len(req.input_ids), new_tokens=len(ids[i]), ttft_s=ttft,

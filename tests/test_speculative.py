@@ -78,7 +78,7 @@ def test_greedy_output_is_unchanged_by_any_drafts(model):
     k = 2
     text = _text_request(np.random.default_rng(0).integers(0, 400, 40))
     image = _image_request(model)
-    plain, plain_steps = _run(_engine(model), [text, image])
+    plain, plain_steps = _run(_engine(model, speculative_tokens=0), [text, image])
     assert all(len(t) > 20 for t in plain) and plain_steps == [len(t) - 1 for t in plain]
     engine = _engine(model, speculative_tokens=k)
 
@@ -99,15 +99,19 @@ def test_greedy_output_is_unchanged_by_any_drafts(model):
 
 
 def test_tokens_per_step_and_acceptance_in_the_stats(tmp_path):
-    """generate() reports tokens per step and draft acceptance with speculation (None without); k = 1 and 4
-    with an oracle stay exact."""
+    """generate() reports tokens per step and draft acceptance with speculation (None without); a model with
+    an MTP head speculates with k = 2 by default up to max_batch 8; k = 1 and 4 with an oracle stay exact."""
     model = mtp_checkpoint("qwen3_5-a", tmp_path)
-    model.configure(**ENGINE)
+    model.configure(**ENGINE, speculative_tokens=0)
     ids = np.random.default_rng(3).integers(0, 400, 30).tolist()
     plain = model.generate(input_ids=ids, max_new_tokens=40)
     plain_engine = model.engine()
     assert plain.stats.tokens_per_step is None and plain.stats.draft_acceptance is None
-    model.configure(speculative_tokens=4)
+    model.configure(speculative_tokens=None)
+    assert model.engine().speculative_tokens == 2
+    model.configure(max_batch=16)
+    assert model.engine().speculative_tokens == 0
+    model.configure(max_batch=ENGINE["max_batch"], speculative_tokens=4)
     drafted = model.generate(input_ids=ids, max_new_tokens=40)
     assert drafted.token_ids == plain.token_ids
     assert 1.0 <= drafted.stats.tokens_per_step <= 5.0
