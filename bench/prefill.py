@@ -42,6 +42,7 @@ if sys.path[0] == str(pathlib.Path(__file__).resolve().parent):
     sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 from bench.models import matmul_rate, prefill_flops, random_params, released_config, text_only  # noqa: E402
 from bench.run_info import run_info  # noqa: E402
+from convert.converter import with_fp8_quantization  # noqa: E402
 from qwenvl_jax.config import ModelConfig, parse_config  # noqa: E402
 from qwenvl_jax.engine import VisionPayload  # noqa: E402
 from qwenvl_jax.models.model import abstract_model  # noqa: E402
@@ -59,11 +60,14 @@ def model_config(name: str, tiny: bool) -> dict:
     return tiny_config(raw["model_type"]) if tiny else raw
 
 
-def build(raw: dict, dtype, workdir: pathlib.Path) -> QwenVL:
-    """A QwenVL handle over random weights, its directory holding config.json alone (eos ids, no tokenizer)."""
+def build(raw: dict, dtype, workdir: pathlib.Path, fp8: bool = False) -> QwenVL:
+    """A QwenVL handle over random weights, its directory holding config.json alone (eos ids, no tokenizer);
+    ``fp8``: linear layers and experts in FP8, as ``convert --dtype fp8`` stores them."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(json.dumps(raw))
     cfg = parse_config(raw)
+    if fp8:
+        cfg = with_fp8_quantization(cfg)
     graphdef, params = random_params(abstract_model(cfg, dtype), jax.random.key(0))
     return QwenVL(cfg, nnx.merge(graphdef, params), workdir)
 
@@ -167,7 +171,7 @@ def text_section(args, rate: float, dtype, work: pathlib.Path) -> list[dict]:
     rows = []
     for name in TEXT_MODELS:
         raw = text_only(model_config(name, args.tiny))
-        model = build(raw, dtype, work / name)
+        model = build(raw, dtype, work / name, fp8=args.fp8)
         rng = np.random.default_rng(0)
         for prompt in args.text_prompts:
             model.configure(max_batch=1, max_len=prompt + 8, prompt_buckets=(prompt,))
@@ -299,6 +303,7 @@ def main() -> None:
     ap.add_argument("--prefill-tokens", type=int, default=8192, help="EngineConfig.prefill_tokens of the batch")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--hf", action="store_true", help="also time HF transformers (needs torch with CUDA)")
+    ap.add_argument("--fp8", action="store_true", help="the text section with FP8 linear layers (convert --dtype fp8)")
     ap.add_argument("--tiny", action="store_true", help="tiny configs on the CPU (checks the script)")
     ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
     args = ap.parse_args()
@@ -310,7 +315,7 @@ def main() -> None:
     device = jax.devices()[0].device_kind
     print(f"{device}: bf16 matmul {rate / 1e12:.0f} TFLOP/s", flush=True)
 
-    result = dict(**run_info(), tiny=args.tiny, matmul_flop_s=rate)
+    result = dict(**run_info(), tiny=args.tiny, fp8=args.fp8, matmul_flop_s=rate)
     with tempfile.TemporaryDirectory() as tmp:
         work = pathlib.Path(tmp)
         if "text" in sections:
@@ -339,7 +344,7 @@ def main() -> None:
               f"floor {r['floor_tok_s']:.0f}, HF {r.get('hf_tok_s', float('nan')):.0f}")
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"prefill{'-tiny' if args.tiny else ''}-{device.replace(' ', '_')}.json"
+    path = out / f"prefill{'-fp8' if args.fp8 else ''}{'-tiny' if args.tiny else ''}-{device.replace(' ', '_')}.json"
     path.write_text(json.dumps(result, indent=1))
     print(f"wrote {path}")
 
