@@ -250,3 +250,15 @@ def test_mtp_head_is_converted_and_format_2_checkpoints_still_load(tmp_path):
     assert old.config.text.mtp_layers == 0
     ids = [[3, 1, 4, 1, 5]]
     np.testing.assert_allclose(old.logits(ids), converted.logits(ids), rtol=1e-6)
+
+
+def test_chunked_image_prompt_and_admission_mid_run_stay_exact(tmp_path):
+    """An image prompt prefilled in 16-token chunks (vision tokens and MTP positions across chunk boundaries),
+    admitted while another request decodes, with MTP drafts: the tokens a plain engine gives."""
+    model = mtp_checkpoint("qwen3_5-a", tmp_path)
+    requests = [_text_request(np.random.default_rng(8).integers(0, 400, 23), max_new=24), _image_request(model, 16),
+                _text_request(np.random.default_rng(9).integers(0, 400, 37), max_new=12)]
+    options = dict(prompt_buckets=(16,), max_batch=2)
+    plain, _ = _run(_engine(model, speculative_tokens=0, **options), requests)
+    drafted, _ = _run(_engine(model, speculative_tokens=3, **options), requests)
+    assert drafted == plain and all(len(t) > 6 for t in plain)
