@@ -28,6 +28,7 @@ from qwenvl_jax.models.multimodal import fuse_vision
 from qwenvl_jax.models.vision import prepare_vision_inputs
 from qwenvl_jax.models.rope import mrope_cos_sin
 from qwenvl_jax.sampling import SamplingArrays, SamplingParams, mark_seen, request_keys, sample, sampling_arrays
+from qwenvl_jax.sharding import mesh_of, replicated, shard_state
 from qwenvl_jax.speculative import first_drafts, prefill_mtp, speculative_step
 
 
@@ -300,6 +301,9 @@ class Engine:
             sampling=jax.tree_util.tree_map(jnp.asarray, sampling_arrays([], slots)),
             spec=spec,
         )
+        mesh = mesh_of(params)
+        if mesh is not None:  # tensor / expert parallel: the state joins the mesh
+            self.state = shard_state(self.state, model.cfg, mesh)
         # The programs take the weights as a flat list: a call then neither hashes the graph definition as a static
         # argument nor flattens the nnx.State (measured on a 2-core CPU: 3 and 0.7 ms of host time per call, for
         # the ~430 leaves of Qwen3.5-9B's structure).
@@ -310,8 +314,14 @@ class Engine:
                 return program(graphdef, jax.tree_util.tree_unflatten(weights_def, weights), *args, **kwargs)
             return run
 
-        self._prefill = jax.jit(over_weights(prefill_program), static_argnames=("fresh", "final"), donate_argnums=1)
-        self._decode = jax.jit(over_weights(decode_program), static_argnames=("steps", "rows"), donate_argnums=1)
+        # On a mesh the state keeps its shardings from call to call (else XLA may pick others for the outputs,
+        # and the next call, seeing new input shardings, compiles again).
+        keep = {} if mesh is None else dict(out_shardings=(
+            jax.tree_util.tree_map(lambda x: x.sharding, self.state), replicated(mesh)))
+        self._prefill = jax.jit(over_weights(prefill_program), static_argnames=("fresh", "final"), donate_argnums=1,
+                                **keep)
+        self._decode = jax.jit(over_weights(decode_program), static_argnames=("steps", "rows"), donate_argnums=1,
+                               **keep)
         self._vision = jax.jit(over_weights(vision_program))
         self._cancelled: set[int] = set()
         self.vision_cfg = model.cfg.vision

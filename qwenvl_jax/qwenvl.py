@@ -198,10 +198,17 @@ class QwenVL:
         return _shift_rows(logits, -starts)
 
 
-def load(path: str | Path, dtype: str | None = None) -> QwenVL:
+def load(path: str | Path, dtype: str | None = None, *, tensor_parallel: int = 1, expert_parallel: int = 1
+         ) -> QwenVL:
     """Loads a converted checkpoint directory, or an HF checkpoint directory (converted in memory); relative paths
     and ``~`` work. ``dtype`` (bfloat16, float16, float32): the compute dtype; default the converted one, or
-    bfloat16 for an HF directory."""
+    bfloat16 for an HF directory. ``tensor_parallel`` x ``expert_parallel`` devices (``qwenvl_jax.sharding``):
+    attention heads, MLP columns and the vocabulary split over the first, MoE experts over the second."""
     path = checkpoint_dir(path)
     cfg, model = load_params(path, dtype)
-    return QwenVL(cfg, model, path)
+    handle = QwenVL(cfg, model, path)
+    if tensor_parallel * expert_parallel > 1:
+        from qwenvl_jax.sharding import make_mesh, shard_params
+
+        handle.params = shard_params(handle.params, cfg, make_mesh(tensor_parallel, expert_parallel))
+    return handle

@@ -1,0 +1,111 @@
+"""Tensor and expert parallelism over a device mesh: where each parameter lives.
+
+A ``Mesh`` with axes ("expert", "tensor") and a rule per parameter (by its path in our tree, which mirrors HF's
+module names): attention heads, MLP and shared-expert intermediate columns, and the vocabulary split over
+"tensor"; MoE experts over "expert"; everything else (norms, the vision tower, GDN projections for now)
+replicated. A dimension that does not divide its axis stays whole. XLA's SPMD partitioner then runs the jitted
+programs on the mesh and inserts the collectives the shardings need, so results do not depend on the rules:
+only the communication does.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from qwenvl_jax.config import ModelConfig
+
+TENSOR, EXPERT = "tensor", "expert"
+
+def make_mesh(tensor_parallel: int = 1, expert_parallel: int = 1, devices=None) -> Mesh:
+    """A mesh of tensor_parallel x expert_parallel devices (the first ones of ``jax.devices()``)."""
+    devices = jax.devices() if devices is None else devices
+    need = tensor_parallel * expert_parallel
+    if tensor_parallel < 1 or expert_parallel < 1 or need > len(devices):
+        raise ValueError(f"tensor_parallel={tensor_parallel} x expert_parallel={expert_parallel} needs {need} devices; "
+                         f"{len(devices)} are visible")
+    grid = np.asarray(devices[:need]).reshape(expert_parallel, tensor_parallel)
+    return Mesh(grid, (EXPERT, TENSOR))
+
+
+def _spec(path: tuple[str, ...], shape: tuple[int, ...], cfg: ModelConfig, mesh: Mesh) -> P:
+    """The partition of one parameter (our kernels are [in, out])."""
+    if path[0] == "visual":
+        return P()
+    tp = mesh.shape[TENSOR]
+    text = cfg.text
+    module, leaf = ".".join(path[:-1]), path[-1]
+    if len(path) >= 2 and path[-2] == "experts":
+        spec = P(EXPERT, *([None] * (len(shape) - 1)))
+    else:
+        heads_split = text.num_attention_heads % tp == 0
+        columns = (module.endswith(("gate_proj", "up_proj", "lm_head"))
+                   or module.endswith("self_attn.q_proj") and heads_split
+                   or module.endswith(("self_attn.k_proj", "self_attn.v_proj")) and text.num_key_value_heads % tp == 0)
+        rows = module.endswith("down_proj") or module.endswith("self_attn.o_proj") and heads_split
+        if module.endswith("embed_tokens") and leaf == "weight":
+            spec = P(TENSOR, None)  # vocabulary rows
+        elif columns and leaf == "kernel":
+            spec = P(None, TENSOR)
+        elif columns and leaf == "bias":
+            spec = P(TENSOR)
+        elif rows and leaf == "kernel":
+            spec = P(TENSOR, None)
+        else:
+            spec = P()
+    sizes = {TENSOR: tp, EXPERT: mesh.shape[EXPERT]}
+    # A dimension its axis does not divide stays whole.
+    return P(*(axis if axis is None or shape[i] % sizes[axis] == 0 else None for i, axis in enumerate(spec)))
+
+
+def shard_params(params: nnx.State, cfg: ModelConfig, mesh: Mesh) -> nnx.State:
+    """The parameters placed on the mesh by the rules above (a new tree; each leaf moved once)."""
+    flat = nnx.to_flat_state(params)
+    for path, var in flat:
+        value = var.get_value()
+        spec = _spec(tuple(map(str, path)), tuple(value.shape), cfg, mesh)
+        var.set_value(jax.device_put(value, NamedSharding(mesh, spec)))
+    return nnx.from_flat_state(flat)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def shard_state(state, cfg: ModelConfig, mesh: Mesh):
+    """The engine's decode state on the mesh: KV caches [S, L, KV, D] split by KV heads and Gated DeltaNet
+    recurrent states [S, Hv, Dk, Dv] by value heads (where the heads divide the tensor axis), the rest
+    replicated."""
+    from qwenvl_jax.models.attention import AttnCache
+    from qwenvl_jax.models.gated_deltanet import GdnCache
+
+    tp = mesh.shape[TENSOR]
+
+    def place(x, spec=P()):
+        return jax.device_put(x, NamedSharding(mesh, spec))
+
+    def layer(cache):
+        if isinstance(cache, AttnCache):
+            spec = P(None, None, TENSOR, None) if cfg.text.num_key_value_heads % tp == 0 else P()
+            return AttnCache(place(cache.k, spec), place(cache.v, spec))
+        if isinstance(cache, GdnCache):
+            spec = P(None, TENSOR) if cfg.text.linear_num_value_heads % tp == 0 else P()
+            return GdnCache(place(cache.conv), place(cache.recurrent, spec))
+        return jax.tree_util.tree_map(place, cache)
+
+    placed = jax.tree_util.tree_map(place, state._replace(layers=(), spec=None))
+    spec = None if state.spec is None else state.spec._replace(
+        mtp_layers=tuple(layer(c) for c in state.spec.mtp_layers),
+        **{f: place(getattr(state.spec, f)) for f in ("drafts", "chunk_hidden", "draft_table")})
+    return placed._replace(layers=tuple(layer(c) for c in state.layers), spec=spec)
+
+
+def mesh_of(params: nnx.State) -> Mesh | None:
+    """The mesh the parameters live on (None on a single device)."""
+    for leaf in jax.tree_util.tree_leaves(params):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+            return sharding.mesh
+    return None

@@ -1,0 +1,67 @@
+"""Run by tests/test_sharding.py in a process of its own with 8 fake CPU devices (the device count is fixed when
+JAX starts): tiny models of every family on tensor- and expert-parallel meshes against one device. Prints one
+JSON line per check."""
+
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+import qwenvl_jax as qj  # noqa: E402
+from qwenvl_jax.sharding import TENSOR  # noqa: E402
+from tests.hf_tiny import build_hf_checkpoint  # noqa: E402
+
+MESHES = {"dense": [(2, 1), (4, 1), (8, 1)], "moe": [(2, 1), (8, 1), (1, 2), (2, 2), (1, 4)]}
+ENGINE = dict(max_batch=2, max_len=128, prompt_buckets=(96,), decode_steps=8, vision_buckets=(64,))
+IMAGE = np.random.default_rng(1).integers(0, 256, (50, 90, 3), dtype=np.uint8)
+
+
+class CompileCounter(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def emit(self, record):
+        self.count += "Compiling" in record.getMessage()
+
+
+def main(variants: list[str], generate: list[str]) -> None:
+    work = Path(tempfile.mkdtemp())
+    ids = [[5, 17, 99, 3, 250, 7, 61, 400, 12]]
+    messages = [{"role": "user", "content": [{"type": "image", "image": IMAGE}, {"type": "text", "text": "Hm?"}]}]
+    counter = CompileCounter()
+    logging.getLogger("jax").addHandler(counter)
+    for variant in variants:
+        build_hf_checkpoint(variant, work / variant)
+        one = qj.load(work / variant, dtype="float32")
+        want = one.logits(ids)
+        tokens = None
+        if variant in generate:
+            one.configure(**ENGINE)
+            tokens = one.generate(messages, max_new_tokens=16).token_ids
+        for tp, ep in MESHES["moe" if "moe" in variant else "dense"]:
+            model = qj.load(work / variant, dtype="float32", tensor_parallel=tp, expert_parallel=ep)
+            specs = {str(leaf.sharding.spec) for leaf in jax.tree_util.tree_leaves(model.params)}
+            row = dict(variant=variant, tp=tp, ep=ep, logits_err=float(np.max(np.abs(model.logits(ids) - want))),
+                       split=any(TENSOR in s for s in specs) if tp > 1 else any("expert" in s for s in specs))
+            if variant in generate and (tp, ep) in ((2, 1), (2, 2)):
+                model.configure(**ENGINE)
+                row["tokens_equal"] = model.generate(messages, max_new_tokens=16).token_ids == tokens
+                jax.config.update("jax_log_compiles", True)
+                counter.count = 0
+                row["tokens_again_equal"] = model.generate(messages, max_new_tokens=16).token_ids == tokens
+                row["compiles_again"] = counter.count
+                jax.config.update("jax_log_compiles", False)
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1].split(","), sys.argv[2].split(",") if len(sys.argv) > 2 else [])
