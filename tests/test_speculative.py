@@ -201,7 +201,7 @@ def test_speculative_steady_state_compiles_nothing_and_reads_only_tokens(tmp_pat
 
     model = mtp_checkpoint("qwen3_5_moe-a", tmp_path)
     engine = _engine(model, speculative_tokens=2, prompt_buckets=(16, 64))
-    engine.warmup(progress=False)
+    engine.warmup(progress=False, vision=False)
     compiled = engine.compiled_programs()
     rng = np.random.default_rng(7)
     requests = [_text_request(rng.integers(0, 400, n), max_new=m, temperature=t, top_p=0.9, seed=1)
