@@ -19,6 +19,7 @@ from qwenvl_jax.generate import GenerationResult, generate
 from qwenvl_jax.models.model import QwenVLModel, multimodal_logits_fn, text_logits_fn
 from qwenvl_jax.models.multimodal import prepare_multimodal
 from qwenvl_jax.models.rope_index import get_rope_index
+from qwenvl_jax.sharding import make_mesh, shard_params
 
 if TYPE_CHECKING:
     from qwenvl_jax.processing import Processor
@@ -208,7 +209,5 @@ def load(path: str | Path, dtype: str | None = None, *, tensor_parallel: int = 1
     cfg, model = load_params(path, dtype)
     handle = QwenVL(cfg, model, path)
     if tensor_parallel * expert_parallel > 1:
-        from qwenvl_jax.sharding import make_mesh, shard_params
-
         handle.params = shard_params(handle.params, cfg, make_mesh(tensor_parallel, expert_parallel))
     return handle

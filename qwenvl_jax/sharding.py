@@ -16,6 +16,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from qwenvl_jax.config import ModelConfig
+from qwenvl_jax.models.attention import AttnCache
+from qwenvl_jax.models.gated_deltanet import GdnCache
 
 TENSOR, EXPERT = "tensor", "expert"
 
@@ -78,9 +80,6 @@ def shard_state(state, cfg: ModelConfig, mesh: Mesh):
     """The engine's decode state on the mesh: KV caches [S, L, KV, D] split by KV heads and Gated DeltaNet
     recurrent states [S, Hv, Dk, Dv] by value heads (where the heads divide the tensor axis), the rest
     replicated."""
-    from qwenvl_jax.models.attention import AttnCache
-    from qwenvl_jax.models.gated_deltanet import GdnCache
-
     tp = mesh.shape[TENSOR]
 
     def place(x, spec=P()):

@@ -92,6 +92,11 @@ def _resolve(impl: Impl, head_k: int, head_v: int) -> Impl:
     return impl
 
 
+def _check_pool(state_shkv: jax.Array, batch: int, state_shape: tuple[int, int, int]) -> None:
+    if state_shkv.shape[0] < batch or state_shkv.shape[1:] != state_shape:
+        raise ValueError(f"state pool {state_shkv.shape} does not hold {batch} rows of {state_shape}")
+
+
 def gated_delta_rule_step_slots(
     q_bhk: jax.Array,
     k_bhk: jax.Array,
@@ -112,8 +117,7 @@ def gated_delta_rule_step_slots(
     lengths_b [B]: 1 advances the row, 0 leaves its slot bit-identical (a pad row)."""
     batch, num_v_heads, head_v = v_bhv.shape
     head_k = q_bhk.shape[-1]
-    if state_shkv.shape[0] < batch or state_shkv.shape[1:] != (num_v_heads, head_k, head_v):
-        raise ValueError(f"state pool {state_shkv.shape} does not hold {batch} rows of {(num_v_heads, head_k, head_v)}")
+    _check_pool(state_shkv, batch, (num_v_heads, head_k, head_v))
     impl = _resolve(impl, head_k, head_v)
     if impl == "reference":
         o_b1hv, new_bhkv = recurrent_gated_delta_rule_ref(
@@ -146,8 +150,7 @@ def gated_delta_rule_tokens_slots(
     advancing, writes it back where it lives (aliased: nothing is copied under a donated state)."""
     batch, _, num_v_heads, head_v = v_bthv.shape
     head_k = q_bthk.shape[-1]
-    if state_shkv.shape[0] < batch or state_shkv.shape[1:] != (num_v_heads, head_k, head_v):
-        raise ValueError(f"state pool {state_shkv.shape} does not hold {batch} rows of {(num_v_heads, head_k, head_v)}")
+    _check_pool(state_shkv, batch, (num_v_heads, head_k, head_v))
     impl = _resolve(impl, head_k, head_v)
     if impl == "reference":
         o, new_bhkv = recurrent_gated_delta_rule_ref(q_bthk, k_bthk, v_bthv, g_bth, beta_bth,

@@ -71,6 +71,16 @@ def state_read_first(num_programs: int) -> bool:
     return num_programs > 8 * multiprocessors()
 
 
+def state_tiles(batch: int, num_v_heads: int, head_v: int, block_v: int | None) -> tuple[int, tuple[int, int, int]]:
+    """(block_v, grid (B, Hv, Dv / block_v)): one program per [Dk, block_v] state tile. None picks 64-wide tiles
+    (measured best once the state streams from HBM, B >= 8 on an H100) unless that leaves fewer than 256
+    programs, then 32."""
+    if block_v is None:
+        block_v = 64 if batch * num_v_heads * head_v // 64 >= 256 else 32
+    block_v = min(block_v, head_v)
+    return block_v, (batch, num_v_heads, head_v // block_v)
+
+
 @functools.partial(
     jax.jit, static_argnames=("scale", "use_qk_l2norm", "block_v", "num_warps", "state_first", "interpret")
 )
@@ -92,16 +102,12 @@ def recurrent_decode(
 ) -> tuple[jax.Array, jax.Array]:
     """One decode step. q/k [B, Hk, Dk], v [B, Hv, Dv], g/beta [B, Hv], state [B, Hv, Dk, Dv] fp32 (aliased
     to the returned state: donate it at the jit boundary for a true in-place update), lengths [B] (0 = pad).
-    block_v None picks 64-wide state tiles (measured best once the state streams from HBM, B >= 8 on an H100)
-    unless that leaves fewer than 256 programs, then 32. state_first None picks by `state_read_first`.
+    block_v None: `state_tiles` picks. state_first None picks by `state_read_first`.
     """
     batch, num_v_heads, head_v = v_bhv.shape
     num_k_heads, head_k = q_bhk.shape[1:]
     group = num_v_heads // num_k_heads
-    if block_v is None:
-        block_v = 64 if batch * num_v_heads * head_v // 64 >= 256 else 32
-    block_v = min(block_v, head_v)
-    grid = (batch, num_v_heads, head_v // block_v)
+    block_v, grid = state_tiles(batch, num_v_heads, head_v, block_v)
     if state_first is None:
         state_first = state_read_first(math.prod(grid))
     kernel = functools.partial(_decode_kernel, scale=scale, use_qk_l2norm=use_qk_l2norm, state_first=state_first)
@@ -170,10 +176,7 @@ def recurrent_tokens(
     batch, tokens, num_v_heads, head_v = v_bthv.shape
     num_k_heads, head_k = q_bthk.shape[2:]
     group = num_v_heads // num_k_heads
-    if block_v is None:
-        block_v = 64 if batch * num_v_heads * head_v // 64 >= 256 else 32
-    block_v = min(block_v, head_v)
-    grid = (batch, num_v_heads, head_v // block_v)
+    block_v, grid = state_tiles(batch, num_v_heads, head_v, block_v)
     kernel = functools.partial(_tokens_kernel, scale=scale, use_qk_l2norm=use_qk_l2norm, tokens=tokens,
                                group=group, outputs=outputs, advance=advance)
     whole = pl.BlockSpec(memory_space=None)
