@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from convert.mapping import (
@@ -36,6 +37,7 @@ from qwenvl_jax.models.fp8 import FP8_DTYPE, KEEP_UNQUANTIZED, quantizable, quan
 from qwenvl_jax.models.layers import Linear
 from qwenvl_jax.models.moe import Experts
 from qwenvl_jax.models.model import QwenVLModel, abstract_model
+from qwenvl_jax.sharding import param_sharding
 
 PARAMS_DIR = "params"
 MANIFEST = "qwenvl_jax.json"
@@ -306,8 +308,12 @@ def _fill_state(abstract_state: nnx.State, flat: dict[LeafPath, jax.Array]) -> n
     return nnx.from_flat_state(flat_state)
 
 
-def load_params(path: str | Path, dtype: str | jnp.dtype | None = None) -> tuple[ModelConfig, QwenVLModel]:
-    """A converted directory or an HF directory (converted in memory) -> (config, model on the default device)."""
+def load_params(path: str | Path, dtype: str | jnp.dtype | None = None, mesh: Mesh | None = None
+                ) -> tuple[ModelConfig, QwenVLModel]:
+    """A converted directory or an HF directory (converted in memory) -> (config, model on the default device, or
+    on ``mesh`` by ``qwenvl_jax.sharding``'s rules). On a mesh, a converted checkpoint is restored slice by slice:
+    each device reads its own part of each array (Orbax sharded restore), so no device, and not the host, ever
+    holds the whole model. An HF directory is converted on the host first (convert it once for large models)."""
     import orbax.checkpoint as ocp
 
     path = checkpoint_dir(path)
@@ -325,18 +331,27 @@ def load_params(path: str | Path, dtype: str | jnp.dtype | None = None) -> tuple
         dtype = jnp.dtype(dtype or manifest["dtype"])
         graphdef, abstract = nnx.split(abstract_model(cfg, dtype))
         flat_abstract = {tuple(p): v.get_value() for p, v in nnx.to_flat_state(abstract)}
-        target = nest({p: jax.ShapeDtypeStruct(a.shape, a.dtype) for p, a in flat_abstract.items()})
-        restored = ocp.StandardCheckpointer().restore(path / PARAMS_DIR, target)
+        # Restored as device arrays where they live (a host copy first would double the model's bytes), with
+        # the reads in flight capped at twice the largest array: Orbax's default (96 GB) reads every array at
+        # once, whole chunks decompressed on the host (measured: the model's bytes again at the peak on 8 devices).
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = nest({p: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device if mesh is None else
+                                               param_sharding(p, a.shape, cfg, mesh))
+                       for p, a in flat_abstract.items()})
+        largest = max(a.size * a.dtype.itemsize for a in flat_abstract.values())
+        handler = ocp.StandardCheckpointHandler(restore_concurrent_gb=2 * largest / 1e9)
+        restored = ocp.Checkpointer(handler).restore(path / PARAMS_DIR, args=ocp.args.StandardRestore(target))
         flat = {}
         for p in flat_abstract:
             node = restored
             for key in p:
                 node = node[str(key)]
-            flat[p] = jnp.asarray(node)
+            flat[p] = node
     else:
         plan = plan_conversion(path, dtype or "bfloat16")
         cfg = plan.cfg
         graphdef, abstract = nnx.split(abstract_model(cfg, plan.dtype))
         leaves = fill_params(plan, lambda key, shape, dt: np.empty(shape, dt), progress=False)
-        flat = {p: jnp.asarray(a) for p, a in leaves.items()}
+        flat = {p: jnp.asarray(a) if mesh is None else jax.device_put(a, param_sharding(p, a.shape, cfg, mesh))
+                for p, a in leaves.items()}
     return cfg, nnx.merge(graphdef, _fill_state(abstract, flat))

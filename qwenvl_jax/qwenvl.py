@@ -19,7 +19,7 @@ from qwenvl_jax.generate import GenerationResult, generate
 from qwenvl_jax.models.model import QwenVLModel, multimodal_logits_fn, text_logits_fn
 from qwenvl_jax.models.multimodal import prepare_multimodal
 from qwenvl_jax.models.rope_index import get_rope_index
-from qwenvl_jax.sharding import make_mesh, shard_params
+from qwenvl_jax.sharding import make_mesh
 
 if TYPE_CHECKING:
     from qwenvl_jax.processing import Processor
@@ -204,10 +204,9 @@ def load(path: str | Path, dtype: str | None = None, *, tensor_parallel: int = 1
     """Loads a converted checkpoint directory, or an HF checkpoint directory (converted in memory); relative paths
     and ``~`` work. ``dtype`` (bfloat16, float16, float32): the compute dtype; default the converted one, or
     bfloat16 for an HF directory. ``tensor_parallel`` x ``expert_parallel`` devices (``qwenvl_jax.sharding``):
-    attention heads, MLP columns and the vocabulary split over the first, MoE experts over the second."""
+    attention heads, MLP columns and the vocabulary split over the first, MoE experts over the second; a converted
+    checkpoint is restored straight onto that mesh, each device reading its own slices."""
     path = checkpoint_dir(path)
-    cfg, model = load_params(path, dtype)
-    handle = QwenVL(cfg, model, path)
-    if tensor_parallel * expert_parallel > 1:
-        handle.params = shard_params(handle.params, cfg, make_mesh(tensor_parallel, expert_parallel))
-    return handle
+    mesh = make_mesh(tensor_parallel, expert_parallel) if tensor_parallel * expert_parallel > 1 else None
+    cfg, model = load_params(path, dtype, mesh)
+    return QwenVL(cfg, model, path)

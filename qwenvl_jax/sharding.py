@@ -62,14 +62,9 @@ def _spec(path: tuple[str, ...], shape: tuple[int, ...], cfg: ModelConfig, mesh:
     return P(*(axis if axis is None or shape[i] % sizes[axis] == 0 else None for i, axis in enumerate(spec)))
 
 
-def shard_params(params: nnx.State, cfg: ModelConfig, mesh: Mesh) -> nnx.State:
-    """The parameters placed on the mesh by the rules above (a new tree; each leaf moved once)."""
-    flat = nnx.to_flat_state(params)
-    for path, var in flat:
-        value = var.get_value()
-        spec = _spec(tuple(map(str, path)), tuple(value.shape), cfg, mesh)
-        var.set_value(jax.device_put(value, NamedSharding(mesh, spec)))
-    return nnx.from_flat_state(flat)
+def param_sharding(path: tuple, shape: tuple[int, ...], cfg: ModelConfig, mesh: Mesh) -> NamedSharding:
+    """Where the parameter at ``path`` (keys of our tree) of ``shape`` lives on ``mesh``."""
+    return NamedSharding(mesh, _spec(tuple(map(str, path)), tuple(shape), cfg, mesh))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

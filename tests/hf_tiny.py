@@ -76,21 +76,23 @@ VARIANTS: dict[str, tuple[str, dict, dict, bool]] = {
                                           rope_parameters=_rope([2, 1, 1], True, 0.25)), VISION_QWEN3, True),
 }
 
-def hf_config(variant: str):
+def hf_config(variant: str, text_overrides: dict | None = None):
     import transformers
 
     model_type, text, vision, tie = VARIANTS[variant]
     cls = getattr(transformers, HF_CONFIG_CLASSES[model_type])
-    return cls(text_config=dict(text), vision_config=dict(vision), tie_word_embeddings=tie)
+    return cls(text_config=dict(text, **(text_overrides or {})), vision_config=dict(vision), tie_word_embeddings=tie)
 
 
-def build_hf_model(variant: str, out_dir: Path, seed: int = 0, max_shard_size: str = "100KB"):
-    """Saves a random fp32 HF model of ``variant`` to ``out_dir`` (index-sharded) and returns it (eval mode)."""
+def build_hf_model(variant: str, out_dir: Path, seed: int = 0, max_shard_size: str = "100KB",
+                   text_overrides: dict | None = None):
+    """Saves a random fp32 HF model of ``variant`` (its text config updated by ``text_overrides``) to ``out_dir``
+    (index-sharded) and returns it (eval mode)."""
     import torch
     from transformers import AutoModelForImageTextToText
 
     torch.manual_seed(seed)
-    model = AutoModelForImageTextToText.from_config(hf_config(variant), dtype=torch.float32).eval()
+    model = AutoModelForImageTextToText.from_config(hf_config(variant, text_overrides), dtype=torch.float32).eval()
     with torch.no_grad():  # HF inits norms and biases to constants; randomise them so a misplaced one shows
         for p in model.parameters():
             if p.numel() == 1 or p.std() == 0:

@@ -1,6 +1,7 @@
 """Run by tests/test_sharding.py in a process of its own with 8 fake CPU devices (the device count is fixed when
-JAX starts): tiny models of every family on tensor- and expert-parallel meshes against one device. Prints one
-JSON line per check."""
+JAX starts): tiny models of every family on tensor- and expert-parallel meshes against one device
+(``sharding_check.py FAMILIES [GENERATE]``), or the host memory of restoring a converted checkpoint onto a mesh
+(``sharding_check.py restore DIR TP``). Prints one JSON line per check."""
 
 import json
 import logging
@@ -14,8 +15,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+import orbax.checkpoint as ocp  # noqa: E402
 
 import qwenvl_jax as qj  # noqa: E402
+from qwenvl_jax.config import load_config  # noqa: E402
+from qwenvl_jax.models.model import abstract_model  # noqa: E402
 from qwenvl_jax.sharding import TENSOR  # noqa: E402
 from tests.hf_tiny import build_hf_checkpoint  # noqa: E402
 
@@ -63,5 +67,36 @@ def main(variants: list[str], generate: list[str]) -> None:
             print(json.dumps(row), flush=True)
 
 
+def _status_kib(field: str) -> int:
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
+    return int(line.split()[1])
+
+
+def restore(checkpoint: str, tp: int) -> None:
+    """Loads a converted checkpoint onto a TP mesh in this fresh process: the resident memory it added at its peak
+    (VmHWM after, less VmRSS before: an over-estimate if an earlier peak was higher), against the bytes the devices
+    hold (fake CPU devices live in host memory) and the largest array."""
+    jax.device_put(np.ones(8), jax.devices()[1]).block_until_ready()  # the runtime's own allocations come first
+    abstract_model(load_config(checkpoint), np.float32)  # and those of tracing the model's shapes
+    warm = Path(tempfile.mkdtemp()) / "warm"  # and Orbax's first restore (thread pools, event loop: ~60 MB)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(warm, {"a": np.ones(8)})
+    checkpointer.wait_until_finished()
+    checkpointer.restore(warm)
+    before = _status_kib("VmRSS")
+    model = qj.load(checkpoint, tensor_parallel=tp)
+    leaves = jax.tree_util.tree_leaves(model.params)
+    jax.block_until_ready(leaves)
+    device_bytes = sum(s.data.nbytes for leaf in leaves for s in leaf.addressable_shards)
+    print(json.dumps(dict(peak_added=(_status_kib("VmHWM") - before) * 1024, device_bytes=device_bytes,
+                          model_bytes=sum(leaf.nbytes for leaf in leaves),
+                          largest=max(leaf.nbytes for leaf in leaves),
+                          split=all(len({s.index for s in leaf.addressable_shards}) == tp
+                                    for leaf in leaves if leaf.ndim == 2 and leaf.nbytes > 2**20))), flush=True)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1].split(","), sys.argv[2].split(",") if len(sys.argv) > 2 else [])
+    if sys.argv[1] == "restore":
+        restore(sys.argv[2], int(sys.argv[3]))
+    else:
+        main(sys.argv[1].split(","), sys.argv[2].split(",") if len(sys.argv) > 2 else [])
