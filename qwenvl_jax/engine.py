@@ -131,7 +131,8 @@ class TokenEvent:
     request_index: int
     tokens: list[int]
     finished: bool
-    finish_reason: str | None  # "stop" (eos), "length" (max_new_tokens or max_len), None while running
+    # "stop" (eos), "length" (max_new_tokens or max_len), "cancelled" (Scheduler.cancel), None while running
+    finish_reason: str | None
     steps: int = 0  # decode steps that produced these tokens (more tokens than steps: accepted drafts)
 
 
@@ -323,7 +324,8 @@ class Engine:
         self._decode = jax.jit(over_weights(decode_program), static_argnames=("steps", "rows"), donate_argnums=1,
                                **keep)
         self._vision = jax.jit(over_weights(vision_program))
-        self._cancelled: set[int] = set()
+        # The OnlineEngine serving this engine, if any: then it alone drives the slots (see Scheduler).
+        self.online: object | None = None
         self.vision_cfg = model.cfg.vision
         self.compile_seconds = 0.0
 
@@ -384,10 +386,6 @@ class Engine:
         bar.close()
         self.compile_seconds = time.perf_counter() - t0
         return self.compile_seconds
-
-    def cancel(self, request_index: int) -> None:
-        """Ends a request of the running ``run()`` (e.g. on a stop string); its slot is freed before the next call."""
-        self._cancelled.add(request_index)
 
     def _vision_embeds(self, payload: VisionPayload) -> tuple:
         """Runs the vision tower on a request's patches padded to a patch bucket (padding patches attend only
@@ -492,92 +490,162 @@ class Engine:
     # ---- the loop
     def run(self, requests: Sequence[Request], stream: bool = False) -> Iterator[TokenEvent]:
         """Generates for every request (continuous batching over ``max_batch`` slots); yields token events in
-        order. Steady state performs no compilation and no device->host transfer but the token ids. ``stream``:
-        decode calls sized to end every ``stream_interval_ms``, so each token reaches the caller that soon."""
-        for req in requests:
-            self.validate(req)
-        cfg = self.config
+        order, ``request_index`` the request's position in ``requests``. See ``Scheduler``."""
+        return Scheduler(self, requests, stream).events()
+
+
+@dataclasses.dataclass
+class _Call:
+    """A dispatched call whose tokens the host has not read yet."""
+
+    kind: str  # "first": a prefill's first tokens [rows]; "decode": [steps, rows, tokens a step]
+    tokens: jax.Array
+    slots: list[int]  # the slot of each row
+    # The request each row's slot held at dispatch: a slot freed by a cancel and taken by a new request before
+    # this call is read must not hand the old request's tokens to the new one.
+    owners: list[int | None]
+    steps: int = 0
+    dispatched: float = 0.0
+
+
+class Scheduler:
+    """The host loop over an engine's slots, one iteration per ``step()``: between iterations requests may be
+    submitted and cancelled (continuous batching online). One thread drives a scheduler: ``Engine.run`` for a
+    fixed list, ``qwenvl_jax.online.OnlineEngine`` for requests that arrive at any time.
+
+    Each iteration frees the slots of cancelled requests, admits waiting requests into free slots and prefills
+    them, reads their first tokens, dispatches one decode call for every running slot and reads the calls the
+    device has finished. Steady state performs no compilation and no device->host transfer but the token ids.
+    ``stream``: decode calls sized to end every ``stream_interval_ms``, so each token reaches the caller that
+    soon, and none queued behind the one running, so a new request waits for one call at most."""
+
+    def __init__(self, engine: Engine, requests: Sequence[Request] = (), stream: bool = False):
+        if engine.online is not None:
+            raise RuntimeError("this engine is being served by an OnlineEngine (qwenvl serve), which alone drives "
+                               "its slots: send requests to the server, or close it first")
+        self.engine = engine
+        self.stream = stream
+        cfg = engine.config
         # Streaming starts with one-token calls, which measure the step time the later calls are sized by.
-        num_steps = 1 if stream else cfg.decode_steps
-        pending = collections.deque(enumerate(requests))
-        slot_req: dict[int, int] = {}  # slot -> request index
-        produced = collections.Counter()
-        host_active = np.zeros(cfg.max_batch + 1, bool)
-        inflight: collections.deque = collections.deque()
+        self._num_steps = 1 if stream else cfg.decode_steps
+        self._pending: collections.deque[int] = collections.deque()
+        self._requests: dict[int, Request] = {}  # submitted and not yet ended
+        self._slot_req: dict[int, int] = {}  # slot -> request id
+        self._produced: collections.Counter = collections.Counter()
+        self._host_active = np.zeros(cfg.max_batch + 1, bool)
+        self._inflight: collections.deque[_Call] = collections.deque()
+        self._cancelled: set[int] = set()
+        for i, req in enumerate(requests):
+            self.submit(i, req)
 
-        def at_length(req: Request, tokens: int) -> bool:
-            """Whether `tokens` new tokens end the request by length (max_new_tokens or the context)."""
-            return tokens >= req.max_new_tokens or len(req.input_ids) + tokens >= cfg.max_len
+    def submit(self, request_id: int, req: Request) -> None:
+        """Queues a request (checked now: a ValueError names what is wrong); its events carry ``request_id``."""
+        self.engine.validate(req)
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id} is already running")
+        self._requests[request_id] = req
+        self._pending.append(request_id)
 
-        def finish(slot: int) -> None:
-            host_active[slot] = False
-            del slot_req[slot]
+    def cancel(self, request_id: int) -> None:
+        """Ends a request at the next ``step()``, which frees its slot before any further call and yields its last
+        event (finish_reason "cancelled"). Unknown or ended requests are ignored."""
+        if request_id in self._requests:
+            self._cancelled.add(request_id)
 
-        def read(kind: str, out: jax.Array, slots: Sequence[int], steps: int = 0, dispatched: float = 0.0
-                 ) -> Iterator[TokenEvent]:
-            nonlocal num_steps
-            with jax.transfer_guard_device_to_host("allow"):  # the one transfer steady state makes
-                tokens = jax.device_get(out)
-            if stream and kind == "decode":
-                # No call is queued while streaming, so dispatch to read is this call's time on the device.
-                step_ms = 1e3 * (time.perf_counter() - dispatched) / steps
-                num_steps = int(np.clip(cfg.stream_interval_ms // step_ms, 1, cfg.decode_steps))
-            yield from handle(kind, tokens, slots)
+    @property
+    def busy(self) -> bool:
+        """Whether requests are waiting or running, or calls remain to be read."""
+        return bool(self._requests or self._inflight)
 
-        def handle(kind: str, tokens: np.ndarray, slots: Sequence[int]) -> Iterator[TokenEvent]:
-            steps_rows_t = tokens.reshape(1, -1, 1) if kind == "first" else tokens  # [steps, rows, tokens a step]
-            for col, slot in enumerate(slots):
-                i = slot_req.get(slot)
-                if i is None:
-                    continue
-                req = requests[i]
-                row_st = steps_rows_t[:, col]
-                steps = int((row_st[:, 0] >= 0).sum()) if kind == "decode" else 0
-                new, reason = [], None
-                for tok in row_st.reshape(-1):
-                    if tok < 0:  # a step's unused entries, or steps after the request ended
-                        continue
-                    new.append(int(tok))
-                    produced[i] += 1
-                    if tok in self.eos_ids:
-                        reason = "stop"
-                    elif at_length(req, produced[i]):
-                        reason = "length"
-                    if reason:
-                        break
-                if reason:
-                    finish(slot)
-                if new or reason:
-                    yield TokenEvent(i, new, reason is not None, reason, steps)
+    @property
+    def running(self) -> int:
+        return len(self._slot_req)
 
+    def events(self) -> Iterator[TokenEvent]:
+        """Steps until every request has ended."""
+        while self.busy:
+            yield from self.step()
+
+    def _at_length(self, request_id: int, tokens: int) -> bool:
+        """Whether ``tokens`` new tokens end the request by length (max_new_tokens or the context)."""
+        req = self._requests[request_id]
+        return tokens >= req.max_new_tokens or len(req.input_ids) + tokens >= self.engine.config.max_len
+
+    def _finish(self, request_id: int) -> None:
+        self._requests.pop(request_id)
+        self._produced.pop(request_id, None)
+        slot = next((s for s, i in self._slot_req.items() if i == request_id), None)
+        if slot is None:
+            self._pending.remove(request_id)
+        else:
+            self._host_active[slot] = False
+            del self._slot_req[slot]
+
+    def step(self) -> Iterator[TokenEvent]:
+        """One iteration of the loop; yields the token events it reads, as it reads them."""
+        engine, cfg = self.engine, self.engine.config
+        for i in sorted(self._cancelled & self._requests.keys()):
+            self._finish(i)
+            yield TokenEvent(i, [], True, "cancelled")
         self._cancelled.clear()
-        while pending or slot_req or inflight:
-            for slot in [s for s, i in slot_req.items() if i in self._cancelled]:
-                finish(slot)
-            admitted = []
-            while pending and len(slot_req) < cfg.max_batch:
-                i, req = pending.popleft()
-                slot = min(set(range(cfg.max_batch)) - set(slot_req))
-                slot_req[slot] = i
-                host_active[slot] = True
-                admitted.append((req, slot))
-            for tokens, slots in self._prefill_admitted(admitted):
-                inflight.append(("first", tokens, slots))
-            # A read waits for the calls dispatched before it (measured on an H100 with a decode call queued behind
-            # the prefill: Qwen3.5-9B's 1K-token TTFT was 156 ms with 16-step calls, 61 ms with 4-step ones). So
-            # first tokens are read before the next decode call goes out, and a stream keeps no call queued: a
-            # token then waits for one call, not two.
-            queued = 0 if stream else 1
-            while any(entry[0] == "first" for entry in inflight):
-                yield from read(*inflight.popleft())
-            # A request that ends with its first token needs no decode call.
-            decoding = any(produced[i] > 0 or not at_length(requests[i], 1) for i in slot_req.values())
-            if decoding:
-                rows = min(b for b in cfg.decode_buckets if b > max(slot_req))
-                dispatched = time.perf_counter()
-                self.state, out = self._decode(self._weights, self.state, host_active.copy(), self._eos,
-                                               np.int32(num_steps), steps=cfg.decode_steps, rows=rows)
-                inflight.append(("decode", out, list(range(rows)), num_steps, dispatched))
-            # Otherwise keep one decode call queued on the device while the host reads the one before it.
-            while inflight and (len(inflight) > queued or not decoding):
-                yield from read(*inflight.popleft())
+        admitted = []
+        while self._pending and len(self._slot_req) < cfg.max_batch:
+            i = self._pending.popleft()
+            slot = min(set(range(cfg.max_batch)) - set(self._slot_req))
+            self._slot_req[slot] = i
+            self._host_active[slot] = True
+            admitted.append((self._requests[i], slot))
+        for tokens, slots in engine._prefill_admitted(admitted):
+            self._inflight.append(_Call("first", tokens, slots, [self._slot_req[s] for s in slots]))
+        # A read waits for the calls dispatched before it (measured on an H100 with a decode call queued behind
+        # the prefill: Qwen3.5-9B's 1K-token TTFT was 156 ms with 16-step calls, 61 ms with 4-step ones). So
+        # first tokens are read before the next decode call goes out, and a stream keeps no call queued: a
+        # token then waits for one call, not two.
+        queued = 0 if self.stream else 1
+        while any(call.kind == "first" for call in self._inflight):
+            yield from self._read(self._inflight.popleft())
+        # A request that ends with its first token needs no decode call.
+        decoding = any(self._produced[i] > 0 or not self._at_length(i, 1) for i in self._slot_req.values())
+        if decoding:
+            rows = min(b for b in cfg.decode_buckets if b > max(self._slot_req))
+            dispatched = time.perf_counter()
+            engine.state, out = engine._decode(engine._weights, engine.state, self._host_active.copy(), engine._eos,
+                                               np.int32(self._num_steps), steps=cfg.decode_steps, rows=rows)
+            slots = list(range(rows))
+            self._inflight.append(_Call("decode", out, slots, [self._slot_req.get(s) for s in slots],
+                                        self._num_steps, dispatched))
+        # Otherwise keep one decode call queued on the device while the host reads the one before it.
+        while self._inflight and (len(self._inflight) > queued or not decoding):
+            yield from self._read(self._inflight.popleft())
+
+    def _read(self, call: _Call) -> Iterator[TokenEvent]:
+        with jax.transfer_guard_device_to_host("allow"):  # the one transfer steady state makes
+            tokens = jax.device_get(call.tokens)
+        if self.stream and call.kind == "decode":
+            # No call is queued while streaming, so dispatch to read is this call's time on the device.
+            step_ms = 1e3 * (time.perf_counter() - call.dispatched) / call.steps
+            self._num_steps = int(np.clip(self.engine.config.stream_interval_ms // step_ms, 1,
+                                          self.engine.config.decode_steps))
+        steps_rows_t = tokens.reshape(1, -1, 1) if call.kind == "first" else tokens  # [steps, rows, tokens a step]
+        eos_ids = self.engine.eos_ids
+        for col, (slot, i) in enumerate(zip(call.slots, call.owners)):
+            if i is None or self._slot_req.get(slot) != i:  # no request, or one that has ended since
+                continue
+            row_st = steps_rows_t[:, col]
+            steps = int((row_st[:, 0] >= 0).sum()) if call.kind == "decode" else 0
+            new, reason = [], None
+            for tok in row_st.reshape(-1):
+                if tok < 0:  # a step's unused entries, or steps after the request ended
+                    continue
+                new.append(int(tok))
+                self._produced[i] += 1
+                if tok in eos_ids:
+                    reason = "stop"
+                elif self._at_length(i, self._produced[i]):
+                    reason = "length"
+                if reason:
+                    break
+            if reason:
+                self._finish(i)
+            if new or reason:
+                yield TokenEvent(i, new, reason is not None, reason, steps)

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from qwenvl_jax.detokenize import StreamingDetokenizer
-from qwenvl_jax.engine import Engine, Request, VisionPayload
+from qwenvl_jax.engine import Engine, Request, Scheduler, TokenEvent, VisionPayload
 from qwenvl_jax.models.multimodal import prepare_multimodal
 from qwenvl_jax.models.rope_index import get_rope_index
 from qwenvl_jax.sampling import SamplingParams
@@ -170,6 +170,49 @@ def _tokens_through_stop(tokenizer: Any, token_ids: list[int], clean: int, stop:
     return token_ids
 
 
+class TextStream:
+    """One request's output as its token events arrive: token ids, text deltas (never splitting a multi-byte
+    character, nor showing the start of a stop string before it is known not to be one) and the finish reason.
+    A stop string ends the text before it; the token ids then end with the token that completed it, and the
+    caller cancels the request in the engine. Without a tokenizer (token ids in, token ids out) there is no text
+    and no stop string."""
+
+    def __init__(self, tokenizer: Any | None, eos_ids: Sequence[int], stop: Sequence[str] = ()):
+        self._tokenizer = tokenizer
+        self._detok = StreamingDetokenizer(tokenizer) if tokenizer is not None else None
+        self._eos_ids = frozenset(eos_ids)
+        self._stop = [s for s in stop if s]
+        # Text that could still turn out to begin a stop string waits for the tokens after it.
+        self._held = max((len(s) for s in self._stop), default=1) - 1
+        self._emitted = 0  # characters of text handed out as deltas
+        self.text = ""  # all text so far (ending before a stop string)
+        self.token_ids: list[int] = []
+        self.finish_reason: str | None = None  # "stop", "length" or "cancelled" once ended
+        self.steps = 0  # decode steps that produced the tokens
+
+    def push(self, event: TokenEvent) -> str:
+        """Takes the next event of this request; returns the text delta it completes ("" once ended)."""
+        self.steps += event.steps
+        if self.finish_reason is not None:  # already ended by a stop string
+            return ""
+        clean = len(self.token_ids)
+        self.token_ids += event.tokens
+        if self._detok is not None:
+            self.text += self._detok.push([t for t in event.tokens if t not in self._eos_ids])
+            if event.finished:
+                self.text += self._detok.finish()
+        cut = _stop_at(self.text, self._stop) if self._stop else None
+        if cut is not None:
+            self.text = self.text[:cut]
+            self.token_ids = _tokens_through_stop(self._tokenizer, self.token_ids, clean, self._stop)
+            self.finish_reason = "stop"
+        elif event.finished:
+            self.finish_reason = event.finish_reason
+        end = len(self.text) if self.finish_reason is not None else max(self._emitted, len(self.text) - self._held)
+        delta, self._emitted = self.text[self._emitted:end], end
+        return delta
+
+
 def generate(model: GenerationModel, prompts: Any = None, *, images: Sequence | None = None,
              videos: Sequence | None = None, input_ids: Sequence | None = None, pixel_values: np.ndarray | None = None,
              image_grid_thw: np.ndarray | None = None, pixel_values_videos: np.ndarray | None = None,
@@ -209,63 +252,45 @@ def _run(model: GenerationModel, requests: list[Request], stop: list[str], strea
     GenerationResults. ``stream``: the engine's short decode calls, so deltas arrive token by token rather than a
     call's worth at a time."""
     engine = model.engine()
-    t0 = time.perf_counter()
-    compiled_before = _compile_seconds[0]
     start = time.perf_counter()
+    compiled_before = _compile_seconds[0]
+    scheduler = Scheduler(engine, requests, stream)
     tokenizer = model.tokenizer
-    detok = [StreamingDetokenizer(tokenizer) for _ in requests] if tokenizer is not None else None
-    texts = [""] * len(requests)
-    ids: list[list[int]] = [[] for _ in requests]
+    outputs = [TextStream(tokenizer, engine.eos_ids, stop) for _ in requests]
     first_at: list[float | None] = [None] * len(requests)
-    reasons: list[str | None] = [None] * len(requests)
     done_at = [0.0] * len(requests)
-    steps = [0] * len(requests)
-    for ev in engine.run(requests, stream=stream):
-        i = ev.request_index
-        steps[i] += ev.steps
-        if reasons[i] is not None:  # already ended by a stop string
-            continue
+    for ev in scheduler.events():
+        i, out = ev.request_index, outputs[ev.request_index]
+        ended = out.finish_reason is not None
+        delta = out.push(ev)
         now = time.perf_counter()
         if first_at[i] is None and ev.tokens:
             first_at[i] = now
-        clean = len(ids[i])
-        ids[i] += ev.tokens
-        delta = ""
-        if detok is not None:
-            delta = detok[i].push([t for t in ev.tokens if t not in engine.eos_ids])
-            if ev.finished:
-                delta += detok[i].finish()
-        cut = _stop_at(texts[i] + delta, stop) if stop else None
-        if cut is not None:
-            delta = (texts[i] + delta)[:cut][len(texts[i]):]
-            ids[i] = _tokens_through_stop(tokenizer, ids[i], clean, stop)
-            reasons[i] = "stop"
-            engine.cancel(i)
-        elif ev.finished:
-            reasons[i] = ev.finish_reason
-        texts[i] += delta
-        if reasons[i] is not None:
+        if out.finish_reason is not None and not ended:
             done_at[i] = now
+            if not ev.finished:  # a stop string
+                scheduler.cancel(i)
         if delta:
             yield i, delta
     results = []
-    for i, req in enumerate(requests):
+    for i, (req, out) in enumerate(zip(requests, outputs)):
         ttft = (first_at[i] or start) - start
         decode_s = done_at[i] - (first_at[i] or done_at[i])
-        reason = reasons[i] or "length"
-        truncated = reason == "length" and len(ids[i]) < req.max_new_tokens
+        reason = out.finish_reason or "length"
+        ids = out.token_ids
+        truncated = reason == "length" and len(ids) < req.max_new_tokens
         if truncated:
             warnings.warn(f"request {i} stopped at the engine's max_len of {engine.config.max_len} tokens: its "
-                          f"{len(req.input_ids)} prompt tokens left room for {len(ids[i])} of max_new_tokens="
+                          f"{len(req.input_ids)} prompt tokens left room for {len(ids)} of max_new_tokens="
                           f"{req.max_new_tokens} (raise it with configure(max_len=...) or --max-len)", stacklevel=2)
         k = engine.speculative_tokens
-        per_step = (len(ids[i]) - 1) / steps[i] if k and steps[i] else None
+        per_step = (len(ids) - 1) / out.steps if k and out.steps else None
         stats = GenerationStats(
-            prompt_tokens=len(req.input_ids), new_tokens=len(ids[i]), ttft_s=ttft,
+            prompt_tokens=len(req.input_ids), new_tokens=len(ids), ttft_s=ttft,
             prefill_tok_s=len(req.input_ids) / ttft if ttft > 0 else float("inf"),
-            decode_tok_s=(len(ids[i]) - 1) / decode_s if decode_s > 0 else 0.0,
-            compile_s=_compile_seconds[0] - compiled_before, total_s=time.perf_counter() - t0,
+            decode_tok_s=(len(ids) - 1) / decode_s if decode_s > 0 else 0.0,
+            compile_s=_compile_seconds[0] - compiled_before, total_s=time.perf_counter() - start,
             truncated_by_max_len=truncated, tokens_per_step=per_step,
             draft_acceptance=None if per_step is None else (per_step - 1) / k)
-        results.append(GenerationResult(texts[i] if detok is not None else None, ids[i], reason, stats))
+        results.append(GenerationResult(out.text if tokenizer is not None else None, ids, reason, stats))
     yield results
