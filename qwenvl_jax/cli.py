@@ -1,4 +1,4 @@
-"""``qwenvl`` command line: convert, generate, chat, demo.
+"""``qwenvl`` command line: convert, generate, chat, serve, demo.
 
 jax and transformers (which imports torch where installed) take seconds to import, so they load only once a command
 has work for them: ``--help`` and bad paths answer at once.
@@ -35,7 +35,7 @@ def _convert(args: argparse.Namespace) -> None:
     print(f"converted {args.hf_dir} -> {out} ({args.dtype}) in {time.perf_counter() - t0:.1f} s")
 
 
-def _load_for_generation(args: argparse.Namespace):
+def _load_for_generation(args: argparse.Namespace, max_batch: int = 1):
     from convert.safetensors_io import checkpoint_dir
 
     checkpoint_dir(args.model)  # a wrong path fails before jax and transformers load
@@ -45,7 +45,7 @@ def _load_for_generation(args: argparse.Namespace):
     # Only the options given: the others keep the library's defaults (one set of defaults for both).
     given = {"max_len": args.max_len, "decode_steps": args.decode_steps,
              "speculative_tokens": args.speculative_tokens}
-    model.configure(max_batch=1, **{k: v for k, v in given.items() if v is not None})
+    model.configure(max_batch=max_batch, **{k: v for k, v in given.items() if v is not None})
     engine = model.engine()
     print(f"decode state: {engine.state_bytes / 2**20:.1f} MiB for max_len {engine.config.max_len}; programs "
           f"compile on first use (--warmup compiles every bucket first)", file=sys.stderr)
@@ -122,6 +122,20 @@ def _chat(args: argparse.Namespace) -> None:
         history.append({"role": "assistant", "content": [{"type": "text", "text": result.text}]})
 
 
+def _serve(args: argparse.Namespace) -> None:
+    try:
+        from qwenvl_jax.server import serve
+    except ImportError as e:
+        raise ImportError(f"qwenvl serve needs the serve extra: pip install 'qwenvl-jax[serve]' ({e})") from e
+    if args.max_queue < 0:
+        raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
+    model = _load_for_generation(args, max_batch=args.max_batch)
+    model.require_tokenizer("to serve chat and text prompts")
+    name = args.served_model_name or Path(args.model).expanduser().resolve().name
+    serve(model, name=name, host=args.host, port=args.port, max_queue=args.max_queue,
+          shutdown_timeout=args.shutdown_timeout)
+
+
 def _demo(args: argparse.Namespace) -> None:
     import jax
     import numpy as np
@@ -154,6 +168,19 @@ def _demo(args: argparse.Namespace) -> None:
         if again.token_ids != runs[0][1].token_ids or not all(r.token_ids for _, r in runs):
             sys.exit("demo FAILED: greedy generation is not reproducible")
         print("demo OK (random weights: the text is noise; the pipeline is real)")
+
+
+def _engine_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"],
+                   help="compute dtype (default: as converted; bfloat16 for an HF directory)")
+    p.add_argument("--max-len", type=int,
+                   help="tokens per request, prompt + generated (default: the library's, EngineConfig.max_len)")
+    p.add_argument("--decode-steps", type=int,
+                   help="tokens per decode call (default: the library's, EngineConfig.decode_steps)")
+    p.add_argument("--speculative-tokens", type=int,
+                   help="Qwen3.5: tokens drafted a step by the checkpoint's MTP head, 0 (off) to 4 (default: 2 "
+                        "with an MTP head)")
+    p.add_argument("--warmup", action="store_true", help="compile every prompt/vision/decode bucket up front")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -189,17 +216,21 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--repetition-penalty", type=float, default=1.0)
         p.add_argument("--seed", type=int)
         p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-        p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"],
-                       help="compute dtype (default: as converted; bfloat16 for an HF directory)")
-        p.add_argument("--max-len", type=int,
-                       help="tokens per request, prompt + generated (default: the library's, EngineConfig.max_len)")
-        p.add_argument("--decode-steps", type=int,
-                       help="tokens per decode call (default: the library's, EngineConfig.decode_steps)")
-        p.add_argument("--speculative-tokens", type=int,
-                       help="Qwen3.5: tokens drafted a step by the checkpoint's MTP head, 0 (off) to 4 (default: 2 "
-                            "with an MTP head)")
-        p.add_argument("--warmup", action="store_true", help="compile every prompt/vision/decode bucket up front")
+        _engine_arguments(p)
         p.set_defaults(func=_generate if name == "generate" else _chat)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, ...)")
+    p.add_argument("model", help="converted checkpoint (or HF checkpoint) directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (decode slots; default 8)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="requests waiting for a slot before new ones are refused with 429 (default 256)")
+    p.add_argument("--served-model-name", help="the model name clients send (default: the directory's name)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM / Ctrl-C, seconds requests in flight get to finish before they are cancelled")
+    _engine_arguments(p)
+    p.set_defaults(func=_serve)
 
     p = sub.add_parser("demo", help="build a tiny random checkpoint, convert it and run it")
     p.add_argument("--model-type", default="qwen3_5", choices=["qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5",
