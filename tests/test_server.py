@@ -229,6 +229,9 @@ def test_completions_models_and_metrics(server):
     stopped = client.completions.create(model=NAME, prompt="Once upon", max_tokens=8, temperature=0, stop=[stop])
     assert stopped.choices[0].finish_reason == "stop"
     assert stopped.choices[0].text == greedy.choices[0].text[: greedy.choices[0].text.index(stop)]
+    streamed = client.completions.create(model=NAME, prompt="Once upon", max_tokens=8, temperature=0, stop=[stop],
+                                         stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == stopped.choices[0].text  # no part of it
 
     metrics = _metrics(url)
     assert metrics["qwenvl_time_to_first_token_seconds_count"] >= 8
