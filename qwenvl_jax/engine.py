@@ -28,7 +28,7 @@ from qwenvl_jax.models.multimodal import fuse_vision
 from qwenvl_jax.models.vision import prepare_vision_inputs
 from qwenvl_jax.models.rope import mrope_cos_sin
 from qwenvl_jax.sampling import SamplingArrays, SamplingParams, mark_seen, request_keys, sample, sampling_arrays
-from qwenvl_jax.sharding import mesh_of, replicated, shard_state
+from qwenvl_jax.sharding import mesh_context, mesh_of, replicated, shard_state
 from qwenvl_jax.speculative import first_drafts, prefill_mtp, speculative_step
 
 
@@ -312,7 +312,8 @@ class Engine:
 
         def over_weights(program):
             def run(weights: list[jax.Array], *args, **kwargs):
-                return program(graphdef, jax.tree_util.tree_unflatten(weights_def, weights), *args, **kwargs)
+                with mesh_context(mesh):  # traced on the mesh: the Pallas kernels run per device
+                    return program(graphdef, jax.tree_util.tree_unflatten(weights_def, weights), *args, **kwargs)
             return run
 
         # On a mesh the state keeps its shardings from call to call (else XLA may pick others for the outputs,

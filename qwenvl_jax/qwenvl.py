@@ -19,7 +19,7 @@ from qwenvl_jax.generate import GenerationResult, generate
 from qwenvl_jax.models.model import QwenVLModel, multimodal_logits_fn, text_logits_fn
 from qwenvl_jax.models.multimodal import prepare_multimodal
 from qwenvl_jax.models.rope_index import get_rope_index
-from qwenvl_jax.sharding import make_mesh
+from qwenvl_jax.sharding import make_mesh, mesh_context, mesh_of
 
 if TYPE_CHECKING:
     from qwenvl_jax.processing import Processor
@@ -188,13 +188,15 @@ class QwenVL:
         if mm is None:  # text only: the vision tower is neither traced nor run
             # Text-only mRoPE: all three rows are the running position (HF's get_rope_index without vision).
             positions_3bt = np.broadcast_to(np.arange(ids_bt.shape[1], dtype=np.int32), (3, *ids_bt.shape))
-            logits = text_logits_fn(self.graphdef, self.params, shifted_bt, positions_3bt, lengths)
+            with mesh_context(mesh_of(self.params)):
+                logits = text_logits_fn(self.graphdef, self.params, shifted_bt, positions_3bt, lengths)
         else:
             positions_3bt, _ = get_rope_index(self.config, ids_bt, image_grid_thw, video_grid_thw,
                                               second_per_grid_ts, mask_bt)
             positions_3bt = np.moveaxis(_shift_rows(np.moveaxis(positions_3bt, 0, -1), starts), -1, 0)
-            logits = multimodal_logits_fn(self.graphdef, self.params, shifted_bt, positions_3bt.astype(np.int32),
-                                          lengths, mm)
+            with mesh_context(mesh_of(self.params)):
+                logits = multimodal_logits_fn(self.graphdef, self.params, shifted_bt, positions_3bt.astype(np.int32),
+                                              lengths, mm)
         logits = np.where(real_bt[..., None], np.asarray(logits), 0.0)
         return _shift_rows(logits, -starts)
 

@@ -10,6 +10,8 @@ only the communication does.
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import numpy as np
 from flax import nnx
@@ -18,8 +20,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from qwenvl_jax.config import ModelConfig
 from qwenvl_jax.models.attention import AttnCache
 from qwenvl_jax.models.gated_deltanet import GdnCache
+from qwenvl_jax.models.per_device import EXPERT, TENSOR, tensor_splits
 
-TENSOR, EXPERT = "tensor", "expert"
 
 def make_mesh(tensor_parallel: int = 1, expert_parallel: int = 1, devices=None) -> Mesh:
     """A mesh of tensor_parallel x expert_parallel devices (the first ones of ``jax.devices()``)."""
@@ -42,10 +44,11 @@ def _spec(path: tuple[str, ...], shape: tuple[int, ...], cfg: ModelConfig, mesh:
     if len(path) >= 2 and path[-2] == "experts":
         spec = P(EXPERT, *([None] * (len(shape) - 1)))
     else:
-        heads_split = text.num_attention_heads % tp == 0
+        heads_split = tensor_splits(text.num_attention_heads, tensor_parallel=tp)
         columns = (module.endswith(("gate_proj", "up_proj", "lm_head"))
                    or module.endswith("self_attn.q_proj") and heads_split
-                   or module.endswith(("self_attn.k_proj", "self_attn.v_proj")) and text.num_key_value_heads % tp == 0)
+                   or module.endswith(("self_attn.k_proj", "self_attn.v_proj"))
+                   and tensor_splits(text.num_key_value_heads, tensor_parallel=tp))
         rows = module.endswith("down_proj") or module.endswith("self_attn.o_proj") and heads_split
         if module.endswith("embed_tokens") and leaf == "weight":
             spec = P(TENSOR, None)  # vocabulary rows
@@ -75,17 +78,21 @@ def shard_state(state, cfg: ModelConfig, mesh: Mesh):
     """The engine's decode state on the mesh: KV caches [S, L, KV, D] split by KV heads and Gated DeltaNet
     recurrent states [S, Hv, Dk, Dv] by value heads (where the heads divide the tensor axis), the rest
     replicated."""
-    tp = mesh.shape[TENSOR]
+    tp, text = mesh.shape[TENSOR], cfg.text
 
     def place(x, spec=P()):
         return jax.device_put(x, NamedSharding(mesh, spec))
 
     def layer(cache):
+        # Split where the kernels split them (``per_device``): decode attention by KV heads when the query heads
+        # split too, the gated delta rule by value heads when the key heads split too.
         if isinstance(cache, AttnCache):
-            spec = P(None, None, TENSOR, None) if cfg.text.num_key_value_heads % tp == 0 else P()
+            split = tensor_splits(text.num_attention_heads, text.num_key_value_heads, tensor_parallel=tp)
+            spec = P(None, None, TENSOR, None) if split else P()
             return AttnCache(place(cache.k, spec), place(cache.v, spec))
         if isinstance(cache, GdnCache):
-            spec = P(None, TENSOR) if cfg.text.linear_num_value_heads % tp == 0 else P()
+            split = tensor_splits(text.linear_num_key_heads, text.linear_num_value_heads, tensor_parallel=tp)
+            spec = P(None, TENSOR) if split else P()
             return GdnCache(place(cache.conv), place(cache.recurrent, spec))
         return jax.tree_util.tree_map(place, cache)
 
@@ -103,3 +110,10 @@ def mesh_of(params: nnx.State) -> Mesh | None:
         if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
             return sharding.mesh
     return None
+
+
+def mesh_context(mesh: Mesh | None) -> contextlib.AbstractContextManager:
+    """The context to trace programs on ``mesh`` in (a no-op for None): ``models.per_device`` reads it to run the
+    Pallas kernels per device. Entered inside the traced function (the engine) or around the jitted call (then
+    every call of the compiled program must be made in it: the mesh is part of the cache key)."""
+    return contextlib.nullcontext() if mesh is None else jax.sharding.use_abstract_mesh(mesh.abstract_mesh)

@@ -1,11 +1,13 @@
 """Run by tests/test_sharding.py in a process of its own with 8 fake CPU devices (the device count is fixed when
 JAX starts): tiny models of every family on tensor- and expert-parallel meshes against one device
-(``sharding_check.py FAMILIES [GENERATE]``), or the host memory of restoring a converted checkpoint onto a mesh
-(``sharding_check.py restore DIR TP``). Prints one JSON line per check."""
+(``sharding_check.py FAMILIES [GENERATE]``), the host memory of restoring a converted checkpoint onto a mesh
+(``sharding_check.py restore DIR TP``), or the collectives of compiled decode programs (``sharding_check.py
+collectives``). Prints one JSON line per check."""
 
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -95,8 +97,39 @@ def restore(checkpoint: str, tp: int) -> None:
                                     for leaf in leaves if leaf.ndim == 2 and leaf.nbytes > 2**20))), flush=True)
 
 
+COLLECTIVE = re.compile(r"= (\w+)\[([\d,]*)\][^ ]* (all-reduce|all-gather|collective-permute|all-to-all|"
+                        r"reduce-scatter)(?:-start)?\(.*?op_name=\"([^\"]*)\"")
+# (variant, tensor_parallel, expert_parallel) of the collectives check.
+DECODE_MESHES = (("qwen3_vl-a", 2, 1), ("qwen3_5-a", 2, 1), ("qwen3_5_moe-a", 2, 2))
+
+
+def collectives() -> None:
+    """Every collective of each compiled decode program (2 steps, 2 rows): its kind, element count and the op it
+    came from, with the model's layer counts to hold them against."""
+    work = Path(tempfile.mkdtemp())
+    for variant, tp, ep in DECODE_MESHES:
+        build_hf_checkpoint(variant, work / variant)
+        model = qj.load(work / variant, dtype="float32", tensor_parallel=tp, expert_parallel=ep)
+        model.configure(max_batch=2, max_len=64, prompt_buckets=(16,), decode_steps=2)
+        engine = model.engine()
+        hlo = engine._decode.lower(engine._weights, engine.state, np.ones(3, bool), engine._eos, np.int32(2),
+                                   steps=2, rows=2).compile().as_text()
+        text = model.config.text
+        found = [dict(kind=kind, elements=int(np.prod([int(d) for d in dims.split(",") if d])), op=op)
+                 for _, dims, kind, op in COLLECTIVE.findall(hlo)]
+        print(json.dumps(dict(variant=variant, tp=tp, ep=ep, layers=text.num_hidden_layers,
+                              gdn_layers=sum(t == "linear_attention" for t in text.layer_types),
+                              moe_layers=text.num_hidden_layers if text.num_experts else 0,
+                              vocab=text.vocab_size, slots=engine.state.lengths.shape[0],
+                              largest_weight=max(leaf.size for leaf in jax.tree_util.tree_leaves(model.params)
+                                                 if leaf.ndim == 2),
+                              collectives=found)), flush=True)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "restore":
         restore(sys.argv[2], int(sys.argv[3]))
+    elif sys.argv[1] == "collectives":
+        collectives()
     else:
         main(sys.argv[1].split(","), sys.argv[2].split(",") if len(sys.argv) > 2 else [])

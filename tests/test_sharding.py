@@ -59,3 +59,35 @@ def test_restore_onto_the_mesh_stays_within_its_memory_bound(tmp_path):
     bound = 2 * row["largest"] + row["device_bytes"] + slack
     assert bound < row["model_bytes"] + row["device_bytes"], row  # the check can tell the two ways apart
     assert row["peak_added"] < bound, row
+
+
+def test_decode_programs_hold_only_the_collectives_the_math_needs():
+    """The compiled decode programs' collectives, per layer: one all-reduce after each mixer's output projection
+    and one after each MLP's (or shared expert's) down projection; one sum over the expert axis per MoE layer;
+    for Gated DeltaNet layers (projections still whole on every device) three small reshards of q, k, v onto
+    the kernel's heads and one gather of the conv window. The rest (the embedding lookup, sampling over the
+    split vocabulary) does not grow with depth. None moves more than slots x vocab elements (the largest is
+    the repetition-penalty mask), so an all-gather of any weight fails."""
+    script = Path(__file__).with_name("sharding_check.py")
+    done = subprocess.run([sys.executable, str(script), "collectives"], capture_output=True, text=True, timeout=900,
+                          cwd=script.parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 3
+    rest = set()
+    for r in rows:
+        found = r["collectives"]
+
+        def count(kind, op):
+            return sum(c["kind"] == kind and c["op"].endswith(op) for c in found)
+
+        assert count("all-reduce", "/dot_general") == 2 * r["layers"], r
+        assert count("all-reduce", "/psum") == (r["moe_layers"] if r["ep"] > 1 else 0), r
+        assert count("collective-permute", "/split") == 3 * r["gdn_layers"], r
+        conv_windows = [c for c in found if c["kind"] == "all-gather" and c["op"].endswith("/while")
+                        and c["elements"] != r["slots"] * r["vocab"]]
+        assert len(conv_windows) == r["gdn_layers"], r
+        assert not any(c["kind"] in ("all-to-all", "reduce-scatter") for c in found), r
+        assert max(c["elements"] for c in found) <= r["slots"] * r["vocab"] < r["largest_weight"], r
+        rest.add(len(found) - 2 * r["layers"] - count("all-reduce", "/psum") - 4 * r["gdn_layers"])
+    assert len(rest) == 1, rest  # the same depth-independent remainder in every program

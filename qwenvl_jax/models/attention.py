@@ -17,6 +17,7 @@ from pallas_kernels.prefill_attention import prefill_attention
 from qwenvl_jax.config import TextConfig
 from qwenvl_jax.models.context import ForwardContext
 from qwenvl_jax.models.layers import Linear, RMSNorm
+from qwenvl_jax.models.per_device import on_local_heads
 from qwenvl_jax.models.rope import apply_rotary
 
 
@@ -104,11 +105,15 @@ class Attention(nnx.Module):
             out_bthd = causal_attention(q_bthd, k_bthd, v_bthd, ctx.lengths_b)
         elif ctx.is_decode(t):
             # Row b is slot b: the kernel reads the cache where it lives, positions [0, start + new) only.
-            out_bhd = decode_attention(q_bthd[:, 0], cache.k, cache.v, ctx.starts_b + ctx.lengths_b)
+            out_bhd = on_local_heads(decode_attention, (q_bthd[:, 0], cache.k, cache.v, ctx.starts_b + ctx.lengths_b),
+                                     (1, 2, 2, None), (1,), head_counts=(self.num_heads, self.num_kv_heads))
             out_bthd = out_bhd[:, None]
         else:
             # A prompt chunk after a cached prefix: flash attention over the slot's cache where it lives.
-            out_bthd = prefill_attention(q_bthd, cache.k, cache.v, ctx.row_ids(), ctx.starts_b, ctx.lengths_b)
+            out_bthd = on_local_heads(prefill_attention,
+                                      (q_bthd, cache.k, cache.v, ctx.row_ids(), ctx.starts_b, ctx.lengths_b),
+                                      (2, 2, 2, None, None, None), (2,),
+                                      head_counts=(self.num_heads, self.num_kv_heads))
         if gate_bthd is not None:
             out_bthd = out_bthd * jax.nn.sigmoid(gate_bthd)
         return self.o_proj(out_bthd.reshape(b, t, self.num_heads * self.head_dim)), cache

@@ -7,6 +7,8 @@ exactly as if they were absent.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -19,6 +21,7 @@ from pallas_kernels.gated_delta_rule import (
 from qwenvl_jax.config import TextConfig
 from qwenvl_jax.models.context import ForwardContext
 from qwenvl_jax.models.layers import Linear, _normal
+from qwenvl_jax.models.per_device import on_local_heads
 
 
 class GdnCache(NamedTuple):
@@ -41,6 +44,15 @@ class GdnPending(NamedTuple):
     beta: jax.Array
 
 
+def _on_local_heads(kernel: Callable, q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array,
+                    state: jax.Array, lengths_b: jax.Array) -> tuple[jax.Array | None, jax.Array]:
+    """A gated delta rule kernel ``(q, k, v, g, beta, state [S, Hv, Dk, Dv], lengths) -> (o, state)`` run per
+    device on its key and value heads (``per_device``): the recurrent state pool never leaves its device."""
+    return on_local_heads(kernel, (q, k, v, g, beta, state, lengths_b),
+                          (q.ndim - 2, k.ndim - 2, v.ndim - 2, g.ndim - 1, beta.ndim - 1, 1, None),
+                          (v.ndim - 2, 1), head_counts=(q.shape[-2], v.shape[-2]))
+
+
 def commit_verified(pending: GdnPending, tokens_b: jax.Array) -> GdnCache:
     """The state after the first ``tokens_b`` [B] of the verified tokens of rows = slots 0..B-1 (0: unchanged).
 
@@ -49,8 +61,9 @@ def commit_verified(pending: GdnPending, tokens_b: jax.Array) -> GdnCache:
     cache = pending.before
     b = tokens_b.shape[0]
     conv = last_conv_window(pending.mixed_btc, cache.conv[:b], tokens_b)
-    _, recurrent = gated_delta_rule_tokens_slots(pending.q, pending.k, pending.v, pending.g, pending.beta,
-                                                 cache.recurrent, tokens_b, outputs=False, advance=True)
+    _, recurrent = _on_local_heads(
+        functools.partial(gated_delta_rule_tokens_slots, outputs=False, advance=True),
+        pending.q, pending.k, pending.v, pending.g, pending.beta, cache.recurrent, tokens_b)
     return GdnCache(cache.conv.at[:b].set(conv.astype(cache.conv.dtype)), recurrent)
 
 
@@ -141,8 +154,8 @@ class GatedDeltaNet(nnx.Module):
         conv_bkc = cache.conv[:b]
         q, k, v, g, beta, z, mixed = self._gates_and_inputs(x_b1d, conv_bkc)
         new_conv = last_conv_window(mixed, conv_bkc, ctx.lengths_b)
-        core_bhv, recurrent = gated_delta_rule_step_slots(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0],
-                                                          cache.recurrent, ctx.lengths_b)
+        core_bhv, recurrent = _on_local_heads(gated_delta_rule_step_slots, q[:, 0], k[:, 0], v[:, 0], g[:, 0],
+                                              beta[:, 0], cache.recurrent, ctx.lengths_b)
         out = self._output(core_bhv[:, None], z, x_b1d.dtype)
         return out, GdnCache(cache.conv.at[:b].set(new_conv.astype(cache.conv.dtype)), recurrent)
 
@@ -150,8 +163,8 @@ class GatedDeltaNet(nnx.Module):
         """T speculative tokens for rows = slots 0..B-1: outputs from the slot states, which stay as they are."""
         b = x_btd.shape[0]
         q, k, v, g, beta, z, mixed = self._gates_and_inputs(x_btd, cache.conv[:b])
-        core_bthv, _ = gated_delta_rule_tokens_slots(q, k, v, g, beta, cache.recurrent, ctx.lengths_b, outputs=True,
-                                                     advance=False)
+        core_bthv, _ = _on_local_heads(functools.partial(gated_delta_rule_tokens_slots, outputs=True, advance=False),
+                                       q, k, v, g, beta, cache.recurrent, ctx.lengths_b)
         return self._output(core_bthv, z, x_btd.dtype), GdnPending(cache, mixed, q, k, v, g, beta)
 
     def _gates_and_inputs(self, x_btd: jax.Array, conv_state_bkc: jax.Array) -> tuple:
@@ -186,7 +199,8 @@ class GatedDeltaNet(nnx.Module):
         conv_state, recurrent_state = state if state is not None else self.init_state(x_btd.shape[0], x_btd.dtype)
         q, k, v, g, beta, z, mixed = self._gates_and_inputs(x_btd, conv_state)
         new_conv_state = last_conv_window(mixed, conv_state, lengths_b).astype(conv_state.dtype)
-        core_bthv, new_recurrent = gated_delta_rule(
-            q, k, v, g, beta, initial_state=recurrent_state, lengths=lengths_b, use_qk_l2norm=True,
-        )
+        core_bthv, new_recurrent = _on_local_heads(
+            lambda q, k, v, g, beta, state, lengths: gated_delta_rule(
+                q, k, v, g, beta, initial_state=state, lengths=lengths, use_qk_l2norm=True),
+            q, k, v, g, beta, recurrent_state, lengths_b)
         return self._output(core_bthv, z, x_btd.dtype), (new_conv_state, new_recurrent)

@@ -10,11 +10,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.moe_matmul import moe_experts, moe_experts_fp8
 from qwenvl_jax.config import TextConfig
 from qwenvl_jax.models.fp8 import dequantize
 from qwenvl_jax.models.layers import GatedMLP, Linear, _normal
+from qwenvl_jax.models.per_device import EXPERT, context_mesh
 
 
 class Experts(nnx.Module):
@@ -27,18 +29,28 @@ class Experts(nnx.Module):
         self.down_proj_scale_inv = nnx.data(None)
         self.block = None
 
-    def weights(self, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
-        """(gate_up [E, D, 2I], down [E, I, D]) in ``dtype`` (FP8 experts dequantized: the reference path, where
-        the grouped kernels cannot read the FP8 tiles)."""
-        gate_up, down = self.gate_up_proj[...], self.down_proj[...]
-        if self.gate_up_proj_scale_inv is None:
-            return gate_up, down
-        dequant = jax.vmap(lambda w, s: dequantize(w, s, self.block, dtype))
-        half, scale_half = gate_up.shape[-1] // 2, self.gate_up_proj_scale_inv.shape[-1] // 2
-        scale = self.gate_up_proj_scale_inv[...]
-        gate_up = jnp.concatenate([dequant(gate_up[..., :half], scale[..., :scale_half]),
-                                   dequant(gate_up[..., half:], scale[..., scale_half:])], axis=-1)
-        return gate_up, dequant(down, self.down_proj_scale_inv[...])
+    def arrays(self) -> tuple[jax.Array, ...]:
+        """Every array indexed by expert: (gate_up [E, D, 2I], down [E, I, D]), then for FP8 experts their block
+        scales (gate_up's, down's)."""
+        fp8 = () if self.gate_up_proj_scale_inv is None else (self.gate_up_proj_scale_inv[...],
+                                                               self.down_proj_scale_inv[...])
+        return (self.gate_up_proj[...], self.down_proj[...], *fp8)
+
+    def apply(self, x_nd: jax.Array, experts_nk: jax.Array, weights_nk: jax.Array, arrays: tuple[jax.Array, ...]
+              ) -> jax.Array:
+        """sum_k weights[n, k] * expert[experts[n, k]](x[n]) over the experts ``arrays`` hold (``arrays()``, or
+        one device's share of them)."""
+        gate_up, down, *scales = arrays
+        if scales:  # FP8 experts: the kernels read FP8 tiles where they can, else the dequantized reference
+            out_nd = moe_experts_fp8(x_nd, experts_nk, weights_nk, gate_up, down, tuple(scales), self.block)
+            if out_nd is not None:
+                return out_nd
+            dequant = jax.vmap(lambda w, s: dequantize(w, s, self.block, x_nd.dtype))
+            half, scale_half = gate_up.shape[-1] // 2, scales[0].shape[-1] // 2
+            gate_up = jnp.concatenate([dequant(gate_up[..., :half], scales[0][..., :scale_half]),
+                                       dequant(gate_up[..., half:], scales[0][..., scale_half:])], axis=-1)
+            down = dequant(down, scales[1])
+        return moe_experts(x_nd, experts_nk, weights_nk, gate_up, down)
 
 
 class SparseMoeBlock(nnx.Module):
@@ -69,16 +81,29 @@ class SparseMoeBlock(nnx.Module):
         x_nd = x_btd.reshape(b * t, d)
         weights_nk, experts_nk = self.route(x_nd)
 
-        experts = self.experts
-        out_nd = None
-        if experts.block is not None:  # FP8 experts: the kernels read FP8 tiles where they can
-            out_nd = moe_experts_fp8(x_nd, experts_nk, weights_nk, experts.gate_up_proj[...], experts.down_proj[...],
-                                     (experts.gate_up_proj_scale_inv[...], experts.down_proj_scale_inv[...]),
-                                     experts.block)
-        if out_nd is None:
-            out_nd = moe_experts(x_nd, experts_nk, weights_nk, *experts.weights(x_nd.dtype))
-
+        out_nd = self._routed(x_nd, experts_nk, weights_nk)
         if self.shared_expert is not None:
             shared = self.shared_expert(x_nd)
             out_nd = out_nd + jax.nn.sigmoid(self.shared_expert_gate(x_nd)) * shared
         return out_nd.reshape(b, t, d)
+
+    def _routed(self, x_nd: jax.Array, experts_nk: jax.Array, weights_nk: jax.Array) -> jax.Array:
+        """The routed experts' output. On a mesh whose expert axis splits the experts, each device runs its own
+        experts on every token (pairs routed elsewhere weigh 0 there) and a sum over the axis adds them up:
+        the expert weights never leave their device (a Pallas call left to XLA's partitioner would gather
+        them all onto every device)."""
+        experts, arrays = self.experts, self.experts.arrays()
+        mesh = context_mesh()
+        if mesh is None or mesh.shape.get(EXPERT, 1) == 1 or self.num_experts % mesh.shape[EXPERT]:
+            return experts.apply(x_nd, experts_nk, weights_nk, arrays)
+
+        def local(x_nd, experts_nk, weights_nk, *arrays):
+            count = arrays[0].shape[0]
+            first = jax.lax.axis_index(EXPERT) * count
+            mine_nk = (experts_nk >= first) & (experts_nk < first + count)
+            out_nd = experts.apply(x_nd, jnp.where(mine_nk, experts_nk - first, 0),
+                                   jnp.where(mine_nk, weights_nk, 0), arrays)
+            return jax.lax.psum(out_nd, EXPERT)
+
+        return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(), *(P(EXPERT) for _ in arrays)),
+                             out_specs=P(), check_vma=False)(x_nd, experts_nk, weights_nk, *arrays)
