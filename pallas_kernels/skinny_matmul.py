@@ -1,10 +1,9 @@
 """x [M, K] @ w [K, N] for decode's few rows (M <= 16): a weight-streaming matmul.
 
-Used where XLA is slow: a [1, K] x [K, N] dot with a narrow weight (K x N up to 4096 x 1024: attention's k/v
-projections, Gated DeltaNet's gate projections) is rewritten by XLA into a multiply that writes a weight-sized
-product and a reduction over it (measured on an H200 with jax 0.11.2: 19.8 us for 4096 x 1024 against 8.0 us
-here; in Qwen3-VL-8B's batch-1 decode step those two fusions took 1.35 of 6.4 ms). Larger weights go to XLA's
-GEMM, which this kernel does not beat (bench/NOTES.md).
+Used where XLA is slow: XLA rewrites a [1, K] x [K, N] dot whose operands hold under 10M elements into a
+multiply that writes a weight-sized product and a reduction over it (measured on an H200 with jax 0.11.2: 19.8 us
+for 4096 x 1024 against 8.0 us here; in Qwen3-VL-8B's batch-1 decode step those k/v fusions took 1.35 of 6.4 ms).
+Larger weights go to XLA's GEMM, which this kernel does not beat (bench/NOTES.md).
 
 At batch 1-16 a decode step's projections are matrix-vector products bound by reading w once. Each program
 owns a column tile of w and one of S contiguous spans of K (split-K, so that narrow outputs such as a down
@@ -122,19 +121,21 @@ def skinny_matmul_pallas(x_mk: jax.Array, w_kn: jax.Array, scale_inv: jax.Array 
     return out.sum(axis=0).astype(x_mk.dtype)[:rows] if tiling.splits > 1 else out[0, :rows]
 
 
-# The largest weight measured going through XLA's multiply + reduce rewrite of a one-row dot (4096 x 1024); a
-# 4096 x 4096 one became a GEMM.
-NARROW_WEIGHT_ELEMENTS = 4096 * 1024
+# XLA's GPU pipeline (DotStrengthReduction) rewrites a vector-matrix dot into multiply + reduce when its operands
+# and result hold fewer elements than this (IsMatrixMultiplicationTooSmallForRewriting's threshold). 4096 x 1024
+# is rewritten, 4096 x 4096 becomes a GEMM; 2048 x 4096 is rewritten too: the 70 weight copies counted in
+# Qwen3.5-35B-A3B's batch-1 decode program (H200) match its 60 GDN z/out and 10 attention o projections.
+XLA_REWRITE_ELEMENTS = 10_000_000
 
 
 def skinny_matmul(x: jax.Array, w_kn: jax.Array) -> jax.Array | None:
-    """x [..., K] @ w [K, N] through the kernel where XLA is slow (a GPU, one row, a weight of at most
-    NARROW_WEIGHT_ELEMENTS, half-precision operands of one dtype, a tiling that fits), else None (the caller's
-    XLA dot). ``QWENVL_XLA_MATMUL=1`` turns it off (benchmark baselines)."""
+    """x [..., K] @ w [K, N] through the kernel where XLA is slow (a GPU, one row, a dot XLA would rewrite into
+    multiply + reduce: below XLA_REWRITE_ELEMENTS, half-precision operands of one dtype, a tiling that fits),
+    else None (the caller's XLA dot). ``QWENVL_XLA_MATMUL=1`` turns it off (benchmark baselines)."""
     rows = math.prod(x.shape[:-1])
     k, n = w_kn.shape
     if (os.environ.get("QWENVL_XLA_MATMUL") == "1" or jax.default_backend() != "gpu" or rows != 1
-            or k * n > NARROW_WEIGHT_ELEMENTS or x.dtype != w_kn.dtype
+            or k + k * n + n >= XLA_REWRITE_ELEMENTS or x.dtype != w_kn.dtype
             or x.dtype not in (jnp.bfloat16, jnp.float16)):
         return None
     tiling = default_tiling(k, n)

@@ -20,10 +20,11 @@ def test_kernel_matches_xla_in_bf16(k, n):
     assert err < 1e-2
 
 
-def test_kernel_is_used_for_one_row_and_narrow_weights_only():
+def test_kernel_is_used_for_one_row_and_weights_xla_would_rewrite_only():
     w = jnp.zeros((4096, 1024), jnp.bfloat16)
     assert skinny_matmul(jnp.zeros((2, 4096), jnp.bfloat16), w) is None
     assert skinny_matmul(jnp.zeros((1, 4096), jnp.bfloat16), jnp.zeros((4096, 4096), jnp.bfloat16)) is None
+    assert skinny_matmul(jnp.zeros((1, 2048), jnp.bfloat16), jnp.zeros((2048, 4096), jnp.bfloat16)) is not None
     assert skinny_matmul(jnp.zeros((1, 4096), jnp.float32), w.astype(jnp.float32)) is None
     assert not np.isnan(np.asarray(skinny_matmul(jnp.ones((1, 1, 4096), jnp.bfloat16), w), np.float32)).any()
 
