@@ -69,6 +69,11 @@ class TextConfig:
     # Multi-token-prediction layers the model carries (Qwen3.5's ``mtp.*`` head): set by the converter from the
     # checkpoint's weights, 0 when it has none. ``config.json`` alone does not say whether the weights exist.
     mtp_layers: int = 0
+    # Gated DeltaNet's q|k|v channels (in_proj_qkv's output columns, conv1d's, the conv state's) in this many
+    # blocks of [q_i | k_i | v_i]: the tensor-parallel size when that axis splits the key and value heads
+    # (``qwenvl_jax.sharding``), so that each device's contiguous slice holds whole heads of all three. 1 is HF's
+    # [q | k | v].
+    gdn_head_blocks: int = 1
 
     @property
     def rotary_dim(self) -> int:
@@ -155,6 +160,9 @@ class ModelConfig:
 
     def with_mtp_layers(self, layers: int) -> ModelConfig:
         return dataclasses.replace(self, text=dataclasses.replace(self.text, mtp_layers=layers))
+
+    def with_gdn_head_blocks(self, blocks: int) -> ModelConfig:
+        return dataclasses.replace(self, text=dataclasses.replace(self.text, gdn_head_blocks=blocks))
 
     def with_fp8_modules(self, modules: tuple[str, ...]) -> ModelConfig:
         """The FP8 config with the modules a checkpoint quantizes (None when it quantizes none)."""

@@ -1,11 +1,11 @@
 """Tensor and expert parallelism over a device mesh: where each parameter lives.
 
 A ``Mesh`` with axes ("expert", "tensor") and a rule per parameter (by its path in our tree, which mirrors HF's
-module names): attention heads, MLP and shared-expert intermediate columns, and the vocabulary split over
-"tensor"; MoE experts over "expert"; everything else (norms, the vision tower, GDN projections for now)
-replicated. A dimension that does not divide its axis stays whole. XLA's SPMD partitioner then runs the jitted
-programs on the mesh and inserts the collectives the shardings need, so results do not depend on the rules:
-only the communication does.
+module names): attention heads, Gated DeltaNet heads (projections, conv channels in head blocks: see
+``gdn_head_blocks``), MLP and shared-expert intermediate columns, and the vocabulary split over "tensor"; MoE
+experts over "expert"; everything else (norms, the vision tower) replicated. A dimension that does not divide
+its axis stays whole. XLA's SPMD partitioner then runs the jitted programs on the mesh and inserts the
+collectives the shardings need, so results do not depend on the rules: only the communication does.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -43,6 +44,15 @@ def _spec(path: tuple[str, ...], shape: tuple[int, ...], cfg: ModelConfig, mesh:
     module, leaf = ".".join(path[:-1]), path[-1]
     if len(path) >= 2 and path[-2] == "experts":
         spec = P(EXPERT, *([None] * (len(shape) - 1)))
+    elif "linear_attn" in path and text.gdn_head_blocks > 1:  # Gated DeltaNet by heads (see gdn_head_blocks)
+        if leaf in ("dt_bias", "A_log"):
+            spec = P(TENSOR)
+        elif module.endswith("out_proj"):
+            spec = P(TENSOR, None)
+        elif module.endswith(("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "conv1d")):
+            spec = P(None, TENSOR)
+        else:
+            spec = P()
     else:
         heads_split = tensor_splits(text.num_attention_heads, tensor_parallel=tp)
         columns = (module.endswith(("gate_proj", "up_proj", "lm_head"))
@@ -63,6 +73,34 @@ def _spec(path: tuple[str, ...], shape: tuple[int, ...], cfg: ModelConfig, mesh:
     sizes = {TENSOR: tp, EXPERT: mesh.shape[EXPERT]}
     # A dimension its axis does not divide stays whole.
     return P(*(axis if axis is None or shape[i] % sizes[axis] == 0 else None for i, axis in enumerate(spec)))
+
+
+def gdn_head_blocks(cfg: ModelConfig, tensor_parallel: int) -> int:
+    """``TextConfig.gdn_head_blocks`` on a tensor axis of this size: the size itself when it splits both Gated
+    DeltaNet head counts (then its projections, conv and state split by heads: no collective inside the mixer),
+    else 1 (the projections whole on every device). FP8 projections keep HF's layout: their block scales would
+    need the same permutation."""
+    text = cfg.text
+    fp8_qkv = cfg.fp8 is not None and any(m.endswith("linear_attn.in_proj_qkv") for m in cfg.fp8.modules)
+    split = tensor_splits(text.linear_num_key_heads, text.linear_num_value_heads, tensor_parallel=tensor_parallel)
+    return tensor_parallel if "linear_attention" in text.layer_types and split and not fp8_qkv else 1
+
+
+def to_head_blocks(path: tuple, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """A parameter in the layout ``cfg.text.gdn_head_blocks`` asks for: Gated DeltaNet's in_proj_qkv and conv1d
+    kernels have their [q | k | v] channels (last axis) regrouped into blocks of [q_i | k_i | v_i]; others as
+    given. On a mesh the result keeps x's sharding: XLA moves the columns between devices."""
+    text, keys = cfg.text, tuple(map(str, path))
+    if text.gdn_head_blocks == 1 or keys[-3:] not in (("linear_attn", "in_proj_qkv", "kernel"),
+                                                      ("linear_attn", "conv1d", "kernel")):
+        return x
+
+    def regroup(x):
+        parts = jnp.split(x, [text.gdn_key_dim, 2 * text.gdn_key_dim], axis=-1)
+        blocks = [p.reshape(*p.shape[:-1], text.gdn_head_blocks, -1) for p in parts]
+        return jnp.concatenate(blocks, axis=-1).reshape(x.shape)
+
+    return jax.jit(regroup, out_shardings=x.sharding)(x)
 
 
 def param_sharding(path: tuple, shape: tuple[int, ...], cfg: ModelConfig, mesh: Mesh) -> NamedSharding:
@@ -93,7 +131,8 @@ def shard_state(state, cfg: ModelConfig, mesh: Mesh):
         if isinstance(cache, GdnCache):
             split = tensor_splits(text.linear_num_key_heads, text.linear_num_value_heads, tensor_parallel=tp)
             spec = P(None, TENSOR) if split else P()
-            return GdnCache(place(cache.conv), place(cache.recurrent, spec))
+            conv = P(None, None, TENSOR) if text.gdn_head_blocks > 1 else P()  # channels in head blocks
+            return GdnCache(place(cache.conv, conv), place(cache.recurrent, spec))
         return jax.tree_util.tree_map(place, cache)
 
     placed = jax.tree_util.tree_map(place, state._replace(layers=(), spec=None))

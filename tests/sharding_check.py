@@ -120,6 +120,7 @@ def collectives() -> None:
         print(json.dumps(dict(variant=variant, tp=tp, ep=ep, layers=text.num_hidden_layers,
                               gdn_layers=sum(t == "linear_attention" for t in text.layer_types),
                               moe_layers=text.num_hidden_layers if text.num_experts else 0,
+                              gdn_head_blocks=text.gdn_head_blocks,
                               vocab=text.vocab_size, slots=engine.state.lengths.shape[0],
                               largest_weight=max(leaf.size for leaf in jax.tree_util.tree_leaves(model.params)
                                                  if leaf.ndim == 2),

@@ -126,6 +126,7 @@ class GatedDeltaNet(nnx.Module):
         self.out_proj = Linear(cfg.gdn_value_dim, d, bias=False, dtype=dtype, rngs=rngs)
         self.key_heads, self.value_heads = cfg.linear_num_key_heads, hv
         self.key_dim, self.value_dim = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+        self.head_blocks = cfg.gdn_head_blocks
 
     def init_state(self, batch: int, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
         """Zero (conv [B, K-1, C] in the activation dtype, recurrent [B, Hv, Dk, Dv] fp32)."""
@@ -180,8 +181,11 @@ class GatedDeltaNet(nnx.Module):
         kernel = self.conv1d.kernel[...]
         conved_btc = jax.nn.silu(causal_depthwise_conv(mixed_btc, conv_state_bkc, kernel))
 
-        kd = self.key_heads * self.key_dim
-        q, k, v = jnp.split(conved_btc, [kd, 2 * kd], axis=-1)
+        # Channels in head blocks of [q_i | k_i | v_i] (TextConfig.gdn_head_blocks; 1 block: HF's layout). Heads
+        # come out in their global order, and on a mesh each device's block splits locally.
+        blocks_btgc = conved_btc.reshape(b, t, self.head_blocks, -1)
+        kd = self.key_heads * self.key_dim // self.head_blocks
+        q, k, v = jnp.split(blocks_btgc, [kd, 2 * kd], axis=-1)
         q_bthk = q.reshape(b, t, self.key_heads, self.key_dim)
         k_bthk = k.reshape(b, t, self.key_heads, self.key_dim)
         v_bthv = v.reshape(b, t, self.value_heads, self.value_dim)
