@@ -197,7 +197,7 @@ def special_token_ids(family: Family, vocab_size: int, first_special_id: int | N
 
 def _generated_merges(count: int) -> list[tuple[str, str]]:
     """Deterministic merges that make common English pieces single tokens: space+letter, letter pairs,
-    space+letter pair, digit pairs: at most 972 merges, i.e. 1228 regular tokens."""
+    space+letter pair, digit pairs: at most 972 merges, i.e. 1228 regular tokens reachable by encoding."""
     space = "Ġ"  # byte-level encoding of " "
     lower, upper = string.ascii_lowercase, string.ascii_uppercase
     frequent = "etaoinshrdlcumwfgypbvkjxqz"  # English letter frequency: most useful pairs first
@@ -205,22 +205,27 @@ def _generated_merges(count: int) -> list[tuple[str, str]]:
     candidates += [(a, b) for a in frequent for b in frequent]
     candidates += [(space + a, b) for a in frequent[:12] for b in frequent[:12]]
     candidates += [(a, b) for a in string.digits for b in string.digits]
-    if count > len(candidates):
-        raise ValueError(f"the generated BPE has at most {len(candidates) + 256} regular tokens, asked for "
-                         f"{count + 256}; move the special tokens lower (first_special_id)")
     return candidates[:count]
 
 
+def _decode_only_pieces(count: int) -> list[str]:
+    """Regular tokens past the merges (a released model's vocabulary size, e.g. 248320 for a benchmark serving
+    random weights): " " + four lowercase letters each, which no merge produces, so every id decodes to text."""
+    letters = string.ascii_lowercase
+    return ["Ġ" + "".join(letters[i // 26**k % 26] for k in range(4)) for i in range(count)]
+
+
 def build_tokenizer(special_ids: Mapping[str, int]) -> Tokenizer:
-    """Byte-level BPE with Qwen2's pre-tokenizer: regular tokens fill ``[0, min(special ids))``, then the
-    special tokens follow in id order."""
+    """Byte-level BPE with Qwen2's pre-tokenizer: regular tokens fill ``[0, min(special ids))`` (those past the
+    generated merges only decode), then the special tokens follow in id order."""
     n_regular = min(special_ids.values())
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     if n_regular < len(alphabet):
         raise ValueError(f"special tokens start at id {n_regular}; the byte-level alphabet alone needs "
                          f"{len(alphabet)} ids below them")
     merges = _generated_merges(n_regular - len(alphabet))
-    vocab = {piece: i for i, piece in enumerate(alphabet + [a + b for a, b in merges])}
+    pieces = alphabet + [a + b for a, b in merges]
+    vocab = {piece: i for i, piece in enumerate(pieces + _decode_only_pieces(n_regular - len(pieces)))}
     tok = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token=None, continuing_subword_prefix="",
                         end_of_word_suffix="", fuse_unk=False, byte_fallback=False))
     tok.normalizer = normalizers.NFC()
