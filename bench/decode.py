@@ -142,7 +142,9 @@ def time_decode(engine: Engine, batch: int, context: int, calls: int, profile: b
     cfg = engine.config
     rng = np.random.default_rng(batch * 7 + context)
     tokens = rng.integers(0, engine.vocab_size, batch).astype(np.int32)
-    engine.state = synthetic_state(engine.state, tokens, context, batch=batch)
+    # Back onto the state's own shardings (on a mesh the filled state comes out replicated; one device: no-op).
+    shardings = jax.tree_util.tree_map(lambda x: x.sharding, engine.state)
+    engine.state = jax.device_put(synthetic_state(engine.state, tokens, context, batch=batch), shardings)
     host_active = np.zeros(cfg.max_batch + 1, bool)
     host_active[:batch] = True
     rows = min(b for b in cfg.decode_buckets if b >= batch)
