@@ -221,7 +221,7 @@ def decode_program(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState
     max_len = _cache_len(state)
     sampling = jax.tree_util.tree_map(lambda x: x[:rows], state.sampling)
 
-    def step(k: int, carry: tuple[DecodeState, jax.Array]) -> tuple[DecodeState, jax.Array]:
+    def step(k: jax.Array, carry: tuple[DecodeState, jax.Array]) -> tuple[DecodeState, jax.Array]:
         state, out_kst = carry
         active_s = state.active[:rows] & host_active_s[:rows]
         token_s = state.next_token[:rows]
@@ -253,7 +253,20 @@ def decode_program(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState
 
     tokens_per_step = 1 if state.spec is None else state.spec.drafts.shape[1] + 1
     out = jnp.full((steps, rows, tokens_per_step), -1, jnp.int32)
-    return jax.lax.fori_loop(0, jnp.minimum(num_steps, steps), step, (state, out))
+
+    # The loop ends early once no row is active: a step reads every weight whether or not a row uses it, and
+    # the host keeps a call queued behind the one it reads, so the call after a request's last token (and the
+    # steps of a call past it) would otherwise cost a full pass over the weights each, for nothing.
+    def running(carry: tuple[jax.Array, DecodeState, jax.Array]) -> jax.Array:
+        k, state, _ = carry
+        return (k < jnp.minimum(num_steps, steps)) & jnp.any(state.active[:rows] & host_active_s[:rows])
+
+    def body(carry: tuple[jax.Array, DecodeState, jax.Array]) -> tuple[jax.Array, DecodeState, jax.Array]:
+        k, state, out = carry
+        return k + 1, *step(k, (state, out))
+
+    _, state, out = jax.lax.while_loop(running, body, (jnp.int32(0), state, out))
+    return state, out
 
 
 # ----------------------------------------------------------------------------------------------- host side
