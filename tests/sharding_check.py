@@ -1,8 +1,8 @@
 """Run by tests/test_sharding.py in a process of its own with 8 fake CPU devices (the device count is fixed when
-JAX starts): tiny models of every family on tensor- and expert-parallel meshes against one device
-(``sharding_check.py FAMILIES [GENERATE]``), the host memory of restoring a converted checkpoint onto a mesh
-(``sharding_check.py restore DIR TP``), or the collectives of compiled decode programs (``sharding_check.py
-collectives``). Prints one JSON line per check."""
+JAX starts): tiny models of every family on tensor- and expert-parallel meshes against one device,
+and the collectives of their compiled decode programs (``sharding_check.py FAMILIES [GENERATE]``), or the host
+memory of restoring a converted checkpoint onto a mesh (``sharding_check.py restore DIR TP``). Prints one JSON
+line per check."""
 
 import json
 import logging
@@ -40,6 +40,8 @@ class CompileCounter(logging.Handler):
 
 
 def main(variants: list[str], generate: list[str]) -> None:
+    """The mesh checks of ``variants`` (greedy generation too for ``generate``), then ``collectives``: one
+    process, so the checkpoints and the runtime are made once."""
     work = Path(tempfile.mkdtemp())
     ids = [[5, 17, 99, 3, 250, 7, 61, 400, 12]]
     messages = [{"role": "user", "content": [{"type": "image", "image": IMAGE}, {"type": "text", "text": "Hm?"}]}]
@@ -67,6 +69,7 @@ def main(variants: list[str], generate: list[str]) -> None:
                 row["compiles_again"] = counter.count
                 jax.config.update("jax_log_compiles", False)
             print(json.dumps(row), flush=True)
+    collectives(work)
 
 
 def _status_kib(field: str) -> int:
@@ -103,12 +106,12 @@ COLLECTIVE = re.compile(r"= (\w+)\[([\d,]*)\][^ ]* (all-reduce|all-gather|collec
 DECODE_MESHES = (("qwen3_vl-a", 2, 1), ("qwen3_5-a", 2, 1), ("qwen3_5_moe-a", 2, 2))
 
 
-def collectives() -> None:
+def collectives(work: Path) -> None:
     """Every collective of each compiled decode program (2 steps, 2 rows): its kind, element count and the op it
-    came from, with the model's layer counts to hold them against."""
-    work = Path(tempfile.mkdtemp())
+    came from, with the model's layer counts to hold them against (checkpoints in ``work``, built if missing)."""
     for variant, tp, ep in DECODE_MESHES:
-        build_hf_checkpoint(variant, work / variant)
+        if not (work / variant).exists():
+            build_hf_checkpoint(variant, work / variant)
         model = qj.load(work / variant, dtype="float32", tensor_parallel=tp, expert_parallel=ep)
         model.configure(max_batch=2, max_len=64, prompt_buckets=(16,), decode_steps=2)
         engine = model.engine()
@@ -130,7 +133,5 @@ def collectives() -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "restore":
         restore(sys.argv[2], int(sys.argv[3]))
-    elif sys.argv[1] == "collectives":
-        collectives()
     else:
         main(sys.argv[1].split(","), sys.argv[2].split(",") if len(sys.argv) > 2 else [])
