@@ -44,7 +44,7 @@ from convert.converter import with_fp8_quantization  # noqa: E402
 from qwenvl_jax.config import ModelConfig, parse_config  # noqa: E402
 from qwenvl_jax.engine import Engine, EngineConfig  # noqa: E402
 from qwenvl_jax.models.model import abstract_model  # noqa: E402
-from qwenvl_jax.sharding import TENSOR, gdn_head_blocks, make_mesh, param_sharding  # noqa: E402
+from qwenvl_jax.sharding import laid_out_for, make_mesh, param_sharding  # noqa: E402
 from qwenvl_jax.tiny_model import TINY_CONFIGS, hf_config_dict  # noqa: E402
 
 COLLECTIVE_KERNELS = ("nccl", "all_reduce", "allreduce", "all_gather", "allgather", "all-reduce", "all-gather")
@@ -98,7 +98,7 @@ def run_mesh(name: str, raw: dict, tp: int, ep: int, args, bandwidth: float) -> 
     cfg = parse_config(text_only(raw))
     if args.fp8:
         cfg = with_fp8_quantization(cfg)
-    cfg = cfg.with_gdn_head_blocks(gdn_head_blocks(cfg, mesh.shape[TENSOR]))
+    cfg = laid_out_for(cfg, mesh)
     dtype = jnp.float32 if args.tiny else jnp.bfloat16
     graphdef, params = random_params_on_mesh(cfg, dtype, mesh)
     batches = sorted(args.batches)

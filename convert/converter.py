@@ -37,7 +37,7 @@ from qwenvl_jax.models.fp8 import FP8_DTYPE, KEEP_UNQUANTIZED, quantizable, quan
 from qwenvl_jax.models.layers import Linear
 from qwenvl_jax.models.moe import Experts
 from qwenvl_jax.models.model import QwenVLModel, abstract_model
-from qwenvl_jax.sharding import TENSOR, gdn_head_blocks, param_sharding, to_head_blocks
+from qwenvl_jax.sharding import laid_out_for, param_sharding, to_head_blocks
 
 PARAMS_DIR = "params"
 MANIFEST = "qwenvl_jax.json"
@@ -328,8 +328,7 @@ def load_params(path: str | Path, dtype: str | jnp.dtype | None = None, mesh: Me
                 f"qwenvl convert {source} {path} --overwrite")
         cfg = load_config(path).with_mtp_layers(manifest.get("mtp_layers", 0)).with_fp8_modules(
             tuple(manifest.get("fp8_modules", ())))
-        if mesh is not None:
-            cfg = cfg.with_gdn_head_blocks(gdn_head_blocks(cfg, mesh.shape[TENSOR]))
+        cfg = laid_out_for(cfg, mesh)
         dtype = jnp.dtype(dtype or manifest["dtype"])
         graphdef, abstract = nnx.split(abstract_model(cfg, dtype))
         flat_abstract = {tuple(p): v.get_value() for p, v in nnx.to_flat_state(abstract)}
@@ -351,7 +350,7 @@ def load_params(path: str | Path, dtype: str | jnp.dtype | None = None, mesh: Me
             flat[p] = node
     else:
         plan = plan_conversion(path, dtype or "bfloat16")
-        cfg = plan.cfg if mesh is None else plan.cfg.with_gdn_head_blocks(gdn_head_blocks(plan.cfg, mesh.shape[TENSOR]))
+        cfg = laid_out_for(plan.cfg, mesh)
         graphdef, abstract = nnx.split(abstract_model(cfg, plan.dtype))
         leaves = fill_params(plan, lambda key, shape, dt: np.empty(shape, dt), progress=False)
         flat = {p: jnp.asarray(a) if mesh is None else jax.device_put(a, param_sharding(p, a.shape, cfg, mesh))

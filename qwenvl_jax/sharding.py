@@ -86,6 +86,11 @@ def gdn_head_blocks(cfg: ModelConfig, tensor_parallel: int) -> int:
     return tensor_parallel if "linear_attention" in text.layer_types and split and not fp8_qkv else 1
 
 
+def laid_out_for(cfg: ModelConfig, mesh: Mesh | None) -> ModelConfig:
+    """``cfg`` with the parameter layout ``mesh`` asks for (``gdn_head_blocks``); as given without a mesh."""
+    return cfg if mesh is None else cfg.with_gdn_head_blocks(gdn_head_blocks(cfg, mesh.shape[TENSOR]))
+
+
 def to_head_blocks(path: tuple, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     """A parameter in the layout ``cfg.text.gdn_head_blocks`` asks for: Gated DeltaNet's in_proj_qkv and conv1d
     kernels have their [q | k | v] channels (last axis) regrouped into blocks of [q_i | k_i | v_i]; others as

@@ -2,9 +2,10 @@
 
 XLA's SPMD partitioner cannot split a Pallas custom call. It gathers every operand onto every device and runs the
 whole call on each, which for decode attention means all-gathering the KV cache every step. So in a program traced
-under ``jax.set_mesh(mesh)`` (the engine and ``QwenVL.logits`` trace under the parameters' mesh), the kernels'
-call sites go through ``on_local_heads``: ``jax.shard_map`` over the "tensor" axis, each operand split on its head
-axis, when that axis divides every head count involved (the rule ``qwenvl_jax.sharding`` places the caches by).
+under a mesh (``qwenvl_jax.sharding.mesh_context``: the engine and ``QwenVL.logits`` trace under the parameters'
+mesh), the kernels' call sites go through ``on_local_heads``: ``jax.shard_map`` over the "tensor" axis, each
+operand split on its head axis, when that axis divides every head count involved (the rule
+``qwenvl_jax.sharding`` places the caches by).
 Elsewhere (one device, or heads the axis does not divide) the kernel is called as it is.
 """
 
