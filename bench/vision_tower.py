@@ -3,8 +3,10 @@
     python bench/vision_tower.py [--models qwen2_5_vl-7b,qwen3_vl-8b] [--sides 32 64 128] [--tiny] [--out DIR]
 
 Per model (bench/configs/NAME.json's vision_config) and image side (in patches): compile seconds, median forward
-milliseconds (host preparation included) and the relative error of the bfloat16 tower against the same weights
-in float32. ``--tiny`` runs the tiny vision configs of the same families (qwenvl_jax/tiny_model.py) at small
+milliseconds (host preparation included), the host preparation's own milliseconds, and the relative error of
+the bfloat16 tower against the same weights in float32. ``--profile`` adds the GPU kernel milliseconds of one
+forward by kernel name (jax.profiler) and writes the compiled program's HLO (vision-hlo-MODEL-SIDE.txt beside the
+JSON) to map those names to ops. ``--tiny`` runs the tiny vision configs of the same families (qwenvl_jax/tiny_model.py) at small
 sides, to check the script on the CPU.
 
 Prints one JSON line per row and writes bench/results/vision_tower-<device>.json (device, jax version, commit,
@@ -28,7 +30,7 @@ from flax import nnx
 # package that transformers imports.
 if sys.path[0] == str(pathlib.Path(__file__).resolve().parent):
     sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
-from bench.models import released_config  # noqa: E402
+from bench.models import profiled_kernel_seconds, released_config  # noqa: E402
 from bench.run_info import run_info  # noqa: E402
 from qwenvl_jax.config import VisionConfig, parse_config  # noqa: E402
 from qwenvl_jax.models.vision import VisionModel, prepare_vision_inputs  # noqa: E402
@@ -46,7 +48,8 @@ def tower_config(name: str, tiny: bool) -> VisionConfig:
     return parse_config(raw).vision
 
 
-def _run(cfg: VisionConfig, side: int, dtype: jnp.dtype, params_f32: nnx.State | None = None, repeats: int = 10):
+def _run(cfg: VisionConfig, side: int, dtype: jnp.dtype, params_f32: nnx.State | None = None, repeats: int = 10,
+         hlo_path: pathlib.Path | None = None):
     model = VisionModel(cfg, dtype=dtype, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
     if params_f32 is not None:  # the float32 weights, rounded: the error measures the computation alone
@@ -68,7 +71,20 @@ def _run(cfg: VisionConfig, side: int, dtype: jnp.dtype, params_f32: nnx.State |
         start = time.perf_counter()
         jax.block_until_ready(forward(params, pixels, prepare_vision_inputs(cfg, grid)))
         times.append(time.perf_counter() - start)
-    return params, np.asarray(out), compile_s, float(np.median(times)) * 1e3
+    prepare = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        prepare_vision_inputs(cfg, grid)
+        prepare.append(time.perf_counter() - start)
+    timing = dict(compile_s=round(compile_s, 2), forward_ms=round(float(np.median(times)) * 1e3, 3),
+                  prepare_ms=round(float(np.median(prepare)) * 1e3, 3))
+    if hlo_path is not None:
+        hlo_path.write_text(forward.lower(params, pixels, inputs).compile().as_text())
+        kernels = profiled_kernel_seconds(lambda: jax.block_until_ready(forward(params, pixels, inputs)))
+        ranked = sorted(((t * 1e3, name) for name, t in kernels.items()), reverse=True)
+        timing.update(profile_ms_total=round(sum(t for t, _ in ranked), 3),
+                      profile_ms=[[name, round(t, 4)] for t, name in ranked[:40]])
+    return params, np.asarray(out), timing
 
 
 def main() -> None:
@@ -76,24 +92,25 @@ def main() -> None:
     parser.add_argument("--models", default=DEFAULT_MODELS, help="bench/configs names, comma-separated")
     parser.add_argument("--sides", type=int, nargs="+", help="image side in patches (default 32 64 128; tiny 8 16)")
     parser.add_argument("--tiny", action="store_true", help="tiny vision configs on the CPU (checks the script)")
+    parser.add_argument("--profile", action="store_true", help="GPU kernel time by name, and the HLO beside the JSON")
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"), help="directory")
     args = parser.parse_args()
     sides = args.sides or ([8, 16] if args.tiny else [32, 64, 128])
     jax.config.update("jax_default_matmul_precision", "highest")  # float32 reference without TF32
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.models.split(","):
         cfg = tower_config(name, args.tiny)
         for side in sides:
-            params32, ref, *_ = _run(cfg, side, jnp.float32, repeats=1)
-            _, out, compile_s, ms = _run(cfg, side, jnp.bfloat16, params32, repeats=2 if args.tiny else 10)
+            params32, ref, _ = _run(cfg, side, jnp.float32, repeats=1)
+            hlo_path = out / f"vision-hlo-{name}-{side}.txt" if args.profile else None
+            _, got, timing = _run(cfg, side, jnp.bfloat16, params32, repeats=2 if args.tiny else 10, hlo_path=hlo_path)
             row = dict(model=f"tiny {cfg.family}" if args.tiny else name, patches=side * side, dtype="bfloat16",
-                       compile_s=round(compile_s, 2), forward_ms=round(ms, 3),
-                       rel_err_vs_f32=float(np.abs(out - ref).max() / np.abs(ref).max()))
+                       **timing, rel_err_vs_f32=float(np.abs(got - ref).max() / np.abs(ref).max()))
             print(json.dumps(row), flush=True)
             rows.append(row)
     info = run_info()
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     path = out / f"vision_tower{'-tiny' if args.tiny else ''}-{info['device'].replace(' ', '_')}.json"
     path.write_text(json.dumps(dict(**info, tiny=args.tiny, rows=rows), indent=1))
     print(f"wrote {path}")
