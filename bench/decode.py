@@ -251,7 +251,7 @@ def run_model(name: str, raw: dict, cases: list[tuple[int, int, int | None]], ar
         max_len = max_len or context + margin
         engine = Engine(graphdef, params, EngineConfig(
             max_batch=max(batches), max_len=max_len, prompt_buckets=(min(context, 1024),),
-            decode_steps=args.steps, batch_buckets=tuple(batches)), eos_ids=())
+            decode_steps=args.steps, batch_buckets=tuple(batches), prefix_cache=False), eos_ids=())
         for batch in batches:
             hlo_path = (pathlib.Path(args.out) / f"decode-hlo-{name}-{batch}x{context}.txt") if args.profile else None
             measured = time_decode(engine, batch, context, args.calls, profile=args.profile, hlo_path=hlo_path)
@@ -266,7 +266,8 @@ def run_model(name: str, raw: dict, cases: list[tuple[int, int, int | None]], ar
     if args.e2e:
         context = cases[0][1]
         engine = Engine(graphdef, params, EngineConfig(max_batch=1, max_len=context + 256, prompt_buckets=(context,),
-                                                       decode_steps=args.steps, chunked_prefill=False), eos_ids=())
+                                                       decode_steps=args.steps, chunked_prefill=False,
+                                                       prefix_cache=False), eos_ids=())
         engine.warmup(progress=False, vision=False)
         e2e = [dict(batch=1, prompt=context, **time_e2e(engine, cfg.text.vocab_size, context, 128, stream))
                for stream in (False, True)]

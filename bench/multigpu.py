@@ -105,7 +105,7 @@ def run_mesh(name: str, raw: dict, tp: int, ep: int, args, bandwidth: float) -> 
     margin = args.steps * (args.calls + 5) + 8
     engine = Engine(graphdef, params, EngineConfig(
         max_batch=max(batches), max_len=args.context + margin, prompt_buckets=(min(args.context, 1024),),
-        decode_steps=args.steps, batch_buckets=tuple(batches)), eos_ids=())
+        decode_steps=args.steps, batch_buckets=tuple(batches), prefix_cache=False), eos_ids=())
     rows = []
     for batch in batches:
         measured = time_decode(engine, batch, args.context, args.calls, profile=args.profile)
@@ -121,7 +121,7 @@ def run_mesh(name: str, raw: dict, tp: int, ep: int, args, bandwidth: float) -> 
     del engine
     engine = Engine(graphdef, params, EngineConfig(max_batch=1, max_len=args.prompt + 64,
                                                    prompt_buckets=(args.prompt,), decode_steps=args.steps,
-                                                   chunked_prefill=False), eos_ids=())
+                                                   chunked_prefill=False, prefix_cache=False), eos_ids=())
     engine.warmup(progress=False, vision=False)
     ttft = time_e2e(engine, cfg.text.vocab_size, args.prompt, 16, stream=False)["ttft_ms"]
     print(json.dumps(dict(model=name, tp=tp, ep=ep, prompt=args.prompt, ttft_ms=ttft)), flush=True)

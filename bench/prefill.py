@@ -174,7 +174,7 @@ def text_section(args, rate: float, dtype, work: pathlib.Path) -> list[dict]:
         model = build(raw, dtype, work / name, fp8=args.fp8)
         rng = np.random.default_rng(0)
         for prompt in args.text_prompts:
-            model.configure(max_batch=1, max_len=prompt + 8, prompt_buckets=(prompt,))
+            model.configure(max_batch=1, max_len=prompt + 8, prompt_buckets=(prompt,), prefix_cache=False)
             ids = rng.integers(0, 1000, prompt).astype(np.int32)
             ttft = median_ttft(model, args.repeats, input_ids=ids)
             floor = prefill_flops(model.config, model.params, prompt) / rate
@@ -195,7 +195,7 @@ def image_section(args, rate: float, dtype, work: pathlib.Path) -> list[dict]:
         for images, inputs in cases:
             tokens = len(inputs["input_ids"])
             bucket = -(-tokens // 256) * 256
-            model.configure(max_batch=1, max_len=bucket + 8, prompt_buckets=(bucket,))
+            model.configure(max_batch=1, max_len=bucket + 8, prompt_buckets=(bucket,), prefix_cache=False)
             ttft = median_ttft(model, args.repeats, **inputs)
             patches = int(np.prod(inputs["image_grid_thw"], axis=1).sum())
             rows.append(dict(model=name, images=images, patches=patches, prompt=tokens, ttft_ms=1e3 * ttft,
@@ -244,7 +244,7 @@ def batch_section(args, rate: float, dtype, work: pathlib.Path, text_rows: list[
     out = dict(model=BATCH_MODEL, requests=len(prompts), tokens=total, buckets=buckets)
     for key, max_batch in (("together", len(prompts)), ("one_at_a_time", 1)):
         model.configure(max_batch=max_batch, max_len=args.batch_max + 8, prompt_buckets=buckets,
-                        prefill_tokens=args.prefill_tokens)
+                        prefill_tokens=args.prefill_tokens, prefix_cache=False)
         model.warmup(progress=False)
         elapsed = seconds(lambda: model.generate(input_ids=prompts, max_new_tokens=1), 1)
         out[f"{key}_s"], out[f"{key}_tok_s"] = elapsed, total / elapsed

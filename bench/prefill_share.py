@@ -120,7 +120,8 @@ def main() -> None:
     rows = []
     for prompt in prompts:
         engine = Engine(graphdef, params, EngineConfig(max_batch=1, max_len=prompt + 8, prompt_buckets=(prompt,),
-                                                       decode_steps=1, chunked_prefill=False), eos_ids=())
+                                                       decode_steps=1, chunked_prefill=False,
+                                                       prefix_cache=False), eos_ids=())
         engine.warmup(progress=False, vision=False)
         clocks: dict = {}
         with sampled_clocks(clocks, "prefill") if on_gpu else contextlib.nullcontext():

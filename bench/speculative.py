@@ -94,7 +94,8 @@ def run_model(name: str, raw: dict, args) -> dict:
         def engine(k: int) -> Engine:
             e = Engine(graphdef, params, EngineConfig(
                 max_batch=batch, max_len=args.prompt + args.new + 8, prompt_buckets=(args.prompt,),
-                decode_steps=args.steps, batch_buckets=(batch,), chunked_prefill=False, speculative_tokens=k),
+                decode_steps=args.steps, batch_buckets=(batch,), chunked_prefill=False, speculative_tokens=k,
+                prefix_cache=False),
                 eos_ids=())
             e.warmup(progress=False, vision=False)
             return e

@@ -27,6 +27,7 @@ from qwenvl_jax.models.mtp import init_mtp_caches
 from qwenvl_jax.models.multimodal import fuse_vision
 from qwenvl_jax.models.vision import prepare_vision_inputs
 from qwenvl_jax.models.rope import mrope_cos_sin
+from qwenvl_jax.prefix_cache import DEFAULT_PAGE_TOKENS, Hit, PrefixCache, common_prefix, request_content
 from qwenvl_jax.sampling import SamplingArrays, SamplingParams, mark_seen, request_keys, sample, sampling_arrays
 from qwenvl_jax.sharding import mesh_context, mesh_of, replicated, shard_state
 from qwenvl_jax.speculative import first_drafts, prefill_mtp, speculative_step
@@ -69,6 +70,17 @@ class EngineConfig:
     # target distribution), faster when most drafts are accepted. None: DEFAULT_SPECULATIVE_TOKENS when the
     # model carries an MTP head and max_batch is at most SPECULATIVE_MAX_BATCH, else 0.
     speculative_tokens: int | None = None
+    # Prefix caching (``qwenvl_jax.prefix_cache``): a request reuses the state an earlier request left after their
+    # longest shared prefix (text, and images by their pixels) and prefills only the rest. The pool holds
+    # prefix_cache_bytes (None: the smaller of 2 GiB and 8 whole contexts per slot) of attention pages of
+    # prefix_page_tokens positions and, for hybrid models, Gated DeltaNet state snapshots, evicted least recently
+    # used. A hybrid model's prompt is prefilled in chunks of prefix_snapshot_interval tokens (a prompt bucket;
+    # None: the largest) with a snapshot after each, so a later prompt sharing part of it resumes at the last
+    # snapshot inside the shared part.
+    prefix_cache: bool = True
+    prefix_cache_bytes: int | None = None
+    prefix_page_tokens: int = DEFAULT_PAGE_TOKENS
+    prefix_snapshot_interval: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_len < 2 or self.decode_steps < 1:
@@ -85,6 +97,11 @@ class EngineConfig:
             raise ValueError(f"prompt_buckets must be positive lengths, got {self.prompt_buckets}")
         if max(self.prompt_buckets) > self.max_len:
             raise ValueError(f"prompt bucket {max(self.prompt_buckets)} exceeds max_len {self.max_len}")
+        if self.prefix_snapshot_interval is not None and self.prefix_snapshot_interval not in self.prompt_buckets:
+            raise ValueError(f"prefix_snapshot_interval must be one of the prompt buckets {self.prompt_buckets}, got "
+                             f"{self.prefix_snapshot_interval}")
+        if self.prefix_page_tokens < 1:
+            raise ValueError(f"prefix_page_tokens must be >= 1, got {self.prefix_page_tokens}")
         if any(b < 4 or b & (b - 1) for b in self.vision_buckets):
             raise ValueError(f"vision_buckets must be powers of two >= 4, got {self.vision_buckets}")
 
@@ -272,6 +289,25 @@ def decode_program(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState
 # ----------------------------------------------------------------------------------------------- host side
 
 
+def _vision_after(payload: VisionPayload | None, start: int, cfg) -> VisionPayload | None:
+    """The images and videos of a request with tokens at or after prompt index ``start`` (those before it come
+    from the prefix cache), or None when no vision tokens remain."""
+    if payload is None or start == 0:
+        return payload
+    merge = cfg.spatial_merge_size
+    grids = np.asarray(payload.grids_thw).reshape(-1, 3)
+    patches = grids.prod(axis=1)
+    patch_off = np.concatenate([[0], np.cumsum(patches)])
+    token_off = patch_off // merge**2
+    keep = [i for i in range(len(grids)) if payload.dest_t[token_off[i + 1] - 1] >= start]
+    if not keep:
+        return None
+    if len(keep) == len(grids):
+        return payload
+    return VisionPayload(np.concatenate([payload.pixel_patches[patch_off[i]:patch_off[i + 1]] for i in keep]),
+                         grids[keep], np.concatenate([payload.dest_t[token_off[i]:token_off[i + 1]] for i in keep]))
+
+
 class Engine:
     """Owns the decode state and the compiled programs of one model; runs requests to completion."""
 
@@ -342,6 +378,15 @@ class Engine:
         self.online: object | None = None
         self.vision_cfg = model.cfg.vision
         self.compile_seconds = 0.0
+        largest = max(config.prompt_buckets)
+        self.prefix: PrefixCache | None = None
+        if config.prefix_cache:
+            self.prefix = PrefixCache(self.state, config.max_len, config.prefix_page_tokens, config.prefix_cache_bytes,
+                                      config.prefix_snapshot_interval or largest)
+        # Prompt tokens per chunk of a chunked prefill: a hybrid model with a prefix cache snapshots after each.
+        self.chunk_tokens = largest
+        if self.prefix is not None and self.prefix.hybrid and config.chunked_prefill:
+            self.chunk_tokens = config.prefix_snapshot_interval or largest
 
     @property
     def state_bytes(self) -> int:
@@ -349,7 +394,8 @@ class Engine:
 
     def compiled_programs(self) -> int:
         """How many executables the two programs hold (a steady-state workload must not change this)."""
-        return self._prefill._cache_size() + self._decode._cache_size() + self._vision._cache_size()
+        prefix = 0 if self.prefix is None else self.prefix.compiled_programs()
+        return self._prefill._cache_size() + self._decode._cache_size() + self._vision._cache_size() + prefix
 
     # ---- warm-up: compile every bucket, touching only the scratch slot
     def warmup(self, progress: bool = True, vision: bool = True) -> float:
@@ -359,9 +405,11 @@ class Engine:
         t0 = time.perf_counter()
         cfg = self.config
         variants = [(b, True, True) for b in cfg.prompt_buckets]
-        big = max(cfg.prompt_buckets)
+        big = self.chunk_tokens
         if cfg.chunked_prefill:
             variants += [(big, True, False), (big, False, False), (big, False, True)]
+        if self.prefix is not None:  # the rest of a prompt after a cache hit, when it fits one bucket
+            variants += [(b, False, True) for b in cfg.prompt_buckets if (b, False, True) not in variants]
         scratch = Request(np.zeros(1, np.int32), np.zeros((3, 1), np.int32), 0, SamplingParams(), 1)
         requests = [(scratch, v) for v in variants]
         vision_only = []  # extra vision-program shapes: prefill programs depend on the bucket alone
@@ -391,6 +439,8 @@ class Engine:
         for bucket, rows in batched:  # every row in the scratch slot: the writes collide there, harmlessly
             self._run_prefill([scratch] * rows, [self.scratch_slot] * rows, 0, bucket, True, True)
             bar.update()
+        if self.prefix is not None:
+            self.state = self.prefix.warmup(self.state, self.scratch_slot)
         for rows in cfg.decode_buckets:
             self.state, out = self._decode(self._weights, self.state,
                                            np.zeros(cfg.max_batch + 1, bool), self._eos, np.int32(cfg.decode_steps),
@@ -452,38 +502,80 @@ class Engine:
             final=final)
         return token
 
-    def _prefill_request(self, req: Request, slot: int) -> jax.Array:
-        """Prefill in one bucket if it fits, else in chunks of the largest bucket; returns the first token."""
+    def content(self, req: Request) -> np.ndarray:
+        """What the prefix cache matches the request by (``prefix_cache.request_content``)."""
+        merge = 1 if self.vision_cfg is None else self.vision_cfg.spatial_merge_size
+        return request_content(req.input_ids, req.vision, merge)
+
+    def _prefill_request(self, req: Request, slot: int, content: np.ndarray | None = None, hit: Hit | None = None
+                         ) -> jax.Array:
+        """Restores a prefix cache hit into the slot, then prefills the rest of the prompt in one bucket if it fits,
+        else in chunks; returns the first token. With a prefix cache the prompt is then cached (``content``)."""
         t = len(req.input_ids)
-        vision = self._vision_embeds(req.vision) if req.vision is not None else None
-        if (bucket := self._bucket(t)) is not None:
-            return self._run_prefill([req], [slot], 0, bucket, True, True, vision)
-        chunk = max(self.config.prompt_buckets)
-        token = None
-        for start in range(0, t, chunk):
-            token = self._run_prefill([req], [slot], start, chunk, start == 0, start + chunk >= t, vision)
+        start = 0
+        if self.prefix is not None and content is None:
+            content = self.content(req)
+        if self.prefix is not None and hit is None:
+            hit = self.prefix.lookup(content, t - 1)
+        if hit is not None and hit.tokens:
+            self.state = self.prefix.restore(self.state, slot, hit, req.input_ids)
+            start = hit.tokens
+        vision = self._vision_embeds(payload) if (payload := _vision_after(req.vision, start, self.vision_cfg)) \
+            else None
+        chunk = self.chunk_tokens
+        if t - start <= chunk and (bucket := self._bucket(t - start)) is not None:
+            token = self._run_prefill([req], [slot], start, bucket, start == 0, True, vision)
+        else:
+            for s in range(start, t, chunk):
+                final = s + chunk >= t
+                token = self._run_prefill([req], [slot], s, chunk, s == 0, final, vision)
+                if not final and self.prefix is not None and self.prefix.hybrid:
+                    self.prefix.save(self.state, slot, content, s + chunk, snapshot=True)
+        if self.prefix is not None:
+            self.prefix.save(self.state, slot, content, t, snapshot=True)
         return token
 
     def _bucket(self, tokens: int) -> int | None:
         """The smallest prompt bucket holding ``tokens``, None when the prompt must be chunked."""
         return min((b for b in self.config.prompt_buckets if b >= tokens), default=None)
 
-    def _prefill_admitted(self, admitted: Sequence[tuple[Request, int]]) -> Iterator[tuple[jax.Array, list[int]]]:
-        """Prefills newly admitted (request, slot) pairs: (first tokens, their slots) per call. Text prompts that
-        fit one bucket share calls of the largest row counts that fit; the others are prefilled alone."""
-        groups: dict[int, list[tuple[Request, int]]] = collections.defaultdict(list)
-        for req, slot in admitted:
-            bucket = self._bucket(len(req.input_ids))
-            if req.vision is None and bucket is not None:
-                groups[bucket].append((req, slot))
+    def _prefill_admitted(self, admitted: Sequence[tuple[Request, int, np.ndarray | None]]
+                          ) -> Iterator[tuple[jax.Array, list[int]]]:
+        """Prefills newly admitted (request, slot, content) triples (content: ``content(request)``, None without a
+        prefix cache): (first tokens, their slots) per call. Text prompts that fit one chunk and hit nothing in
+        the prefix cache share calls of the largest row counts that fit; the others are prefilled alone."""
+        groups: dict[int, list[tuple[Request, int, np.ndarray | None]]] = collections.defaultdict(list)
+        for req, slot, content in admitted:
+            t = len(req.input_ids)
+            hit = self.prefix.lookup(content, t - 1) if self.prefix is not None else None
+            bucket = self._bucket(t)
+            if req.vision is None and bucket is not None and t <= self.chunk_tokens and not (hit and hit.tokens):
+                groups[bucket].append((req, slot, content))
             else:
-                yield self._prefill_request(req, slot), [slot]
+                yield self._prefill_request(req, slot, content, hit), [slot]
         for bucket, group in groups.items():
             while group:
                 rows = max(r for r in self.config.prefill_rows(bucket) if r <= len(group))
                 part, group = group[:rows], group[rows:]
-                slots = [slot for _, slot in part]
-                yield self._run_prefill([req for req, _ in part], slots, 0, bucket, True, True), slots
+                slots = [slot for _, slot, _ in part]
+                token = self._run_prefill([req for req, _, _ in part], slots, 0, bucket, True, True)
+                if self.prefix is not None:
+                    for req, slot, content in part:
+                        self.prefix.save(self.state, slot, content, len(req.input_ids), snapshot=True)
+                yield token, slots
+
+    def worth_waiting(self, content: np.ndarray, earlier: Sequence[np.ndarray]) -> bool:
+        """Whether a request sharing a prefix with ``earlier`` ones (admitted this iteration, not yet prefilled)
+        would reuse more of it by waiting until they are: then it is admitted at the next iteration."""
+        limit = len(content) - 1
+        shared = max(common_prefix(content, e) for e in earlier)
+        # A hybrid model resumes only at a snapshot: the earlier prompts' chunk boundaries and ends.
+        reachable = min(shared, limit)
+        if self.prefix.hybrid:
+            ends = [len(e) for e in earlier if len(e) <= reachable and common_prefix(content, e) == len(e)]
+            reachable = max([reachable // self.chunk_tokens * self.chunk_tokens] + ends)
+        cached = self.prefix.lookup(content, limit, touch=False).tokens
+        return reachable >= cached + (1 if self.prefix.hybrid else self.prefix.page_tokens)
 
     def validate(self, req: Request) -> None:
         t = len(req.input_ids)
@@ -549,6 +641,10 @@ class Scheduler:
         self._host_active = np.zeros(cfg.max_batch + 1, bool)
         self._inflight: collections.deque[_Call] = collections.deque()
         self._cancelled: set[int] = set()
+        # With a prefix cache: each request's content (what the cache matches) and its tokens so far, to cache
+        # the whole sequence when it ends.
+        self._content: dict[int, np.ndarray] = {}
+        self._tokens: dict[int, list[int]] = collections.defaultdict(list)
         for i, req in enumerate(requests):
             self.submit(i, req)
 
@@ -585,9 +681,16 @@ class Scheduler:
         req = self._requests[request_id]
         return tokens >= req.max_new_tokens or len(req.input_ids) + tokens >= self.engine.config.max_len
 
+    def _content_of(self, request_id: int) -> np.ndarray:
+        if request_id not in self._content:
+            self._content[request_id] = self.engine.content(self._requests[request_id])
+        return self._content[request_id]
+
     def _finish(self, request_id: int) -> None:
         self._requests.pop(request_id)
         self._produced.pop(request_id, None)
+        self._content.pop(request_id, None)
+        self._tokens.pop(request_id, None)
         slot = next((s for s, i in self._slot_req.items() if i == request_id), None)
         if slot is None:
             self._pending.remove(request_id)
@@ -602,13 +705,20 @@ class Scheduler:
             self._finish(i)
             yield TokenEvent(i, [], True, "cancelled")
         self._cancelled.clear()
-        admitted = []
+        admitted, waiting = [], []
+        prefix = engine.prefix
         while self._pending and len(self._slot_req) < cfg.max_batch:
             i = self._pending.popleft()
+            content = self._content_of(i) if prefix is not None else None
+            # A request sharing a prefix with one admitted just now waits for it to be cached, then reuses it.
+            if admitted and prefix is not None and engine.worth_waiting(content, [c for _, _, c in admitted]):
+                waiting.append(i)
+                continue
             slot = min(set(range(cfg.max_batch)) - set(self._slot_req))
             self._slot_req[slot] = i
             self._host_active[slot] = True
-            admitted.append((self._requests[i], slot))
+            admitted.append((self._requests[i], slot, content))
+        self._pending.extendleft(reversed(waiting))
         for tokens, slots in engine._prefill_admitted(admitted):
             self._inflight.append(_Call("first", tokens, slots, [self._slot_req[s] for s in slots]))
         # A read waits for the calls dispatched before it (measured on an H100 with a decode call queued behind
@@ -631,6 +741,16 @@ class Scheduler:
         # Otherwise keep one decode call queued on the device while the host reads the one before it.
         while self._inflight and (len(self._inflight) > queued or not decoding):
             yield from self._read(self._inflight.popleft())
+
+    def _cache_finished(self, request_id: int, slot: int) -> None:
+        """Caches a request that ended by itself: its slot holds the state after the prompt and every output
+        token but the last (sampled, never fed back), the same on the device as here. With speculative decoding
+        the slot's MTP state does not line up with that point, so only prompts are cached there."""
+        tokens = self._tokens[request_id]
+        if self.engine.speculative_tokens or len(tokens) < 2:
+            return
+        content = np.concatenate([self._content_of(request_id), np.asarray(tokens[:-1], np.int64)])
+        self.engine.prefix.save(self.engine.state, slot, content, len(content), snapshot=True)
 
     def _read(self, call: _Call) -> Iterator[TokenEvent]:
         with jax.transfer_guard_device_to_host("allow"):  # the one transfer steady state makes
@@ -659,6 +779,10 @@ class Scheduler:
                     reason = "length"
                 if reason:
                     break
+            if self.engine.prefix is not None:
+                self._tokens[i] += new
+                if reason:
+                    self._cache_finished(i, slot)
             if reason:
                 self._finish(i)
             if new or reason:

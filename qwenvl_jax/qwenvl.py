@@ -129,6 +129,17 @@ class QwenVL:
                                   self._engine_config, eos_ids=self.eos_token_ids())
         return self._engine
 
+    def prefix_cache_stats(self) -> dict[str, int] | None:
+        """The prefix cache's counters (lookups, hits, hit tokens, pages and snapshots saved, evicted and in use,
+        bytes), None when it is off (``configure(prefix_cache=False)``)."""
+        prefix = self.engine().prefix
+        return None if prefix is None else prefix.stats()
+
+    def clear_prefix_cache(self) -> None:
+        """Forgets every cached prefix: the next requests prefill from scratch."""
+        if self._engine is not None and self._engine.prefix is not None:
+            self._engine.prefix.clear()
+
     def warmup(self, progress: bool = True) -> float:
         """Compiles every prefill/decode bucket now (the first generate does it otherwise); returns seconds."""
         return self.engine().warmup(progress=progress)

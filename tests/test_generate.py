@@ -302,3 +302,44 @@ def test_image_prompts_prefilled_in_chunks_and_decoded_together_match_hf(pair):
     assert requests[0].rope_delta != requests[1].rope_delta
     engine = _engine(ours, prompt_buckets=(8,), chunked_prefill=True, max_batch=2)
     assert _run(engine, requests) == wants
+
+
+def test_prefix_cache_repeats_and_suffixes_match_hf(pair):
+    """A prompt, the same prompt again and the prompt plus a suffix: the later ones reuse the first's state from
+    the prefix cache and still equal HF."""
+    hf, ours = pair
+    prompt = np.random.default_rng(7).integers(0, 400, 40)
+    longer = np.concatenate([prompt, np.random.default_rng(8).integers(0, 400, 7)])
+    wants = [_hf_greedy(hf, ours, p[None])[0] for p in (prompt, longer)]
+    ours.clear_prefix_cache()
+    assert [ours.generate(input_ids=p.tolist(), max_new_tokens=NEW_TOKENS).token_ids
+            for p in (prompt, prompt, longer)] == [wants[0], wants[0], wants[1]]
+    # A hybrid model has no snapshot inside the repeated prompt (one bucket, no chunks): the repeat prefills all
+    # of it, and the suffix resumes at the prompt's end. An attention-only one reuses all but the last token.
+    hybrid = ours.engine().prefix.hybrid
+    assert ours.prefix_cache_stats()["hit_tokens"] == (40 if hybrid else 39 + 40)
+
+
+def test_multi_turn_chat_with_an_image_reuses_the_conversation(pair):
+    """Four chat turns, an image in the first: every later turn is prefilled after the longest cached prefix
+    (past the image) and each equals HF on the same conversation."""
+    hf, ours = pair
+    ours.configure(**{**ENGINE, "max_len": 512, "chunked_prefill": True})  # the conversation outgrows 160
+    try:
+        messages, hits = [], []
+        for i, question in enumerate(["Describe it.", "Why?", "And then?", "Thanks, bye."]):
+            image = [{"type": "image", "image": IMAGE}] if i == 0 else []
+            messages.append({"role": "user", "content": image + [{"type": "text", "text": question}]})
+            out = ours.processor([messages])
+            want = _hf_greedy(hf, ours, out.input_ids, mm_token_type_ids=out.mm_token_type_ids,
+                              pixel_values=out.pixel_values, image_grid_thw=out.image_grid_thw)[0]
+            before = ours.prefix_cache_stats()["hit_tokens"]
+            result = ours.generate(messages, max_new_tokens=NEW_TOKENS)
+            hits.append(ours.prefix_cache_stats()["hit_tokens"] - before)
+            assert result.token_ids == want, f"turn {i + 1}"
+            if i == 0:
+                image_end = 1 + int(np.flatnonzero(out.input_ids[0] == ours.config.image_token_id).max())
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": result.text}]})
+        assert hits[0] == 0 and all(h >= image_end for h in hits[1:]), (hits, image_end)
+    finally:
+        ours.configure(**ENGINE)
