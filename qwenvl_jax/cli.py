@@ -44,11 +44,14 @@ def _load_for_generation(args: argparse.Namespace, max_batch: int = 1):
     model = qj.load(args.model, dtype=args.dtype)
     # Only the options given: the others keep the library's defaults (one set of defaults for both).
     given = {"max_len": args.max_len, "decode_steps": args.decode_steps,
-             "speculative_tokens": args.speculative_tokens}
+             "speculative_tokens": args.speculative_tokens, "prefix_cache_bytes": args.prefix_cache_bytes}
+    if args.no_prefix_cache:
+        given["prefix_cache"] = False
     model.configure(max_batch=max_batch, **{k: v for k, v in given.items() if v is not None})
     engine = model.engine()
-    print(f"decode state: {engine.state_bytes / 2**20:.1f} MiB for max_len {engine.config.max_len}; programs "
-          f"compile on first use (--warmup compiles every bucket first)", file=sys.stderr)
+    cache = "off" if engine.prefix is None else f"{engine.prefix.bytes / 2**20:.1f} MiB"
+    print(f"decode state: {engine.state_bytes / 2**20:.1f} MiB for max_len {engine.config.max_len}; prefix cache: "
+          f"{cache}; programs compile on first use (--warmup compiles every bucket first)", file=sys.stderr)
     if args.warmup:
         print(f"warm-up: {model.warmup():.1f} s", file=sys.stderr)
     return model
@@ -180,6 +183,12 @@ def _engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative-tokens", type=int,
                    help="Qwen3.5: tokens drafted a step by the checkpoint's MTP head, 0 (off) to 4 (default: 2 "
                         "with an MTP head)")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="prefill every prompt from scratch (by default a prompt reuses the state of the longest "
+                        "prefix an earlier request shared with it: a chat's earlier turns, a system prompt)")
+    p.add_argument("--prefix-cache-bytes", type=int,
+                   help="device memory for cached prefixes (default: the smaller of 2 GiB and 8 whole contexts per "
+                        "slot)")
     p.add_argument("--warmup", action="store_true", help="compile every prompt/vision/decode bucket up front")
 
 

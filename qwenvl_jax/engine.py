@@ -151,6 +151,7 @@ class TokenEvent:
     # "stop" (eos), "length" (max_new_tokens or max_len), "cancelled" (Scheduler.cancel), None while running
     finish_reason: str | None
     steps: int = 0  # decode steps that produced these tokens (more tokens than steps: accepted drafts)
+    cached_tokens: int = 0  # on a request's first event: prompt tokens the prefix cache supplied
 
 
 # ----------------------------------------------------------------------------------------------- device programs
@@ -540,9 +541,9 @@ class Engine:
         return min((b for b in self.config.prompt_buckets if b >= tokens), default=None)
 
     def _prefill_admitted(self, admitted: Sequence[tuple[Request, int, np.ndarray | None]]
-                          ) -> Iterator[tuple[jax.Array, list[int]]]:
+                          ) -> Iterator[tuple[jax.Array, list[int], list[int]]]:
         """Prefills newly admitted (request, slot, content) triples (content: ``content(request)``, None without a
-        prefix cache): (first tokens, their slots) per call. Text prompts that fit one chunk and hit nothing in
+        prefix cache): (first tokens, their slots, prompt tokens each took from the prefix cache) per call. Text prompts that fit one chunk and hit nothing in
         the prefix cache share calls of the largest row counts that fit; the others are prefilled alone."""
         groups: dict[int, list[tuple[Request, int, np.ndarray | None]]] = collections.defaultdict(list)
         for req, slot, content in admitted:
@@ -552,7 +553,7 @@ class Engine:
             if req.vision is None and bucket is not None and t <= self.chunk_tokens and not (hit and hit.tokens):
                 groups[bucket].append((req, slot, content))
             else:
-                yield self._prefill_request(req, slot, content, hit), [slot]
+                yield self._prefill_request(req, slot, content, hit), [slot], [hit.tokens if hit else 0]
         for bucket, group in groups.items():
             while group:
                 rows = max(r for r in self.config.prefill_rows(bucket) if r <= len(group))
@@ -562,7 +563,7 @@ class Engine:
                 if self.prefix is not None:
                     for req, slot, content in part:
                         self.prefix.save(self.state, slot, content, len(req.input_ids), snapshot=True)
-                yield token, slots
+                yield token, slots, [0] * len(slots)
 
     def worth_waiting(self, content: np.ndarray, earlier: Sequence[np.ndarray]) -> bool:
         """Whether a request sharing a prefix with ``earlier`` ones (admitted this iteration, not yet prefilled)
@@ -612,6 +613,7 @@ class _Call:
     owners: list[int | None]
     steps: int = 0
     dispatched: float = 0.0
+    cached: list[int] | None = None  # "first": prompt tokens each row took from the prefix cache
 
 
 class Scheduler:
@@ -719,8 +721,8 @@ class Scheduler:
             self._host_active[slot] = True
             admitted.append((self._requests[i], slot, content))
         self._pending.extendleft(reversed(waiting))
-        for tokens, slots in engine._prefill_admitted(admitted):
-            self._inflight.append(_Call("first", tokens, slots, [self._slot_req[s] for s in slots]))
+        for tokens, slots, cached in engine._prefill_admitted(admitted):
+            self._inflight.append(_Call("first", tokens, slots, [self._slot_req[s] for s in slots], cached=cached))
         # A read waits for the calls dispatched before it (measured on an H100 with a decode call queued behind
         # the prefill: Qwen3.5-9B's 1K-token TTFT was 156 ms with 16-step calls, 61 ms with 4-step ones). So
         # first tokens are read before the next decode call goes out, and a stream keeps no call queued: a
@@ -786,4 +788,5 @@ class Scheduler:
             if reason:
                 self._finish(i)
             if new or reason:
-                yield TokenEvent(i, new, reason is not None, reason, steps)
+                yield TokenEvent(i, new, reason is not None, reason, steps,
+                                 call.cached[col] if call.kind == "first" else 0)

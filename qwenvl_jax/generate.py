@@ -72,6 +72,7 @@ class GenerationStats:
     # (1 to k + 1), and the share of drafts accepted, (tokens_per_step - 1) / k.
     tokens_per_step: float | None = None
     draft_acceptance: float | None = None
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache (not prefilled)
 
 
 @dataclasses.dataclass
@@ -189,10 +190,12 @@ class TextStream:
         self.token_ids: list[int] = []
         self.finish_reason: str | None = None  # "stop", "length" or "cancelled" once ended
         self.steps = 0  # decode steps that produced the tokens
+        self.cached_tokens = 0  # prompt tokens the prefix cache supplied
 
     def push(self, event: TokenEvent) -> str:
         """Takes the next event of this request; returns the text delta it completes ("" once ended)."""
         self.steps += event.steps
+        self.cached_tokens = max(self.cached_tokens, event.cached_tokens)
         if self.finish_reason is not None:  # already ended by a stop string
             return ""
         clean = len(self.token_ids)
@@ -291,6 +294,6 @@ def _run(model: GenerationModel, requests: list[Request], stop: list[str], strea
             decode_tok_s=(len(ids) - 1) / decode_s if decode_s > 0 else 0.0,
             compile_s=_compile_seconds[0] - compiled_before, total_s=time.perf_counter() - start,
             truncated_by_max_len=truncated, tokens_per_step=per_step,
-            draft_acceptance=None if per_step is None else (per_step - 1) / k)
+            draft_acceptance=None if per_step is None else (per_step - 1) / k, cached_tokens=out.cached_tokens)
         results.append(GenerationResult(out.text if tokenizer is not None else None, ids, reason, stats))
     yield results

@@ -94,8 +94,9 @@ class _Generation:
 
     def usage(self) -> dict:
         completion = sum(len(out.token_ids) for out in self.outputs)
+        cached = max((out.cached_tokens for out in self.outputs), default=0)
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
-                "total_tokens": self.prompt_tokens + completion}
+                "total_tokens": self.prompt_tokens + completion, "prompt_tokens_details": {"cached_tokens": cached}}
 
     def _cancel(self) -> None:
         """Cancels the choices submitted and not ended (their last events then go unread)."""

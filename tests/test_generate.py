@@ -335,7 +335,8 @@ def test_multi_turn_chat_with_an_image_reuses_the_conversation(pair):
                               pixel_values=out.pixel_values, image_grid_thw=out.image_grid_thw)[0]
             before = ours.prefix_cache_stats()["hit_tokens"]
             result = ours.generate(messages, max_new_tokens=NEW_TOKENS)
-            hits.append(ours.prefix_cache_stats()["hit_tokens"] - before)
+            hits.append(result.stats.cached_tokens)
+            assert hits[-1] == ours.prefix_cache_stats()["hit_tokens"] - before
             assert result.token_ids == want, f"turn {i + 1}"
             if i == 0:
                 image_end = 1 + int(np.flatnonzero(out.input_ids[0] == ours.config.image_token_id).max())
