@@ -18,8 +18,10 @@ can see another's later tokens.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import hashlib
+import os
 from typing import NamedTuple
 
 import jax
@@ -120,9 +122,11 @@ def restore_program(state: DecodeState, pool: PrefixPool, slot: jax.Array, pages
     num = pages_n.shape[0] * next(p.k.shape[1] for p in pool.pages + pool.mtp_pages if p is not None)
 
     def pages(cache: AttnCache, pool_pages: AttnCache) -> AttnCache:
-        # Positions past max_len (the last page of a max_len that is no multiple of P) are dropped.
-        return AttnCache(*(c.at[slot, jnp.arange(num)].set(p[pages_n].reshape(num, *p.shape[2:]), mode="drop")
-                           for c, p in zip(cache, pool_pages)))
+        # One contiguous block written in place (a row scatter would address every position); positions past
+        # max_len (the last page of a max_len that is no multiple of P) are cut off.
+        return AttnCache(*(jax.lax.dynamic_update_slice(
+            c, p[pages_n].reshape(num, *p.shape[2:])[None, : c.shape[1]], (slot, 0, 0, 0))
+            for c, p in zip(cache, pool_pages)))
 
     def layer(cache, pool_pages, snap):
         if isinstance(cache, AttnCache):
@@ -156,13 +160,33 @@ def request_content(input_ids: np.ndarray, vision=None, merge: int = 1) -> np.nd
     for grid in np.asarray(vision.grids_thw).reshape(-1, 3):
         patches = int(np.prod(grid))
         tokens = patches // merge**2
-        digest = hashlib.blake2b(np.asarray(grid, np.int64).tobytes(), digest_size=8)
-        digest.update(np.ascontiguousarray(vision.pixel_patches[patch_off : patch_off + patches]).tobytes())
-        base = int.from_bytes(digest.digest(), "little") & ((1 << 62) - 1)
+        pixels = np.ascontiguousarray(vision.pixel_patches[patch_off : patch_off + patches])
+        base = int.from_bytes(_pixel_digest(np.asarray(grid, np.int64).tobytes(), pixels)[:8], "little")
+        base &= (1 << 62) - 1
         dest = np.asarray(vision.dest_t[token_off : token_off + tokens])
         content[dest] = -1 - ((base + np.arange(tokens, dtype=np.int64)) & ((1 << 62) - 1))
         patch_off, token_off = patch_off + patches, token_off + tokens
     return content
+
+
+_HASH_PIECE_BYTES = 1 << 22
+_hash_threads: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _pixel_digest(head: bytes, pixels: np.ndarray) -> bytes:
+    """SHA-256 of ``head`` and the digests of the pixels' 4 MiB pieces, hashed on several threads (hashlib
+    releases the GIL): an image's hash sits on the path to its first token (one 1024 x 1024 image is 25 MB of
+    float32 patches, ~20 ms for one thread)."""
+    global _hash_threads
+    data = memoryview(pixels).cast("B")
+    pieces = [data[i : i + _HASH_PIECE_BYTES] for i in range(0, len(data), _HASH_PIECE_BYTES)]
+    if len(pieces) > 1:
+        if _hash_threads is None:
+            _hash_threads = concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1))
+        digests = list(_hash_threads.map(lambda piece: hashlib.sha256(piece).digest(), pieces))
+    else:
+        digests = [hashlib.sha256(piece).digest() for piece in pieces]
+    return hashlib.sha256(head + b"".join(digests)).digest()
 
 
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:

@@ -63,11 +63,15 @@ def main(variants: list[str], generate: list[str]) -> None:
             if variant in generate and (tp, ep) in ((2, 1), (2, 2)):
                 model.configure(**ENGINE)
                 row["tokens_equal"] = model.generate(messages, max_new_tokens=16).token_ids == tokens
+                model.clear_prefix_cache()  # the same path again: nothing may compile
                 jax.config.update("jax_log_compiles", True)
                 counter.count = 0
                 row["tokens_again_equal"] = model.generate(messages, max_new_tokens=16).token_ids == tokens
                 row["compiles_again"] = counter.count
                 jax.config.update("jax_log_compiles", False)
+                cached = model.generate(messages, max_new_tokens=16)  # the prompt from the prefix cache
+                row["tokens_cached_equal"] = cached.token_ids == tokens
+                row["cached_tokens"] = cached.stats.cached_tokens
             print(json.dumps(row), flush=True)
     collectives(work)
 

@@ -4,6 +4,7 @@ prefill, padding isolation, zero recompilation and no device->host traffic but t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import jax
 import numpy as np
@@ -193,10 +194,12 @@ def test_steady_state_compiles_nothing_and_moves_only_tokens(qwen3_5):
                                     images=None, videos=None, input_ids=None, vision_arrays={},
                                     sampling=SamplingParams(), max_new_tokens=6)
         mixed.insert(2, request[0])
+    mixed.append(dataclasses.replace(mixed[-2], max_new_tokens=5))  # the 100-token prompt again: a prefix cache hit
     recorder = _TransferRecorder(engine)
     with recorder.watching():
         _run(engine, mixed)
     assert engine.compiled_programs() == compiled, "steady state must not compile"
+    assert engine.prefix.stats()["hit_tokens"] >= 64
     steps = engine.config.decode_steps
     reads = [shape for kind, shape in recorder.events if kind == "read"]
     assert reads and set(reads) <= {(1,), (steps, 1, 1), (steps, 2, 1)}, reads  # first tokens and decode tokens

@@ -36,6 +36,8 @@ def test_meshes_match_one_device(checked):
     assert len(generated) == 2
     for r in generated:
         assert r["tokens_equal"] and r["tokens_again_equal"] and r["compiles_again"] == 0, r
+        assert r["tokens_cached_equal"], r  # restored from pools laid out on the mesh
+    assert max(r["cached_tokens"] for r in generated) > 0
 
 
 def test_a_mesh_larger_than_the_devices_is_refused():
