@@ -347,3 +347,26 @@ def test_multi_turn_chat_with_an_image_reuses_the_conversation(pair):
         assert hits[0] == 0 and all(h >= image_end for h in hits[1:]), (hits, image_end)
     finally:
         ours.configure(**ENGINE)
+
+
+def test_a_hit_ending_inside_an_image_prefills_the_rest_of_it(pair):
+    """Two questions about one image, prefilled in chunks of 8: the second resumes from the first's cached state
+    (a hybrid model at the chunk snapshot inside the image's tokens, whose vision tokens past it come from the
+    tower again) and both equal HF."""
+    hf, ours = pair
+    requests, wants = [], []
+    for question in ("Describe it.", "Colours?"):  # they part right after the image
+        out = ours.processor([[{"role": "user", "content": [{"type": "image", "image": IMAGE},
+                                                            {"type": "text", "text": question}]}]])
+        vision = dict(pixel_values=out.pixel_values, image_grid_thw=out.image_grid_thw)
+        wants.append(_hf_greedy(hf, ours, out.input_ids, mm_token_type_ids=out.mm_token_type_ids, **vision)[0])
+        request, _ = build_requests(ours, None, images=None, videos=None, input_ids=out.input_ids[0].tolist(),
+                                    vision_arrays=vision, sampling=SamplingParams(), max_new_tokens=NEW_TOKENS)
+        requests += request
+    engine = _engine(ours, prompt_buckets=(8,), chunked_prefill=True, max_batch=2)
+    assert [_run(engine, [r])[0] for r in requests] == wants
+    image = np.flatnonzero(requests[0].input_ids == ours.config.image_token_id)
+    hit = engine.prefix.stats()["hit_tokens"]
+    assert hit > 0
+    if engine.prefix.hybrid:
+        assert image[0] < hit <= image[-1], (hit, image)  # the snapshot sits inside the image's tokens

@@ -93,16 +93,26 @@ ENGINE = dict(max_batch=8, max_len=192, prompt_buckets=(16, 32), decode_steps=8,
 NEW = 10
 
 
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory):
+def _tiny_engine(variant: str, directory, mtp: bool = False) -> Engine:
     import qwenvl_jax as qj
     from tests.hf_tiny import add_mtp_weights, build_hf_checkpoint
 
-    path = tmp_path_factory.mktemp("prefix")
-    build_hf_checkpoint("qwen3_5-a", path)
-    add_mtp_weights(path)  # speculative decoding: the MTP head's pages and hidden states are cached too
-    model = qj.load(path, dtype="float32")
+    build_hf_checkpoint(variant, directory)
+    if mtp:
+        add_mtp_weights(directory)
+    model = qj.load(directory, dtype="float32")
     return Engine(model.graphdef, model.params, EngineConfig(**ENGINE), eos_ids=model.eos_token_ids())
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    """Hybrid, with speculative decoding: the MTP head's pages and hidden states are cached too."""
+    return _tiny_engine("qwen3_5-a", tmp_path_factory.mktemp("hybrid"), mtp=True)
+
+
+@pytest.fixture(scope="module")
+def attention_engine(tmp_path_factory):
+    return _tiny_engine("qwen3_vl-b", tmp_path_factory.mktemp("attention"))
 
 
 def _request(ids, max_new: int = NEW) -> Request:
@@ -155,7 +165,9 @@ def test_hits_resume_at_chunk_snapshots_and_equal_cold_prefill(engine):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
 
 
-def test_requests_sharing_a_system_prompt_admitted_together_reuse_it(engine):
+@pytest.mark.parametrize("kind", ["engine", "attention_engine"])
+def test_requests_sharing_a_system_prompt_admitted_together_reuse_it(kind, request):
+    engine = request.getfixturevalue(kind)
     rng = np.random.default_rng(1)
     system = rng.integers(0, 400, 70)
     prompts = [np.concatenate([system, rng.integers(0, 400, n)]) for n in (5, 12, 3, 20, 8, 1, 15, 9)]
@@ -163,7 +175,9 @@ def test_requests_sharing_a_system_prompt_admitted_together_reuse_it(engine):
     engine.prefix.clear()
     assert _run(engine, prompts) == cold  # eight concurrent requests, none sees another's tokens
     stats = engine.prefix.stats()
-    assert stats["hits"] == 7 and stats["hit_tokens"] == 7 * 64  # the first is prefilled, the rest wait for it
+    assert stats["hits"] == 7  # the first is prefilled, the rest wait for it
+    # A hybrid model resumes at the first's chunk snapshot, an attention-only one after the whole shared part.
+    assert stats["hit_tokens"] == 7 * 64 if engine.prefix.hybrid else stats["hit_tokens"] >= 7 * 70
 
 
 def test_eviction_under_a_tiny_budget_keeps_results_equal(engine):
