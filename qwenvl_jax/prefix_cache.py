@@ -70,10 +70,8 @@ def init_pool(state: DecodeState, num_pages: int, page_tokens: int, num_snapshot
     """Zero pools laid out (and on a mesh, sharded) like the decode state's caches."""
 
     def like(x: jax.Array, rows: tuple[int, ...]) -> jax.Array:
-        sharding = x.sharding if isinstance(x.sharding, jax.sharding.NamedSharding) else None
-        out = jnp.zeros(rows + x.shape[len(rows):], x.dtype)
-        return out if sharding is None else jax.device_put(out, jax.sharding.NamedSharding(sharding.mesh,
-                                                                                          sharding.spec))
+        # Committed where x lives (the programs' outputs are: an uncommitted first input compiles twice).
+        return jax.device_put(jnp.zeros(rows + x.shape[len(rows):], x.dtype), x.sharding)
 
     def pages(c: AttnCache) -> AttnCache:
         return AttnCache(like(c.k, (num_pages, page_tokens)), like(c.v, (num_pages, page_tokens)))

@@ -178,6 +178,27 @@ class _TransferRecorder:
             self.engine._decode = decode
 
 
+@contextlib.contextmanager
+def _compilations():
+    """Counts XLA compilations (jax_log_compiles records), eager ops included: a program compiled again for
+    inputs that differ only in sharding or commitment counts too, which jit's own cache size may not show."""
+    import logging
+
+    class Counter(logging.Handler):
+        count = 0
+
+        def emit(self, record):
+            Counter.count += record.getMessage().startswith("Compiling")
+
+    counter, logger = Counter(), logging.getLogger("jax")
+    logger.addHandler(counter)
+    try:
+        with jax.log_compiles(True):
+            yield counter
+    finally:
+        logger.removeHandler(counter)
+
+
 def test_steady_state_compiles_nothing_and_moves_only_tokens(qwen3_5):
     _, ours = qwen3_5
     engine = _engine(ours, prompt_buckets=(16, 64), chunked_prefill=True, max_batch=2)
@@ -196,9 +217,9 @@ def test_steady_state_compiles_nothing_and_moves_only_tokens(qwen3_5):
         mixed.insert(2, request[0])
     mixed.append(dataclasses.replace(mixed[-2], max_new_tokens=5))  # the 100-token prompt again: a prefix cache hit
     recorder = _TransferRecorder(engine)
-    with recorder.watching():
+    with _compilations() as compiles, recorder.watching():
         _run(engine, mixed)
-    assert engine.compiled_programs() == compiled, "steady state must not compile"
+    assert engine.compiled_programs() == compiled and compiles.count == 0, "steady state must not compile"
     assert engine.prefix.stats()["hit_tokens"] >= 64
     steps = engine.config.decode_steps
     reads = [shape for kind, shape in recorder.events if kind == "read"]
@@ -370,3 +391,20 @@ def test_a_hit_ending_inside_an_image_prefills_the_rest_of_it(pair):
     assert hit > 0
     if engine.prefix.hybrid:
         assert image[0] < hit <= image[-1], (hit, image)  # the snapshot sits inside the image's tokens
+
+
+def test_the_first_request_after_warmup_compiles_nothing(qwen3_5, tmp_path):
+    """A converted checkpoint restores committed parameters: the decode state (and the prefix pool) must be
+    committed too, else warm-up's first program is compiled again for the first request (3.7 s of the demo's
+    first TTFT was that)."""
+    from convert.converter import convert_checkpoint
+
+    _, ours = qwen3_5
+    convert_checkpoint(ours.path, tmp_path / "converted", dtype="float32")
+    model = qj.load(tmp_path / "converted")
+    model.configure(max_batch=1, max_len=128, prompt_buckets=(64,), decode_steps=8, chunked_prefill=False)
+    model.engine().warmup(progress=False, vision=False)
+    with _compilations() as compiles:
+        for _ in range(2):  # the second from the prefix cache
+            model.generate(input_ids=list(range(3, 40)), max_new_tokens=4)
+    assert compiles.count == 0
