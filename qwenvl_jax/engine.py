@@ -27,7 +27,8 @@ from qwenvl_jax.models.mtp import init_mtp_caches
 from qwenvl_jax.models.multimodal import fuse_vision
 from qwenvl_jax.models.vision import prepare_vision_inputs
 from qwenvl_jax.models.rope import mrope_cos_sin
-from qwenvl_jax.prefix_cache import DEFAULT_PAGE_TOKENS, Hit, PrefixCache, common_prefix, request_content
+from qwenvl_jax.prefix_cache import (DEFAULT_PAGE_TOKENS, Hit, PrefixCache, common_prefix, request_content,
+                                     vision_spans)
 from qwenvl_jax.sampling import SamplingArrays, SamplingParams, mark_seen, request_keys, sample, sampling_arrays
 from qwenvl_jax.sharding import mesh_context, mesh_of, replicated, shard_state
 from qwenvl_jax.speculative import first_drafts, prefill_mtp, speculative_step
@@ -295,18 +296,15 @@ def _vision_after(payload: VisionPayload | None, start: int, cfg) -> VisionPaylo
     from the prefix cache), or None when no vision tokens remain."""
     if payload is None or start == 0:
         return payload
-    merge = cfg.spatial_merge_size
-    grids = np.asarray(payload.grids_thw).reshape(-1, 3)
-    patches = grids.prod(axis=1)
-    patch_off = np.concatenate([[0], np.cumsum(patches)])
-    token_off = patch_off // merge**2
-    keep = [i for i in range(len(grids)) if payload.dest_t[token_off[i + 1] - 1] >= start]
+    patches, tokens = vision_spans(payload, cfg.spatial_merge_size)
+    keep = [i for i, t in enumerate(tokens) if payload.dest_t[t.stop - 1] >= start]
     if not keep:
         return None
-    if len(keep) == len(grids):
+    if len(keep) == len(tokens):
         return payload
-    return VisionPayload(np.concatenate([payload.pixel_patches[patch_off[i]:patch_off[i + 1]] for i in keep]),
-                         grids[keep], np.concatenate([payload.dest_t[token_off[i]:token_off[i + 1]] for i in keep]))
+    return VisionPayload(np.concatenate([payload.pixel_patches[patches[i]] for i in keep]),
+                         np.asarray(payload.grids_thw).reshape(-1, 3)[keep],
+                         np.concatenate([payload.dest_t[tokens[i]] for i in keep]))
 
 
 class Engine:
@@ -385,14 +383,14 @@ class Engine:
         self.vision_cfg = model.cfg.vision
         self.compile_seconds = 0.0
         largest = max(config.prompt_buckets)
+        interval = config.prefix_snapshot_interval or largest
         self.prefix: PrefixCache | None = None
         if config.prefix_cache:
             self.prefix = PrefixCache(self.state, config.max_len, config.prefix_page_tokens, config.prefix_cache_bytes,
-                                      config.prefix_snapshot_interval or largest)
+                                      interval)
         # Prompt tokens per chunk of a chunked prefill: a hybrid model with a prefix cache snapshots after each.
-        self.chunk_tokens = largest
-        if self.prefix is not None and self.prefix.hybrid and config.chunked_prefill:
-            self.chunk_tokens = config.prefix_snapshot_interval or largest
+        hybrid_cache = self.prefix is not None and self.prefix.hybrid
+        self.chunk_tokens = interval if hybrid_cache and config.chunked_prefill else largest
 
     @property
     def state_bytes(self) -> int:
@@ -548,8 +546,9 @@ class Engine:
     def _prefill_admitted(self, admitted: Sequence[tuple[Request, int, np.ndarray | None]]
                           ) -> Iterator[tuple[jax.Array, list[int], list[int]]]:
         """Prefills newly admitted (request, slot, content) triples (content: ``content(request)``, None without a
-        prefix cache): (first tokens, their slots, prompt tokens each took from the prefix cache) per call. Text prompts that fit one chunk and hit nothing in
-        the prefix cache share calls of the largest row counts that fit; the others are prefilled alone."""
+        prefix cache): (first tokens, their slots, prompt tokens each took from the prefix cache) per call. Text
+        prompts that fit one chunk and hit nothing in the prefix cache share calls of the largest row counts that
+        fit; the others are prefilled alone."""
         groups: dict[int, list[tuple[Request, int, np.ndarray | None]]] = collections.defaultdict(list)
         for req, slot, content in admitted:
             t = len(req.input_ids)
@@ -648,9 +647,11 @@ class Scheduler:
         self._host_active = np.zeros(cfg.max_batch + 1, bool)
         self._inflight: collections.deque[_Call] = collections.deque()
         self._cancelled: set[int] = set()
-        # With a prefix cache: each request's content (what the cache matches) and its tokens so far, to cache
-        # the whole sequence when it ends.
+        # With a prefix cache: each request's content (what the cache matches). A request that ends by itself is
+        # cached whole, prompt and output, so its tokens are kept as they come; not with speculative decoding,
+        # whose slot's MTP state does not line up with that point (only prompts are cached there).
         self._content: dict[int, np.ndarray] = {}
+        self._cache_outputs = engine.prefix is not None and not engine.speculative_tokens
         self._tokens: dict[int, list[int]] = collections.defaultdict(list)
         for i, req in enumerate(requests):
             self.submit(i, req)
@@ -751,10 +752,9 @@ class Scheduler:
 
     def _cache_finished(self, request_id: int, slot: int) -> None:
         """Caches a request that ended by itself: its slot holds the state after the prompt and every output
-        token but the last (sampled, never fed back), the same on the device as here. With speculative decoding
-        the slot's MTP state does not line up with that point, so only prompts are cached there."""
+        token but the last (sampled, never fed back), the same on the device as here."""
         tokens = self._tokens[request_id]
-        if self.engine.speculative_tokens or len(tokens) < 2:
+        if len(tokens) < 2:
             return
         content = np.concatenate([self._content_of(request_id), np.asarray(tokens[:-1], np.int64)])
         self.engine.prefix.save(self.engine.state, slot, content, len(content), snapshot=True)
@@ -786,7 +786,7 @@ class Scheduler:
                     reason = "length"
                 if reason:
                     break
-            if self.engine.prefix is not None:
+            if self._cache_outputs:
                 self._tokens[i] += new
                 if reason:
                     self._cache_finished(i, slot)

@@ -154,17 +154,21 @@ def request_content(input_ids: np.ndarray, vision=None, merge: int = 1) -> np.nd
     content = np.asarray(input_ids, np.int64).copy()
     if vision is None:
         return content
-    patch_off = token_off = 0
-    for grid in np.asarray(vision.grids_thw).reshape(-1, 3):
-        patches = int(np.prod(grid))
-        tokens = patches // merge**2
-        pixels = np.ascontiguousarray(vision.pixel_patches[patch_off : patch_off + patches])
+    for grid, patches, tokens in zip(np.asarray(vision.grids_thw).reshape(-1, 3), *vision_spans(vision, merge)):
+        pixels = np.ascontiguousarray(vision.pixel_patches[patches])
         base = int.from_bytes(_pixel_digest(np.asarray(grid, np.int64).tobytes(), pixels)[:8], "little")
         base &= (1 << 62) - 1
-        dest = np.asarray(vision.dest_t[token_off : token_off + tokens])
-        content[dest] = -1 - ((base + np.arange(tokens, dtype=np.int64)) & ((1 << 62) - 1))
-        patch_off, token_off = patch_off + patches, token_off + tokens
+        dest = np.asarray(vision.dest_t[tokens])
+        content[dest] = -1 - ((base + np.arange(len(dest), dtype=np.int64)) & ((1 << 62) - 1))
     return content
+
+
+def vision_spans(vision, merge: int) -> tuple[list[slice], list[slice]]:
+    """Each image's or video's rows of a VisionPayload (images then videos): its patches in ``pixel_patches``
+    and its merged tokens in ``dest_t``."""
+    offsets = np.concatenate([[0], np.cumsum(np.asarray(vision.grids_thw).reshape(-1, 3).prod(axis=1))])
+    pairs = list(zip(offsets[:-1], offsets[1:]))
+    return [slice(a, b) for a, b in pairs], [slice(a // merge**2, b // merge**2) for a, b in pairs]
 
 
 _HASH_PIECE_BYTES = 1 << 22
@@ -392,14 +396,14 @@ class PrefixCache:
         if budget_bytes is None:
             slots = state.lengths.shape[0] - 1
             budget_bytes = min(DEFAULT_BUDGET_BYTES, MAX_CONTEXTS_PER_SLOT * slots * context_bytes)
-        num_pages = int(budget_bytes * pages_bytes / context_bytes) // per_page
-        num_snapshots = int(budget_bytes * (1 - pages_bytes / context_bytes)) // per_snapshot if self.hybrid else 0
+        share = pages_bytes / context_bytes  # of the budget, for pages
+        num_pages = int(budget_bytes * share) // per_page
+        num_snapshots = int(budget_bytes * (1 - share)) // per_snapshot if self.hybrid else 0
         if num_pages < 1 or (self.hybrid and num_snapshots < 1):
-            share = pages_bytes / context_bytes
             least = max(per_page / share, per_snapshot / (1 - share) if self.hybrid else 0)
+            snapshot = f" and a snapshot {per_snapshot}" if self.hybrid else ""
             raise ValueError(f"prefix_cache_bytes={budget_bytes} is too small for this model: a page of {page_tokens} "
-                             f"tokens takes {per_page} bytes" + (f" and a snapshot {per_snapshot}" if self.hybrid else "")
-                             + f"; give at least {int(least) + 1}")
+                             f"tokens takes {per_page} bytes{snapshot}; give at least {int(least) + 1}")
         self.index = PrefixIndex(num_pages, num_snapshots, page_tokens, hybrid=self.hybrid,
                                  mtp=state.spec is not None)
         self.pool = init_pool(state, num_pages, page_tokens, num_snapshots)
