@@ -48,7 +48,7 @@ from bench.hlo import materialised_weights, weight_shapes  # noqa: E402
 from bench.models import (  # noqa: E402
     copy_bandwidth, profiled_kernel_seconds, random_params, random_text_request, released_config, text_only,
 )
-from bench.run_info import run_info  # noqa: E402
+from bench.run_info import run_info, write_result  # noqa: E402
 from convert.converter import with_fp8_quantization  # noqa: E402
 from qwenvl_jax.cache import DecodeState, tree_bytes  # noqa: E402
 from qwenvl_jax.config import ModelConfig, parse_config  # noqa: E402
@@ -333,11 +333,7 @@ def main() -> None:
                   f"{e['event_gap_ms_median']:.1f} ms (max {e['event_gap_ms_max']:.1f})")
     result = dict(**run_info(), tiny=args.tiny, fp8=args.fp8, steps=args.steps, calls=args.calls,
                   copy_bandwidth_bytes_s=bandwidth, models=models)
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"decode{'-fp8' if args.fp8 else ''}{'-tiny' if args.tiny else ''}-{device.replace(' ', '_')}.json"
-    path.write_text(json.dumps(result, indent=1))
-    print(f"wrote {path}")
+    write_result(args.out, "decode", result, fp8=args.fp8, tiny=args.tiny)
 
 
 if __name__ == "__main__":

@@ -32,14 +32,13 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 if sys.path[0] == str(pathlib.Path(__file__).resolve().parent):
     sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 from bench.decode import step_bytes, time_decode, time_e2e  # noqa: E402
 from bench.models import copy_bandwidth, released_config, text_only  # noqa: E402
-from bench.run_info import run_info  # noqa: E402
+from bench.run_info import run_info, write_result  # noqa: E402
 from convert.converter import with_fp8_quantization  # noqa: E402
 from qwenvl_jax.config import ModelConfig, parse_config  # noqa: E402
 from qwenvl_jax.engine import Engine, EngineConfig  # noqa: E402
@@ -173,15 +172,10 @@ def main() -> None:
             print(f"{res['model']:>24} {res['tp']}x{res['ep']:<3} {row['batch']:>5} {row['ours']['tok_s']:>9.1f} "
                   f"{row['roofline_tok_s']:>9.1f} {row['pct_of_roofline']:>5.1f} {speedup:>6.2f} "
                   f"{row.get('collective_us_per_step_per_device', float('nan')):>8.1f} {res['ttft_ms']:>8.1f}")
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     result = dict(**run_info(), device_count=devices, fp8=args.fp8, tiny=args.tiny, steps=args.steps,
                   calls=args.calls, context=args.context, copy_bandwidth_bytes_s=bandwidth, skipped_meshes=skipped,
                   results=results)
-    path = out / f"multigpu{'-fp8' if args.fp8 else ''}{'-tiny' if args.tiny else ''}-{device.replace(' ', '_')}" \
-                 f"x{devices}.json"
-    path.write_text(json.dumps(result, indent=1))
-    print(f"wrote {path}")
+    write_result(args.out, "multigpu", result, fp8=args.fp8, tiny=args.tiny, suffix=f"x{devices}")
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ from flax import nnx  # noqa: E402
 if sys.path[0] == str(pathlib.Path(__file__).resolve().parent):
     sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 from bench.models import matmul_rate, prefill_flops, random_params, released_config, text_only  # noqa: E402
-from bench.run_info import run_info  # noqa: E402
+from bench.run_info import run_info, write_result  # noqa: E402
 from convert.converter import with_fp8_quantization  # noqa: E402
 from qwenvl_jax.config import ModelConfig, parse_config  # noqa: E402
 from qwenvl_jax.engine import VisionPayload  # noqa: E402
@@ -342,11 +342,7 @@ def main() -> None:
               f"{r['together_tok_s']:.0f} tok/s, one at a time {r['one_at_a_time_tok_s']:.0f}, single prompt "
               f"{r.get('single_tok_s', float('nan')):.0f} (ratio {r.get('together_over_single', float('nan')):.2f}), "
               f"floor {r['floor_tok_s']:.0f}, HF {r.get('hf_tok_s', float('nan')):.0f}")
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"prefill{'-fp8' if args.fp8 else ''}{'-tiny' if args.tiny else ''}-{device.replace(' ', '_')}.json"
-    path.write_text(json.dumps(result, indent=1))
-    print(f"wrote {path}")
+    write_result(args.out, "prefill", result, fp8=args.fp8, tiny=args.tiny)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from bench.models import (  # noqa: E402
     delta_rule_flops, prefill_flops, profiled_kernel_seconds, random_params, random_text_request, released_config,
 )
 from bench.kernels import gdr_inputs, measure_ceilings, time_jax_calls  # noqa: E402
-from bench.run_info import run_info  # noqa: E402
+from bench.run_info import run_info, write_result  # noqa: E402
 from pallas_kernels.gated_delta_rule.chunk import chunk_prefill  # noqa: E402
 from qwenvl_jax.config import parse_config  # noqa: E402
 from qwenvl_jax.engine import Engine, EngineConfig  # noqa: E402
@@ -184,11 +184,7 @@ def main() -> None:
                   f"cuDNN flash {full_layers * a['cudnn_ms']:.1f} ms (max |diff| {a['max_abs_diff']:.2e})")
     result = dict(**run_info(), model=name, tiny=args.tiny, linear_layers=linear_layers, ceilings=ceilings,
                   rows=rows)
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"prefill_share{'-tiny' if args.tiny else ''}-{device.replace(' ', '_')}.json"
-    path.write_text(json.dumps(result, indent=1))
-    print(f"wrote {path}")
+    write_result(args.out, "prefill_share", result, tiny=args.tiny)
 
 
 if __name__ == "__main__":

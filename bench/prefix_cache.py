@@ -27,7 +27,6 @@ import sys
 import tempfile
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -37,7 +36,7 @@ if sys.path[0] == str(pathlib.Path(__file__).resolve().parent):
     sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 from bench.models import text_only  # noqa: E402
 from bench.prefill import build, image_inputs, model_config  # noqa: E402
-from bench.run_info import run_info  # noqa: E402
+from bench.run_info import run_info, write_result  # noqa: E402
 
 DEFAULT_MODELS = "qwen3_5-9b,qwen3_vl-8b"
 IMAGE_MODELS = ("qwen3_vl-8b", "qwen2_5_vl-7b")
@@ -167,12 +166,7 @@ def main() -> None:
     for r in result["decode"]:
         print(f"decode {r['model']:>14} B1: on {r['on_tok_s']:.1f} tok/s, off {r['off_tok_s']:.1f} = "
               f"{r['on_over_off']:.3f}x")
-    device = jax.devices()[0].device_kind
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"prefix_cache{'-tiny' if args.tiny else ''}-{device.replace(' ', '_')}.json"
-    path.write_text(json.dumps(result, indent=1))
-    print(f"wrote {path}")
+    write_result(args.out, "prefix_cache", result, tiny=args.tiny)
 
 
 if __name__ == "__main__":

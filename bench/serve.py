@@ -53,7 +53,7 @@ from flax import nnx  # noqa: E402
 if sys.path[0] == str(pathlib.Path(__file__).resolve().parent):
     sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 from bench.models import random_params, random_text_request, released_config, text_only  # noqa: E402
-from bench.run_info import run_info  # noqa: E402
+from bench.run_info import run_info, write_result  # noqa: E402
 from qwenvl_jax import tiny_checkpoint_assets  # noqa: E402
 from qwenvl_jax.config import parse_config  # noqa: E402
 from qwenvl_jax.engine import Request, Scheduler  # noqa: E402
@@ -293,11 +293,8 @@ def main() -> None:
     result = dict(**run_info(), tiny=args.tiny, model=args.model, config=raw, prompt=[lo, hi], new=args.new,
                   max_seconds=args.max_seconds, engine=dataclasses.asdict(model.engine().config),
                   compile_s=compile_s, compiled_while_timing=recompiled, rows=rows)
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"serve{'-tiny' if args.tiny else ''}-{device.replace(' ', '_')}.json"
-    path.write_text(json.dumps(result, indent=1))
-    print(f"programs compiled while timing: {recompiled}\nwrote {path}")
+    print(f"programs compiled while timing: {recompiled}")
+    write_result(args.out, "serve", result, tiny=args.tiny)
 
 
 if __name__ == "__main__":

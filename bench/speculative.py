@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 if sys.path[0] == str(pathlib.Path(__file__).resolve().parent):
     sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 from bench.models import random_params, released_config, text_only  # noqa: E402
-from bench.run_info import run_info  # noqa: E402
+from bench.run_info import run_info, write_result  # noqa: E402
 from qwenvl_jax.config import parse_config  # noqa: E402
 from qwenvl_jax.engine import Engine, EngineConfig, Request  # noqa: E402
 from qwenvl_jax.models.model import abstract_model  # noqa: E402
@@ -144,7 +144,6 @@ def main() -> None:
     args = ap.parse_args()
     if args.tiny:
         args.prompt, args.new = min(args.prompt, 64), min(args.new, 24)
-    device = jax.devices()[0].device_kind
     models = []
     for name in args.models.split(","):
         raw = hf_config_dict("qwen3_5", *TINY_CONFIGS["qwen3_5"]) if args.tiny else released_config(name)
@@ -163,11 +162,7 @@ def main() -> None:
                       + " ".join(f"{s['projected_tok_s'][str(a)]:>8.1f}" for a in ACCEPTANCE)
                       + f" {s['oracle']['tok_s']:>8.1f} {s['oracle_speedup']:>8.2f} {str(s['oracle_fixed_point']):>6}")
     result = dict(**run_info(), tiny=args.tiny, models=models)
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"speculative{'-tiny' if args.tiny else ''}-{device.replace(' ', '_')}.json"
-    path.write_text(json.dumps(result, indent=1))
-    print(f"wrote {path}")
+    write_result(args.out, "speculative", result, tiny=args.tiny)
 
 
 if __name__ == "__main__":

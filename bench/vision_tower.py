@@ -31,7 +31,7 @@ from flax import nnx
 if sys.path[0] == str(pathlib.Path(__file__).resolve().parent):
     sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 from bench.models import profiled_kernel_seconds, released_config  # noqa: E402
-from bench.run_info import run_info  # noqa: E402
+from bench.run_info import run_info, write_result  # noqa: E402
 from qwenvl_jax.config import VisionConfig, parse_config  # noqa: E402
 from qwenvl_jax.models.vision import VisionModel, prepare_vision_inputs  # noqa: E402
 
@@ -110,10 +110,7 @@ def main() -> None:
                        **timing, rel_err_vs_f32=float(np.abs(got - ref).max() / np.abs(ref).max()))
             print(json.dumps(row), flush=True)
             rows.append(row)
-    info = run_info()
-    path = out / f"vision_tower{'-tiny' if args.tiny else ''}-{info['device'].replace(' ', '_')}.json"
-    path.write_text(json.dumps(dict(**info, tiny=args.tiny, rows=rows), indent=1))
-    print(f"wrote {path}")
+    write_result(out, "vision_tower", dict(**run_info(), tiny=args.tiny, rows=rows), tiny=args.tiny)
 
 
 if __name__ == "__main__":
