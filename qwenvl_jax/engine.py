@@ -357,9 +357,11 @@ class Engine:
             # Committed to the device, as every call's outputs are: a program first called with uncommitted
             # arrays is compiled again for the committed ones (the first request after warm-up recompiled the
             # program warm-up had compiled first). The device, not a weight's sharding: parameters placed on a
-            # one-device mesh carry specs (P('tensor', None)) that a state leaf's rank may not take.
-            device = next(iter(jax.tree_util.tree_leaves(params)[0].sharding.device_set))
-            self.state = jax.device_put(self.state, jax.sharding.SingleDeviceSharding(device))
+            # one-device mesh carry specs (P('tensor', None)) that a state leaf's rank may not take. Abstract
+            # parameters (shapes only, for lowering) have no sharding: the state stays on the default device.
+            sharding = getattr(jax.tree_util.tree_leaves(params)[0], "sharding", None)
+            self.state = jax.device_put(self.state, None if sharding is None else
+                                        jax.sharding.SingleDeviceSharding(next(iter(sharding.device_set))))
         # The programs take the weights as a flat list: a call then neither hashes the graph definition as a static
         # argument nor flattens the nnx.State (measured on a 2-core CPU: 3 and 0.7 ms of host time per call, for
         # the ~430 leaves of Qwen3.5-9B's structure).
