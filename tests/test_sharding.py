@@ -49,12 +49,14 @@ def test_a_mesh_larger_than_the_devices_is_refused():
 
 def test_restore_onto_the_mesh_stays_within_its_memory_bound(tmp_path):
     """Issue 29's bound: host memory during a sharded load stays below 2x the largest tensor plus what the devices
-    hold. A model of 6 layers of three 8 MB MLP matrices makes the bound tight: restoring whole arrays first and
-    splitting them after would add the model's bytes again (~150 MB) and fail."""
+    hold. A model of 8 layers of three 8 MB MLP matrices makes the bound tight: restoring whole arrays first and
+    splitting them after would add the model's bytes again (~195 MB) and fail. The slack covers the allocator and
+    Orbax's buffers, which vary run to run (measured on 2 cores: peak 245-262 MB against a bound of 295; with 48 MB
+    of slack and 6 layers the peak came within 1 MB of its bound and failed once in a few runs)."""
     from convert.converter import convert_checkpoint
     from tests.hf_tiny import build_hf_model
 
-    wide = dict(intermediate_size=32768, num_hidden_layers=6)
+    wide = dict(intermediate_size=32768, num_hidden_layers=8)
     build_hf_model("qwen3_vl-a", tmp_path / "hf", max_shard_size="64MB", text_overrides=wide)
     convert_checkpoint(tmp_path / "hf", tmp_path / "ckpt", dtype="float32")
     script = Path(__file__).with_name("sharding_check.py")
@@ -63,7 +65,7 @@ def test_restore_onto_the_mesh_stays_within_its_memory_bound(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     row = json.loads(done.stdout.splitlines()[-1])
     assert row["split"], row
-    slack = 48 * 2**20  # allocator and Orbax bookkeeping
+    slack = 80 * 2**20
     bound = 2 * row["largest"] + row["device_bytes"] + slack
     assert bound < row["model_bytes"] + row["device_bytes"], row  # the check can tell the two ways apart
     assert row["peak_added"] < bound, row
@@ -90,3 +92,37 @@ def test_decode_programs_hold_only_the_collectives_the_math_needs(checked):
         assert max(c["elements"] for c in found) <= r["slots"] * r["vocab"] < r["largest_weight"], r
         rest.add(len(found) - dots - expert_sums)
     assert len(rest) == 1, rest  # the same depth-independent remainder in every program
+
+
+def test_an_engine_over_parameters_on_a_one_device_mesh_decodes(tmp_path):
+    """Parameters laid out on a 1 x 1 mesh (the multi-GPU benchmark's baseline) carry specs such as
+    P('tensor', None) that a state leaf's rank may not take: the engine commits its state to their device (it once
+    took a weight's sharding and failed) and decodes what the unplaced model does."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    import qwenvl_jax as qj
+    from qwenvl_jax.engine import Engine, EngineConfig, Request
+    from qwenvl_jax.sampling import SamplingParams
+    from qwenvl_jax.sharding import make_mesh, mesh_of, param_sharding
+    from tests.hf_tiny import build_hf_checkpoint
+
+    build_hf_checkpoint("qwen3_vl-a", tmp_path)
+    model = qj.load(tmp_path, dtype="float32")
+    mesh = make_mesh(1, 1)
+    flat = nnx.to_flat_state(model.params)
+    for path, var in flat:
+        value = var.get_value()
+        var.set_value(jax.device_put(value, param_sharding(path, value.shape, model.config, mesh)))
+    params = nnx.from_flat_state(flat)
+    assert mesh_of(params) is None  # one device: no mesh to trace on
+    assert any(len(leaf.sharding.spec) for leaf in jax.tree_util.tree_leaves(params))
+    ids = np.array([5, 17, 99, 3, 250, 7, 61, 400, 12], np.int32)
+    config = EngineConfig(max_batch=1, max_len=64, prompt_buckets=(16,), decode_steps=4, prefix_cache=False)
+    engine = Engine(model.graphdef, params, config, eos_ids=())
+    request = Request(ids, np.broadcast_to(np.arange(len(ids), dtype=np.int32), (3, len(ids))).copy(), 0,
+                      SamplingParams(), 8)
+    tokens = [t for event in engine.run([request]) for t in event.tokens]
+    model.configure(**{k: getattr(config, k) for k in ("max_batch", "max_len", "prompt_buckets", "decode_steps")})
+    assert tokens == model.generate(input_ids=ids.tolist(), max_new_tokens=8).token_ids
