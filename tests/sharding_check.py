@@ -5,7 +5,6 @@ memory of restoring a converted checkpoint onto a mesh (``sharding_check.py rest
 line per check."""
 
 import json
-import logging
 import os
 import re
 import sys
@@ -23,20 +22,12 @@ import qwenvl_jax as qj  # noqa: E402
 from qwenvl_jax.config import load_config  # noqa: E402
 from qwenvl_jax.models.model import abstract_model  # noqa: E402
 from qwenvl_jax.sharding import TENSOR  # noqa: E402
+from tests.compilations import compilations  # noqa: E402
 from tests.hf_tiny import build_hf_checkpoint  # noqa: E402
 
 MESHES = {"dense": [(2, 1), (4, 1), (8, 1)], "moe": [(8, 1), (1, 2), (2, 2)]}
 ENGINE = dict(max_batch=2, max_len=128, prompt_buckets=(96,), decode_steps=8, vision_buckets=(64,))
 IMAGE = np.random.default_rng(1).integers(0, 256, (50, 90, 3), dtype=np.uint8)
-
-
-class CompileCounter(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def emit(self, record):
-        self.count += "Compiling" in record.getMessage()
 
 
 def main(variants: list[str], generate: list[str]) -> None:
@@ -45,8 +36,6 @@ def main(variants: list[str], generate: list[str]) -> None:
     work = Path(tempfile.mkdtemp())
     ids = [[5, 17, 99, 3, 250, 7, 61, 400, 12]]
     messages = [{"role": "user", "content": [{"type": "image", "image": IMAGE}, {"type": "text", "text": "Hm?"}]}]
-    counter = CompileCounter()
-    logging.getLogger("jax").addHandler(counter)
     for variant in variants:
         build_hf_checkpoint(variant, work / variant)
         one = qj.load(work / variant, dtype="float32")
@@ -64,11 +53,9 @@ def main(variants: list[str], generate: list[str]) -> None:
                 model.configure(**ENGINE)
                 row["tokens_equal"] = model.generate(messages, max_new_tokens=16).token_ids == tokens
                 model.clear_prefix_cache()  # the same path again: nothing may compile
-                jax.config.update("jax_log_compiles", True)
-                counter.count = 0
-                row["tokens_again_equal"] = model.generate(messages, max_new_tokens=16).token_ids == tokens
-                row["compiles_again"] = counter.count
-                jax.config.update("jax_log_compiles", False)
+                with compilations() as compiles:
+                    row["tokens_again_equal"] = model.generate(messages, max_new_tokens=16).token_ids == tokens
+                row["compiles_again"] = compiles.count
                 cached = model.generate(messages, max_new_tokens=16)  # the prompt from the prefix cache
                 row["tokens_cached_equal"] = cached.token_ids == tokens
                 row["cached_tokens"] = cached.stats.cached_tokens

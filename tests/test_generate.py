@@ -14,6 +14,7 @@ import qwenvl_jax as qj
 from qwenvl_jax.engine import Engine, EngineConfig, Request
 from qwenvl_jax.generate import build_requests
 from qwenvl_jax.sampling import SamplingParams
+from tests.compilations import compilations
 from tests.hf_tiny import build_hf_checkpoint
 
 torch = pytest.importorskip("torch")
@@ -178,27 +179,6 @@ class _TransferRecorder:
             self.engine._decode = decode
 
 
-@contextlib.contextmanager
-def _compilations():
-    """Counts XLA compilations (jax_log_compiles records), eager ops included: a program compiled again for
-    inputs that differ only in sharding or commitment counts too, which jit's own cache size may not show."""
-    import logging
-
-    class Counter(logging.Handler):
-        count = 0
-
-        def emit(self, record):
-            Counter.count += record.getMessage().startswith("Compiling")
-
-    counter, logger = Counter(), logging.getLogger("jax")
-    logger.addHandler(counter)
-    try:
-        with jax.log_compiles(True):
-            yield counter
-    finally:
-        logger.removeHandler(counter)
-
-
 def test_steady_state_compiles_nothing_and_moves_only_tokens(qwen3_5):
     _, ours = qwen3_5
     engine = _engine(ours, prompt_buckets=(16, 64), chunked_prefill=True, max_batch=2)
@@ -217,7 +197,7 @@ def test_steady_state_compiles_nothing_and_moves_only_tokens(qwen3_5):
         mixed.insert(2, request[0])
     mixed.append(dataclasses.replace(mixed[-2], max_new_tokens=5))  # the 100-token prompt again: a prefix cache hit
     recorder = _TransferRecorder(engine)
-    with _compilations() as compiles, recorder.watching():
+    with compilations() as compiles, recorder.watching():
         _run(engine, mixed)
     assert engine.compiled_programs() == compiled and compiles.count == 0, "steady state must not compile"
     assert engine.prefix.stats()["hit_tokens"] >= 64
@@ -404,7 +384,7 @@ def test_the_first_request_after_warmup_compiles_nothing(qwen3_5, tmp_path):
     model = qj.load(tmp_path / "converted")
     model.configure(max_batch=1, max_len=128, prompt_buckets=(64,), decode_steps=8, chunked_prefill=False)
     model.engine().warmup(progress=False, vision=False)
-    with _compilations() as compiles:
+    with compilations() as compiles:
         for _ in range(2):  # the second from the prefix cache
             model.generate(input_ids=list(range(3, 40)), max_new_tokens=4)
     assert compiles.count == 0
