@@ -22,10 +22,11 @@ def run_info() -> dict:
 
 
 def write_result(out_dir: str | pathlib.Path, bench: str, result: dict, *, fp8: bool = False, tiny: bool = False,
-                 suffix: str = "") -> pathlib.Path:
-    """Writes `result` as `<out_dir>/<bench>[-fp8][-tiny]-<device><suffix>.json` (the device kind with spaces as
-    underscores, so each GPU keeps its own file), prints and returns the path."""
-    device = jax.devices()[0].device_kind.replace(" ", "_")
+                 suffix: str = "", device: str | None = None) -> pathlib.Path:
+    """Writes `result` as `<out_dir>/<bench>[-fp8][-tiny]-<device><suffix>.json` (the device kind, or ``device``
+    for a program compiled for a GPU not attached, with spaces as underscores, so each GPU keeps its own file),
+    prints and returns the path."""
+    device = (device or jax.devices()[0].device_kind).replace(" ", "_")
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{bench}{'-fp8' if fp8 else ''}{'-tiny' if tiny else ''}-{device}{suffix}.json"
