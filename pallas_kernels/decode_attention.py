@@ -5,7 +5,7 @@ only its first lengths[b] positions. Grid (B, KV, num_splits): a program owns on
 of its query heads (GQA: K/V are read once per group), and one contiguous range of the row's context. The
 ranges are cut at run time from the row's length, so a row's cost follows its length, not L, and short rows
 still spread over many SMs. Each program writes an unnormalised partial output with its running max and sum
-(fp32); a small log-sum-exp merge in plain JAX combines the splits. The cache goes to the kernel whole (a
+(fp32); a second small kernel merges the splits (log-sum-exp), one program per row and query head. The cache goes to the kernel whole (a
 slice before the call would make XLA copy it); BlockSpecs pick slot b and kv head h, masked loads the
 positions. Lowered through Triton on GPU, or run by the Pallas interpreter on CPU.
 
@@ -177,14 +177,24 @@ def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, sca
     plgpu.store(l_ref.at[heads], l_g, mask=valid_g)
 
 
-def _merge_splits(o_bshd, m_bsh, l_bsh):
-    """Log-sum-exp merge of the splits' partials: [B, H, D] fp32, zeros where nothing was attended."""
-    m_bh = jnp.max(m_bsh, axis=1)
+def _merge_kernel(o_ref, m_ref, l_ref, out_ref, *, num_splits):
+    """Program (b, j): query head j of row b, the log-sum-exp merge of its splits' partials. o_ref [S', D],
+    m_ref, l_ref [S'] (row b, head j; S' = num_splits padded to a power of two), fp32; out_ref [D]: zeros where
+    nothing was attended.
+
+    One kernel: the same merge in plain JAX was three (max, weighted sums, divide), ~1.7 us each at batch 1
+    whatever they move (bench/NOTES.md, kernel census)."""
+    splits = pl.ds(0, o_ref.shape[0])
+    valid_s = lax.broadcasted_iota(jnp.int32, (o_ref.shape[0],), 0) < num_splits
+    m_s = plgpu.load(m_ref.at[splits], mask=valid_s, other=-jnp.inf)
+    l_s = plgpu.load(l_ref.at[splits], mask=valid_s, other=0.0)
+    o_sd = plgpu.load(o_ref.at[splits, :], mask=valid_s[:, None], other=0.0)
+    m = jnp.max(m_s)
     # All splits empty (length 0): m = -inf everywhere; shift by 0 so the weights are exp(-inf) = 0, not NaN.
-    w_bsh = jnp.exp(m_bsh - jnp.where(jnp.isfinite(m_bh), m_bh, 0.0)[:, None])
-    l_bh = jnp.sum(w_bsh * l_bsh, axis=1)
-    o_bhd = jnp.sum(w_bsh[..., None] * o_bshd, axis=1)
-    return o_bhd / jnp.where(l_bh > 0, l_bh, 1.0)[..., None]
+    w_s = jnp.exp(m_s - jnp.where(m > -jnp.inf, m, 0.0))
+    l = jnp.sum(w_s * l_s)
+    o_d = jnp.sum(w_s[:, None] * o_sd, axis=0)
+    out_ref[...] = (o_d / jnp.where(l > 0, l, 1.0)).astype(out_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "num_splits", "block_k", "num_warps", "num_stages", "interpret"))
@@ -201,7 +211,7 @@ def decode_attention_pallas(
     num_stages: int = 2,
     interpret: bool = False,
 ) -> jax.Array:
-    """The kernel and the merge; shapes as `decode_attention`, tiling explicit."""
+    """The kernel and the merge kernel; shapes as `decode_attention`, tiling explicit."""
     batch, num_heads, head_dim = q_bhd.shape
     max_len, num_kv_heads = k_cache_sltd.shape[1:3]
     kernel = functools.partial(
@@ -214,7 +224,9 @@ def decode_attention_pallas(
     cache_spec = pl.BlockSpec((None, max_len, None, head_dim), lambda b, h, s: (b, 0, h, 0))
     o_spec = pl.BlockSpec((None, None, num_heads, head_dim), lambda b, h, s: (b, s, 0, 0))
     ml_spec = pl.BlockSpec((None, None, num_heads), lambda b, h, s: (b, s, 0))
-    partial_shape = (batch, num_splits, num_heads)
+    # Split axis padded to a power of two for the merge kernel's tiles; the padding is never written nor read.
+    padded_splits = pl.next_power_of_2(num_splits)
+    partial_shape = (batch, padded_splits, num_heads)
     o_bshd, m_bsh, l_bsh = pl.pallas_call(
         kernel,
         grid=(batch, num_kv_heads, num_splits),
@@ -229,7 +241,18 @@ def decode_attention_pallas(
         interpret=interpret,
         name="decode_attention",
     )(lengths_b.astype(jnp.int32), q_bhd, k_cache_sltd, v_cache_sltd)
-    return _merge_splits(o_bshd, m_bsh, l_bsh).astype(q_bhd.dtype)
+    partial_spec = pl.BlockSpec((None, padded_splits, None), lambda b, j: (b, 0, j))
+    return pl.pallas_call(
+        functools.partial(_merge_kernel, num_splits=num_splits),
+        grid=(batch, num_heads),
+        in_specs=[pl.BlockSpec((None, padded_splits, None, head_dim), lambda b, j: (b, 0, j, 0)), partial_spec,
+                  partial_spec],
+        out_specs=pl.BlockSpec((None, None, head_dim), lambda b, j: (b, j, 0)),
+        out_shape=jax.ShapeDtypeStruct(q_bhd.shape, q_bhd.dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        name="decode_attention_merge",
+    )(o_bshd, m_bsh, l_bsh)
 
 
 def decode_attention(
