@@ -1,7 +1,7 @@
 """The kernels of one decode step, counted in the compiled program and traced back to source lines.
 
     python bench/kernel_census.py [--models qwen3_5-9b,qwen3_5-35b-a3b] [--batches 1,8] [--target h100|h200]
-                                  [--tiny] [--out DIR]
+                                  [--fp8] [--tiny] [--out DIR]
 
 Batch-1 decode is bound by how many kernels a step launches as much as by the bytes it reads: a small dependent
 kernel costs ~1.7 us on an H200 whatever it moves (bench/NOTES.md). This compiles the engine's decode program
@@ -37,6 +37,7 @@ if sys.path[0] == str(pathlib.Path(__file__).resolve().parent):
     sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 from bench.models import released_config, text_only  # noqa: E402
 from bench.run_info import run_info, write_result  # noqa: E402
+from convert.converter import with_fp8_quantization  # noqa: E402
 from qwenvl_jax.config import parse_config  # noqa: E402
 from qwenvl_jax.engine import Engine, EngineConfig  # noqa: E402
 from qwenvl_jax.models.model import abstract_model  # noqa: E402
@@ -82,9 +83,12 @@ def deviceless_gpu(target: str) -> jax.sharding.Sharding:
     return jax.sharding.SingleDeviceSharding(topology.devices[0])
 
 
-def decode_hlo(raw: dict, batch: int, dtype, sharding: jax.sharding.Sharding | None) -> str:
-    """The optimised HLO of the engine's decode program (16 steps a call) at ``batch`` rows, weights abstract."""
+def decode_hlo(raw: dict, batch: int, dtype, sharding: jax.sharding.Sharding | None, fp8: bool = False) -> str:
+    """The optimised HLO of the engine's decode program (16 steps a call) at ``batch`` rows, weights abstract
+    (``fp8``: the linear layers in FP8 with block scales, as ``convert --dtype fp8`` writes them)."""
     cfg = parse_config(text_only(raw))
+    if fp8:
+        cfg = with_fp8_quantization(cfg)
     graphdef, params = nnx.split(abstract_model(cfg, dtype))
     engine = Engine(graphdef, params, EngineConfig(
         max_batch=batch, max_len=CONTEXT + 256, prompt_buckets=(CONTEXT,), decode_steps=16, batch_buckets=(batch,),
@@ -175,7 +179,8 @@ def census(hlo: str) -> dict:
         return found
 
     step = kernels(body)
-    return dict(kernels_per_step=len(step), kernels_smallest_branches=len(kernels(body, min)), by_kind=dict(collections.Counter(k for k, _ in step).most_common()),
+    return dict(kernels_per_step=len(step), kernels_smallest_branches=len(kernels(body, min)),
+                by_kind=dict(collections.Counter(k for k, _ in step).most_common()),
                 by_source=[[src, kind, n] for (kind, src), n in collections.Counter(step).most_common()])
 
 
@@ -184,6 +189,7 @@ def main() -> None:
     ap.add_argument("--models", default="qwen3_5-9b,qwen3_vl-8b,qwen2_5_vl-7b,qwen3_5-35b-a3b")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--target", choices=sorted(TARGETS), help="compile for this GPU with none attached")
+    ap.add_argument("--fp8", action="store_true", help="FP8 linear layers (convert --dtype fp8)")
     ap.add_argument("--tiny", action="store_true", help="tiny configs on the CPU (checks the script)")
     ap.add_argument("--top", type=int, default=12, help="source lines printed per row")
     ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
@@ -200,15 +206,15 @@ def main() -> None:
             raise SystemExit(f"no tiny config for {name!r}; known: {', '.join(TINY_MODELS)}")
         raw = hf_config_dict(family, *TINY_CONFIGS[family]) if args.tiny else released_config(name)
         for batch in (int(b) for b in args.batches.split(",")):
-            row = dict(model=name, batch=batch, **census(decode_hlo(raw, batch, dtype, sharding)))
+            row = dict(model=name, batch=batch, **census(decode_hlo(raw, batch, dtype, sharding, args.fp8)))
             rows.append(row)
             print(f"\n{name} B{batch}: {row['kernels_per_step']} kernels a step "
                   f"({row['kernels_smallest_branches']} on the smallest branches): "
                   + ", ".join(f"{k} {n}" for k, n in row["by_kind"].items()), flush=True)
             for src, kind, n in row["by_source"][:args.top]:
                 print(f"  {n:5d}  {kind:<14} {src}")
-    result = dict(run_info(), device=device, deviceless=bool(args.target), context=CONTEXT, rows=rows)
-    write_result(args.out, "kernel_census", result, tiny=args.tiny, device=device)
+    result = dict(run_info(), device=device, deviceless=bool(args.target), fp8=args.fp8, context=CONTEXT, rows=rows)
+    write_result(args.out, "kernel_census", result, fp8=args.fp8, tiny=args.tiny, device=device)
 
 
 if __name__ == "__main__":
