@@ -123,6 +123,22 @@ def _direct_route(experts_nk: jax.Array, block_m: int) -> tuple[jax.Array, ...]:
             jnp.arange(pairs, dtype=jnp.int32) * block_m)
 
 
+# Up to this many pairs the tables are built by comparing every entry with every pair (one small reduction
+# each), not by scattering into zeros: XLA makes each such scatter two kernels (the zeros copied into a fresh
+# buffer, then the scatter), four tables a layer (kernel census, Qwen3.5-35B-A3B batch 8: 158 copies a step). The
+# comparisons grow as entries x pairs (~1M at 512 pairs), so larger batches (prefill) keep the scatters.
+COMPARE_ROUTE_MAX_PAIRS = 512
+
+
+def _table(size: int, index_p: jax.Array, value_p: jax.Array, count: bool = False) -> jax.Array:
+    """zeros(size).at[index].set(value) for values >= 0 whose repeated indices carry equal values (count: the
+    number of pairs at each index, as bincount), as one comparison and reduction."""
+    hit_ip = jnp.arange(size, dtype=jnp.int32)[:, None] == index_p[None, :]
+    if count:
+        return jnp.sum(hit_ip, axis=1, dtype=jnp.int32)
+    return jnp.max(jnp.where(hit_ip, value_p[None, :], 0), axis=1).astype(jnp.int32)
+
+
 def _route(experts_nk: jax.Array, num_experts: int, block_m: int) -> tuple[jax.Array, ...]:
     """Per-block routing tables for the kernels.
 
@@ -140,18 +156,25 @@ def _route(experts_nk: jax.Array, num_experts: int, block_m: int) -> tuple[jax.A
     flat_expert = experts_nk.reshape(-1).astype(jnp.int32)
     order = jnp.argsort(flat_expert, stable=True)  # sorted position -> token-major pair
     sorted_expert = flat_expert[order]
-    group_sizes = jnp.bincount(flat_expert, length=num_experts).astype(jnp.int32)
+    small = pairs <= COMPARE_ROUTE_MAX_PAIRS
+    group_sizes = (_table(num_experts, flat_expert, flat_expert, count=True) if small
+                   else jnp.bincount(flat_expert, length=num_experts).astype(jnp.int32))
     group_blocks = (group_sizes + block_m - 1) // block_m
     blocks_end = jnp.cumsum(group_blocks)
     first_slot = (blocks_end - group_blocks) * block_m
     first_sorted = jnp.cumsum(group_sizes) - group_sizes
     slot = first_slot[sorted_expert] + jnp.arange(pairs, dtype=jnp.int32) - first_sorted[sorted_expert]
     # Padding slots gather token 0: a real row, so their loads stay in bounds; their results are never read.
-    slot_token = jnp.zeros(max_blocks * block_m, jnp.int32).at[slot].set(order // top_k)
     # Every pair stamps its expert on its block (a block's pairs all agree); blocks past the end stay 0:
     # their programs exit before reading any weight.
-    block_expert = jnp.zeros(max_blocks, jnp.int32).at[slot // block_m].set(sorted_expert)
-    pair_slot = jnp.zeros(pairs, jnp.int32).at[order].set(slot)
+    if small:
+        slot_token = _table(max_blocks * block_m, slot, order // top_k)
+        block_expert = _table(max_blocks, slot // block_m, sorted_expert)
+        pair_slot = _table(pairs, order, slot)
+    else:
+        slot_token = jnp.zeros(max_blocks * block_m, jnp.int32).at[slot].set(order // top_k)
+        block_expert = jnp.zeros(max_blocks, jnp.int32).at[slot // block_m].set(sorted_expert)
+        pair_slot = jnp.zeros(pairs, jnp.int32).at[order].set(slot)
     return blocks_end[-1:], block_expert, slot_token.reshape(max_blocks, block_m), pair_slot
 
 

@@ -96,11 +96,12 @@ def test_unrouted_experts_are_never_read(num_tokens, top_k, routed, block_m):
     assert rel_err(out, ref) < 1e-4
 
 
-@pytest.mark.parametrize("num_tokens, block_m", [(3, 16), (200, 16), (200, 64)])
+@pytest.mark.parametrize("num_tokens, block_m", [(3, 16), (100, 16), (200, 16), (200, 64)])
 def test_live_blocks_name_only_routed_experts(num_tokens, block_m):
     """The kernels read the weights of block_expert[b] for b < num_blocks and nothing else: those blocks are
     each routed expert's cdiv(pairs, block_m), in expert order, and every pair has its own slot in one of its
-    expert's blocks, recording its token."""
+    expert's blocks, recording its token. Up to 512 pairs (3 and 100 tokens of 4) the tables come from
+    comparisons, past it (200) from scatters."""
     _, experts_nk, *_ = make_inputs(num_tokens, num_tokens, 4, experts=range(3, 12))
     num_blocks, block_expert, slot_token, pair_slot = map(np.asarray, _route(experts_nk, EXPERTS, block_m))
     experts = np.asarray(experts_nk).reshape(-1)
