@@ -46,7 +46,7 @@ if sys.path[0] == str(pathlib.Path(__file__).resolve().parent):
     sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 from bench.hlo import materialised_weights, weight_shapes  # noqa: E402
 from bench.models import (  # noqa: E402
-    copy_bandwidth, profiled_kernel_seconds, random_params, random_text_request, released_config, text_only,
+    bench_config, copy_bandwidth, profiled_kernel_seconds, random_params, random_text_request, text_only,
 )
 from bench.run_info import run_info, write_result  # noqa: E402
 from convert.converter import with_fp8_quantization  # noqa: E402
@@ -54,13 +54,10 @@ from qwenvl_jax.cache import DecodeState, tree_bytes  # noqa: E402
 from qwenvl_jax.config import ModelConfig, parse_config  # noqa: E402
 from qwenvl_jax.engine import Engine, EngineConfig  # noqa: E402
 from qwenvl_jax.models.model import abstract_model  # noqa: E402
-from qwenvl_jax.tiny_model import TINY_CONFIGS, hf_config_dict  # noqa: E402
 
 DEFAULT_MODELS = "qwen3_5-9b,qwen3_vl-8b,qwen2_5_vl-7b,qwen3_5-35b-a3b"
 # 1x1024@131072: the 1K-token slot again in an engine sized for 128K tokens (its cost must not follow max_len).
 DEFAULT_CASES = "1x1024,8x1024,32x1024,64x1024,1x1024@131072,1x32768,8x32768"
-TINY_MODELS = {"qwen3_5-9b": "qwen3_5", "qwen3_vl-8b": "qwen3_vl", "qwen2_5_vl-7b": "qwen2_5_vl",
-               "qwen3_5-35b-a3b": "qwen3_5_moe"}
 
 
 def parse_cases(text: str) -> list[tuple[int, int, int | None]]:
@@ -307,12 +304,7 @@ def main() -> None:
 
     models = []
     for name in args.models.split(","):
-        if args.tiny:
-            family = TINY_MODELS[name]
-            raw = hf_config_dict(family, *TINY_CONFIGS[family])
-        else:
-            raw = released_config(name)
-        models.append(run_model(name, raw, cases, args, bandwidth))
+        models.append(run_model(name, bench_config(name, args.tiny), cases, args, bandwidth))
 
     print(f"\n{'model':>16} {'batch':>5} {'context':>7} {'max_len':>7} {'tok/s':>9} {'roofline':>9} {'%':>5} {'call ms':>8} "
           f"{'isolated':>8} {'copies':>6} {'HF tok/s':>9}")

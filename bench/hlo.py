@@ -36,6 +36,18 @@ def weight_shapes(params, min_side: int = 8) -> set[tuple[int, ...]]:
     return shapes
 
 
+def computations(hlo_text: str) -> dict[str, list[str]]:
+    """Each computation's instruction lines, by name (fused bodies, loop bodies and branches, ENTRY)."""
+    found, current = {}, None
+    for line in hlo_text.splitlines():
+        header = _COMPUTATION.match(line)
+        if header:
+            current = found[header.group(1)] = []
+        elif current is not None and line.startswith("  "):
+            current.append(line)
+    return found
+
+
 def materialised_weights(hlo_text: str, shapes: set[tuple[int, ...]]) -> list[tuple[str, str, str]]:
     """(instruction name, opcode, dtype[shape]) of every instruction that writes a weight-shaped result (or one
     matrix of a stacked weight) from a weight as it arrived (a program parameter, or a loop-carried or bitcast view of one): a second copy of that

@@ -7,15 +7,15 @@ Batch-1 decode is bound by how many kernels a step launches as much as by the by
 kernel costs ~1.7 us on an H200 whatever it moves (bench/NOTES.md). This compiles the engine's decode program
 for a released config (bench/configs/NAME.json, the decoder alone) and reads its optimised HLO: the kernels of one
 step (the on-device loop's body; of a conditional, its largest branch, and its smallest: greedy rows skip the
-sampling branch) by kind (GEMM fusion, Pallas call, XLA's
-Triton fusions, loop and reduction fusions) and by the source line that made each one.
+sampling branch) by kind (GEMM fusion, Pallas call, XLA's Triton fusions, loop and reduction fusions) and by
+the source line that made each one.
 
 On a GPU machine the attached GPU compiles. ``--target h100`` or ``h200`` compiles for that GPU on a machine
 without one (XLA's deviceless compilation: needs jax's CUDA plugin, ``pip install "jax[cuda13]"``, no driver):
 how a change moves the count can be read before any GPU time is spent. The memory size matters, not only the
-chip: a program whose arguments come near the device's memory is rematerialised, which adds kernels (Qwen3.5-35B-A3B
-counts 1660 kernels a step for an 80 GB H100, on which it does not fit, and 1082 for an H200). ``--tiny``
-counts a tiny config's CPU program (checks the script; CPU fusion is not the GPU's).
+chip: a program whose arguments come near the device's memory is rematerialised, which adds kernels
+(Qwen3.5-35B-A3B at 28322db: 1660 kernels a step for an 80 GB H100, on which it does not fit, 1079 for an
+H200). ``--tiny`` counts a tiny config's CPU program (checks the script; CPU fusion is not the GPU's).
 
 Prints a table and writes bench/results/kernel_census-<target>.json (the target, jax version, commit, date, rows).
 """
@@ -35,16 +35,14 @@ from flax import nnx
 
 if sys.path[0] == str(pathlib.Path(__file__).resolve().parent):
     sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
-from bench.models import released_config, text_only  # noqa: E402
+from bench.hlo import computations  # noqa: E402
+from bench.models import TINY_MODELS, bench_config, text_only  # noqa: E402
 from bench.run_info import run_info, write_result  # noqa: E402
 from convert.converter import with_fp8_quantization  # noqa: E402
 from qwenvl_jax.config import parse_config  # noqa: E402
 from qwenvl_jax.engine import Engine, EngineConfig  # noqa: E402
 from qwenvl_jax.models.model import abstract_model  # noqa: E402
-from qwenvl_jax.tiny_model import TINY_CONFIGS, hf_config_dict  # noqa: E402
 
-TINY_MODELS = {"qwen3_5-9b": "qwen3_5", "qwen3_vl-8b": "qwen3_vl", "qwen2_5_vl-7b": "qwen2_5_vl",
-               "qwen3_5-35b-a3b": "qwen3_5_moe"}
 CONTEXT = 1024
 
 # XLA's GpuTargetConfig for a deviceless compile: what the compiler reads of the device (SXM parts).
@@ -102,18 +100,6 @@ def decode_hlo(raw: dict, batch: int, dtype, sharding: jax.sharding.Sharding | N
     return engine._decode.lower(*args, steps=16, rows=batch).compile().as_text()
 
 
-def computations(hlo: str) -> dict[str, list[str]]:
-    comps, current = {}, None
-    for line in hlo.splitlines():
-        header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
-        if header:
-            current = header.group(1)
-            comps[current] = []
-        elif current is not None and line.startswith("  "):
-            comps[current].append(line)
-    return comps
-
-
 def _frames(hlo: str):
     """stack_frame_id -> 'path:line' of this repository's innermost frame (the HLO's stack-frame tables)."""
     def table(name):
@@ -155,9 +141,9 @@ def census(hlo: str) -> dict:
             if op is None:
                 continue
             if op.group(1) == "conditional":
+                listed = re.search(r"branch_computations=\{([^}]*)\}", line)
                 branches = re.findall(r"(?:true_computation|false_computation)=%?([\w.\-]+)", line)
-                branches += re.findall(r"%([\w.\-]+)", (re.search(r"branch_computations=\{([^}]*)\}", line)
-                                                        or re.match("()", "")).group(1))
+                branches += re.findall(r"%([\w.\-]+)", listed.group(1)) if listed else []
                 found += pick((kernels(b, pick) for b in branches), key=len, default=[])
                 continue
             if op.group(1) == "fusion":
@@ -201,10 +187,7 @@ def main() -> None:
     dtype = jnp.float32 if args.tiny else jnp.bfloat16
     rows = []
     for name in args.models.split(","):
-        family = TINY_MODELS.get(name) if args.tiny else None
-        if args.tiny and family is None:
-            raise SystemExit(f"no tiny config for {name!r}; known: {', '.join(TINY_MODELS)}")
-        raw = hf_config_dict(family, *TINY_CONFIGS[family]) if args.tiny else released_config(name)
+        raw = bench_config(name, args.tiny)
         for batch in (int(b) for b in args.batches.split(",")):
             row = dict(model=name, batch=batch, **census(decode_hlo(raw, batch, dtype, sharding, args.fp8)))
             rows.append(row)

@@ -17,6 +17,7 @@ from flax import nnx
 
 from qwenvl_jax.engine import Request
 from qwenvl_jax.sampling import SamplingParams
+from qwenvl_jax.tiny_model import TINY_CONFIGS, hf_config_dict
 
 CONFIGS = pathlib.Path(__file__).parent / "configs"
 
@@ -31,6 +32,20 @@ def released_config(name: str) -> dict:
     if not path.is_file():
         raise ValueError(f"no config {name!r} in {CONFIGS}; known: {', '.join(released_names())}")
     return json.loads(path.read_text())
+
+
+# Each released model's family, whose tiny config (qwenvl_jax/tiny_model.py) stands in for it under `--tiny`.
+TINY_MODELS = {"qwen3_5-9b": "qwen3_5", "qwen3_vl-8b": "qwen3_vl", "qwen2_5_vl-7b": "qwen2_5_vl",
+               "qwen3_5-35b-a3b": "qwen3_5_moe"}
+
+
+def bench_config(name: str, tiny: bool = False) -> dict:
+    """``released_config(name)``, or with ``tiny`` the tiny config of its family (a script checked on the CPU)."""
+    if not tiny:
+        return released_config(name)
+    if name not in TINY_MODELS:
+        raise ValueError(f"no tiny config for {name!r}; known: {', '.join(TINY_MODELS)}")
+    return hf_config_dict(TINY_MODELS[name], *TINY_CONFIGS[TINY_MODELS[name]])
 
 
 def text_only(raw: dict) -> dict:

@@ -5,9 +5,9 @@ only its first lengths[b] positions. Grid (B, KV, num_splits): a program owns on
 of its query heads (GQA: K/V are read once per group), and one contiguous range of the row's context. The
 ranges are cut at run time from the row's length, so a row's cost follows its length, not L, and short rows
 still spread over many SMs. Each program writes an unnormalised partial output with its running max and sum
-(fp32); a second small kernel merges the splits (log-sum-exp), one program per row and query head. The cache goes to the kernel whole (a
-slice before the call would make XLA copy it); BlockSpecs pick slot b and kv head h, masked loads the
-positions. Lowered through Triton on GPU, or run by the Pallas interpreter on CPU.
+(fp32); a second small kernel merges the splits (log-sum-exp), one program per row and query head. The cache
+goes to the kernel whole (a slice before the call would make XLA copy it); BlockSpecs pick slot b and kv head
+h, masked loads the positions. Lowered through Triton on GPU, or run by the Pallas interpreter on CPU.
 
 The online-softmax step, the tile rules and the impl dispatch here are shared with prefill_attention.py.
 """

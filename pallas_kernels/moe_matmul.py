@@ -130,13 +130,15 @@ def _direct_route(experts_nk: jax.Array, block_m: int) -> tuple[jax.Array, ...]:
 COMPARE_ROUTE_MAX_PAIRS = 512
 
 
-def _table(size: int, index_p: jax.Array, value_p: jax.Array, count: bool = False) -> jax.Array:
-    """zeros(size).at[index].set(value) for values >= 0 whose repeated indices carry equal values (count: the
-    number of pairs at each index, as bincount), as one comparison and reduction."""
-    hit_ip = jnp.arange(size, dtype=jnp.int32)[:, None] == index_p[None, :]
-    if count:
-        return jnp.sum(hit_ip, axis=1, dtype=jnp.int32)
-    return jnp.max(jnp.where(hit_ip, value_p[None, :], 0), axis=1).astype(jnp.int32)
+def _hits(size: int, index_p: jax.Array) -> jax.Array:
+    """[size, pairs]: entry i against each pair's index."""
+    return jnp.arange(size, dtype=jnp.int32)[:, None] == index_p[None, :]
+
+
+def _table(size: int, index_p: jax.Array, value_p: jax.Array) -> jax.Array:
+    """zeros(size).at[index].set(value) for values >= 0 whose repeated indices carry equal values, as one
+    comparison and reduction."""
+    return jnp.max(jnp.where(_hits(size, index_p), value_p[None, :], 0), axis=1).astype(jnp.int32)
 
 
 def _route(experts_nk: jax.Array, num_experts: int, block_m: int) -> tuple[jax.Array, ...]:
@@ -157,7 +159,7 @@ def _route(experts_nk: jax.Array, num_experts: int, block_m: int) -> tuple[jax.A
     order = jnp.argsort(flat_expert, stable=True)  # sorted position -> token-major pair
     sorted_expert = flat_expert[order]
     small = pairs <= COMPARE_ROUTE_MAX_PAIRS
-    group_sizes = (_table(num_experts, flat_expert, flat_expert, count=True) if small
+    group_sizes = (jnp.sum(_hits(num_experts, flat_expert), axis=1, dtype=jnp.int32) if small
                    else jnp.bincount(flat_expert, length=num_experts).astype(jnp.int32))
     group_blocks = (group_sizes + block_m - 1) // block_m
     blocks_end = jnp.cumsum(group_blocks)
