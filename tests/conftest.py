@@ -31,3 +31,7 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs",
                   float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", 0)))
 jax.config.update("jax_persistent_cache_min_entry_size_bytes",
                   int(os.environ.get("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", 0)))
+# scripts/test.sh runs the modules in worker processes that share this cache. Without a size limit jax writes an
+# entry unlocked, so a worker may read one that another is still writing: the truncated compressed entry fails to
+# decompress and jax compiles the program again (a warning, no wrong program). A size limit would take a file lock,
+# but also scan the whole directory on every write: the suite took 1744 s instead of 1034 on 2 cores.
