@@ -59,10 +59,15 @@ def tiling_error(tiling: Tiling, rows: int, k: int, n: int, scale_block: tuple[i
     return None
 
 
-def default_tiling(k: int, n: int) -> Tiling | None:
+def default_tiling(k: int, n: int, fp8: bool = False) -> Tiling | None:
     """64-column tiles of 128-deep steps; K split until there are at least 4 programs per SM (two fit at once
-    in shared memory at 4 stages, so loads of one hide the other's tail). None if no tiling fits."""
-    block_n = next((b for b in (64, 32, 16) if n % b == 0), None)
+    in shared memory at 4 stages, so loads of one hide the other's tail). None if no tiling fits.
+
+    FP8 weights take 128-column tiles and 8 warps: converting each tile to bf16 in registers, not the bytes,
+    bounds that kernel, and more warps a tile hide it better (H100, bba457f: 4096 x 12288 49.3 -> 40.2 us,
+    12288 x 4096 44.2 -> 38.5, 4096 x 4096 19.4 -> 16.6; bench/NOTES.md)."""
+    widths = (128, 64, 32, 16) if fp8 else (64, 32, 16)
+    block_n = next((b for b in widths if n % b == 0), None)
     block_k = next((b for b in (128, 64, 32, 16) if k % b == 0), None)
     if block_n is None or block_k is None:
         return None
@@ -70,7 +75,7 @@ def default_tiling(k: int, n: int) -> Tiling | None:
     while (n // block_n) * splits < 4 * multiprocessors() and k % (block_k * splits * 2) == 0 \
             and k // (splits * 2) >= 4 * block_k:
         splits *= 2
-    return Tiling(block_n=block_n, block_k=block_k, splits=splits)
+    return Tiling(block_n=block_n, block_k=block_k, splits=splits, num_warps=8 if fp8 and block_n == 128 else 4)
 
 
 def _kernel(x_ref, w_ref, *refs, block_k: int, span: int, rows: int, scale_block: tuple[int, int] | None):
@@ -155,7 +160,7 @@ def skinny_matmul_fp8(x: jax.Array, w_kn: jax.Array, scale_inv: jax.Array, block
     if (os.environ.get("QWENVL_XLA_MATMUL") == "1" or jax.default_backend() != "gpu" or rows > TILE_M
             or x.dtype not in (jnp.bfloat16, jnp.float16)):
         return None
-    tiling = default_tiling(k, n)
+    tiling = default_tiling(k, n, fp8=True)
     if tiling is None or tiling_error(tiling, rows, k, n, block) is not None:
         return None
     return skinny_matmul_pallas(x.reshape(rows, k), w_kn, scale_inv, tiling=tiling, scale_block=block).reshape(

@@ -117,7 +117,7 @@ def test_skinny_matmul_lowers_to_triton(hopper, k, n):
 @pytest.mark.parametrize("rows, k, n", [(1, 4096, 12288), (8, 12288, 4096)])
 def test_fp8_skinny_matmul_lowers_to_triton(hopper, rows, k, n):
     """FP8 weights (float8_e4m3fn, 128x128 block scales) converted to bf16 tile by tile inside the kernel."""
-    fn = functools.partial(skinny_matmul_pallas, tiling=default_tiling(k, n), scale_block=(128, 128))
+    fn = functools.partial(skinny_matmul_pallas, tiling=default_tiling(k, n, fp8=True), scale_block=(128, 128))
     shapes = (spec((rows, k)), spec((k, n), jnp.float8_e4m3fn), spec((k // 128, n // 128), jnp.float32))
     assert triton_kernels_in(fn, *shapes) == 1
 

@@ -32,6 +32,9 @@ def test_tilings_and_where_the_kernel_applies():
     assert tiling_error(Tiling(64, 128, 1), 17, 512, 256) == "rows=17 must be 1..16"
     # Qwen3-VL-8B's k/v projections: 16 column tiles, K split 8 ways -> 128 programs of 512-row spans.
     assert default_tiling(4096, 1024) == Tiling(64, 128, 8)
+    # FP8: 128-column tiles of 8 warps where the output width allows, the bf16 kernel's tiles where it does not.
+    assert default_tiling(4096, 12288, fp8=True) == Tiling(128, 128, 8, num_warps=8)
+    assert default_tiling(4096, 32, fp8=True) == Tiling(32, 128, 8)
     # On the CPU (and for several rows, or a weight XLA's GEMM handles) the model keeps XLA's dot.
     x, w = jnp.ones((1, 4096), jnp.bfloat16), jnp.ones((4096, 1024), jnp.bfloat16)
     assert skinny_matmul(x, w) is None
