@@ -4,10 +4,10 @@
 
 Per model (bench/configs/NAME.json's vision_config) and image side (in patches): compile seconds, median forward
 milliseconds (host preparation included), the host preparation's own milliseconds, and the relative error of
-the bfloat16 tower against the same weights in float32 (sides up to REF_MAX_SIDE). ``--profile`` adds the GPU kernel milliseconds of one
-forward by kernel name (jax.profiler) and writes the compiled program's HLO (vision-hlo-MODEL-SIDE.txt beside the
-JSON) to map those names to ops. ``--tiny`` runs the tiny vision configs of the same families (qwenvl_jax/tiny_model.py) at small
-sides, to check the script on the CPU.
+the bfloat16 tower against the same weights in float32 (sides up to REF_MAX_SIDE). ``--profile`` adds the GPU
+kernel milliseconds of one forward by kernel name (jax.profiler) and writes the compiled program's HLO
+(vision-hlo-MODEL-SIDE.txt beside the JSON) to map those names to ops. ``--tiny`` runs the tiny vision configs
+of the same families (qwenvl_jax/tiny_model.py) at small sides, to check the script on the CPU.
 
 Prints one JSON line per row and writes bench/results/vision_tower-<device>.json (device, jax version, commit,
 date, rows).

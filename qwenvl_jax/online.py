@@ -133,15 +133,13 @@ class OnlineEngine:
                 if not scheduler.busy:  # no call follows to wait on
                     self._flush()
         except BaseException as e:  # a device error: every request not ended gets its end, and no more come
-            self._flush()
+            self._flush()  # after the events held so far
             with self._cond:
                 self.error = e
                 ended, self._deliver = self._deliver, {}
             for request_id, deliver in ended.items():
                 deliver(TokenEvent(request_id, [], True, "error"))
             raise
-        finally:
-            self._flush()
 
     def _emit(self, event: TokenEvent) -> None:
         request_id = event.request_index
