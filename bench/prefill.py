@@ -123,15 +123,25 @@ def hf_figure(row: dict, key: str, measure) -> bool:
         return False
 
 
-def hf_image_ttft(raw: dict, inputs: dict, repeats: int) -> float:
+def hf_model(raw: dict):
+    """HF's model for this config with random bf16 weights, built on the GPU: initialising 8B parameters on the
+    host took minutes, long enough to time out the image section."""
     import torch
     import transformers
 
-    model = transformers.AutoModelForImageTextToText.from_config(
-        transformers.AutoConfig.for_model(**raw), dtype=torch.bfloat16).cuda().eval()
-    ids = torch.tensor(inputs["input_ids"][None], device="cuda")
+    with torch.device("cuda"):
+        model = transformers.AutoModelForImageTextToText.from_config(
+            transformers.AutoConfig.for_model(**raw), dtype=torch.bfloat16)
+    return model.eval()
+
+
+def hf_image_ttft(raw: dict, inputs: dict, repeats: int) -> float:
+    import torch
+
+    model = hf_model(raw)
+    ids = torch.tensor(inputs["input_ids"][None], device="cuda", dtype=torch.long)  # HF writes int64 positions
     kwargs = dict(pixel_values=torch.tensor(inputs["pixel_values"], device="cuda", dtype=torch.bfloat16),
-                  image_grid_thw=torch.tensor(inputs["image_grid_thw"], device="cuda"),
+                  image_grid_thw=torch.tensor(inputs["image_grid_thw"], device="cuda", dtype=torch.long),
                   mm_token_type_ids=(ids == raw["image_token_id"]).long())
     try:
         def run():
@@ -265,10 +275,8 @@ def batch_section(args, rate: float, dtype, work: pathlib.Path, text_rows: list[
 def hf_batch_seconds(raw: dict, prompts: list[np.ndarray], batch: int = 8) -> float:
     """HF generate(max_new_tokens=1) over the prompts in left-padded batches of ``batch``, after a warm-up."""
     import torch
-    import transformers
 
-    model = transformers.AutoModelForImageTextToText.from_config(
-        transformers.AutoConfig.for_model(**raw), dtype=torch.bfloat16).cuda().eval()
+    model = hf_model(raw)
 
     def run():
         for i in range(0, len(prompts), batch):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -633,18 +633,14 @@ class Scheduler:
     them, reads their first tokens, dispatches one decode call for every running slot and reads the calls the
     device has finished. Steady state performs no compilation and no device->host transfer but the token ids.
     ``stream``: decode calls sized to end every ``stream_interval_ms``, so each token reaches the caller that
-    soon, and none queued behind the one running, so a new request waits for one call at most.
-    ``before_wait``: called each time the host is about to block on the device (a token read), i.e. while the
-    device computes; a consumer with host work per event does it then (``OnlineEngine``)."""
+    soon, and none queued behind the one running, so a new request waits for one call at most."""
 
-    def __init__(self, engine: Engine, requests: Sequence[Request] = (), stream: bool = False,
-                 before_wait: Callable[[], None] | None = None):
+    def __init__(self, engine: Engine, requests: Sequence[Request] = (), stream: bool = False):
         if engine.online is not None:
             raise RuntimeError("this engine is being served by an OnlineEngine (qwenvl serve), which alone drives "
                                "its slots: send requests to the server, or close it first")
         self.engine = engine
         self.stream = stream
-        self._before_wait = before_wait
         cfg = engine.config
         # Streaming starts with one-token calls, which measure the step time the later calls are sized by.
         self._num_steps = 1 if stream else cfg.decode_steps
@@ -768,8 +764,6 @@ class Scheduler:
         self.engine.prefix.save(self.engine.state, slot, content, len(content), snapshot=True)
 
     def _read(self, call: _Call) -> Iterator[TokenEvent]:
-        if self._before_wait is not None:
-            self._before_wait()
         with jax.transfer_guard_device_to_host("allow"):  # the one transfer steady state makes
             tokens = jax.device_get(call.tokens)
         if self.stream and call.kind == "decode":

@@ -5,13 +5,6 @@ callback its request came with. Other threads only put requests and cancellation
 takes between calls, so the compiled programs, the donated state and the no-host-sync steady state are those of
 ``Engine.run``. A bounded queue gives backpressure: past ``max_batch`` running and ``max_queue`` waiting requests,
 ``submit`` refuses with ``QueueFull``.
-
-Events reach their callbacks while the device computes: a request's first event at once (time to first token),
-later ones when the loop next blocks on the device (``Scheduler``'s ``before_wait``), which is right after it
-dispatched the next decode call. The server's callbacks wake an event loop in this process that turns each event
-into an HTTP chunk. Delivered between calls instead, that work held the GIL while this thread waited to dispatch
-(CPython hands the GIL over after a 5 ms switch interval): on an H100, Qwen3.5-9B at 64 streams, each decode call
-ended 3.3 ms later than in-process and the server lost 9.5% of its throughput.
 """
 
 from __future__ import annotations
@@ -44,14 +37,12 @@ class OnlineEngine:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
         self.engine = engine
         self.max_queue = max_queue
-        self._scheduler = Scheduler(engine, stream=stream, before_wait=self._flush)
+        self._scheduler = Scheduler(engine, stream=stream)
         engine.online = self  # from now on only this loop drives the engine's slots
         self._cond = threading.Condition()
         self._inbox: list[tuple[int, Request]] = []
         self._cancels: list[int] = []
         self._deliver: dict[int, Deliver] = {}  # requests submitted and not yet ended
-        self._started: set[int] = set()  # requests whose first event went out
-        self._outbox: list[tuple[Deliver, TokenEvent]] = []  # events held until the loop waits on the device
         self._ids = itertools.count()
         self._closing = False
         self.error: BaseException | None = None
@@ -130,10 +121,7 @@ class OnlineEngine:
                     scheduler.cancel(request_id)
                 for event in scheduler.step():
                     self._emit(event)
-                if not scheduler.busy:  # no call follows to wait on
-                    self._flush()
         except BaseException as e:  # a device error: every request not ended gets its end, and no more come
-            self._flush()  # after the events held so far
             with self._cond:
                 self.error = e
                 ended, self._deliver = self._deliver, {}
@@ -142,19 +130,7 @@ class OnlineEngine:
             raise
 
     def _emit(self, event: TokenEvent) -> None:
-        request_id = event.request_index
         with self._cond:
-            deliver = self._deliver.pop(request_id) if event.finished else self._deliver[request_id]
-        if request_id in self._started:
-            self._outbox.append((deliver, event))
-            if event.finished:
-                self._started.discard(request_id)
-            return
-        if not event.finished:
-            self._started.add(request_id)
+            deliver = self._deliver.pop(event.request_index) if event.finished else \
+                self._deliver[event.request_index]
         deliver(event)
-
-    def _flush(self) -> None:
-        outbox, self._outbox = self._outbox, []
-        for deliver, event in outbox:
-            deliver(event)

@@ -97,30 +97,3 @@ def test_requests_join_a_running_batch_and_leave_it(engine):
     with pytest.raises(EngineClosed, match="shutting down"):
         online.submit(_request(PROMPTS[0], 2), events.put)
     assert _alone(engine, PROMPTS[0], 30) == alone[0]  # the engine runs requests again without the loop
-
-
-def test_later_events_go_out_while_the_next_decode_call_runs(engine):
-    """A request's first event is delivered at once; each later one once the loop has dispatched the decode call
-    after the one that produced it, so a consumer's host work per event (the server's) overlaps the device; the
-    last one when no call follows."""
-    decode, dispatched = engine._decode, []
-
-    def counted(*args, **kwargs):
-        dispatched.append(None)
-        return decode(*args, **kwargs)
-
-    engine._decode = counted
-    online = OnlineEngine(engine)
-    events: queue.Queue[tuple[int, TokenEvent]] = queue.Queue()
-    try:
-        online.submit(_request(PROMPTS[0], 30), lambda ev: events.put((len(dispatched), ev)))
-        seen = [events.get(timeout=60)]
-        while not seen[-1][1].finished:
-            seen.append(events.get(timeout=60))
-    finally:
-        online.close()
-        engine._decode = decode
-    calls = len(seen) - 1  # one event a decode call after the first token's
-    assert calls == len(dispatched) > 2
-    assert [count for count, _ in seen] == [0, *range(2, calls + 1), calls]
-    assert [t for _, ev in seen for t in ev.tokens] == _alone(engine, PROMPTS[0], 30)
