@@ -5,6 +5,10 @@ callback its request came with. Other threads only put requests and cancellation
 takes between calls, so the compiled programs, the donated state and the no-host-sync steady state are those of
 ``Engine.run``. A bounded queue gives backpressure: past ``max_batch`` running and ``max_queue`` waiting requests,
 ``submit`` refuses with ``QueueFull``.
+
+Events go to their callbacks as the loop reads them. Holding a request's later events until the next decode call
+was out, so that the server's per-event work would overlap the device, measured worse on an H100 (Qwen3.5-9B, 64
+streams: 15.6% below in-process throughput against 9.5%, inter-token p99 213 ms against 45) and was taken out.
 """
 
 from __future__ import annotations
