@@ -1,13 +1,17 @@
 """Vision tower speed at real sizes (random weights): the towers of released checkpoints on one image.
 
-    python bench/vision_tower.py [--models qwen2_5_vl-7b,qwen3_vl-8b] [--sides 32 64 128] [--tiny] [--out DIR]
+    python bench/vision_tower.py [--models qwen2_5_vl-7b,qwen3_vl-8b] [--sides 32 64 128] [--profile]
+                                 [--compare-options JSON] [--tiny] [--out DIR]
 
 Per model (bench/configs/NAME.json's vision_config) and image side (in patches): compile seconds, median forward
-milliseconds (host preparation included), the host preparation's own milliseconds, and the relative error of
-the bfloat16 tower against the same weights in float32 (sides up to REF_MAX_SIDE). ``--profile`` adds the GPU
-kernel milliseconds of one forward by kernel name (jax.profiler) and writes the compiled program's HLO
-(vision-hlo-MODEL-SIDE.txt beside the JSON) to map those names to ops. ``--tiny`` runs the tiny vision configs
-of the same families (qwenvl_jax/tiny_model.py) at small sides, to check the script on the CPU.
+milliseconds (host preparation included), the host preparation's own milliseconds, the median with the inputs
+already on the device (``resident_ms``: the host's share is the difference), and the relative error of the
+bfloat16 tower against the same weights in float32 (sides up to REF_MAX_SIDE). ``--profile`` adds the GPU kernel
+milliseconds of one forward by kernel name (jax.profiler) and writes the compiled program's HLO
+(vision-hlo-MODEL-SIDE.txt beside the JSON) to map those names to ops. ``--compare-options`` times each bf16 row
+again compiled with those XLA options (an A/B in one run; the row gains ``options_*`` figures). ``--tiny`` runs
+the tiny vision configs of the same families (qwenvl_jax/tiny_model.py) at small sides, to check the script on
+the CPU.
 
 Prints one JSON line per row and writes bench/results/vision_tower-<device>.json (device, jax version, commit,
 date, rows).
@@ -16,6 +20,7 @@ date, rows).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import pathlib
 import sys
@@ -50,7 +55,7 @@ def tower_config(name: str, tiny: bool) -> VisionConfig:
 
 
 def _run(cfg: VisionConfig, side: int, dtype: jnp.dtype, params_f32: nnx.State | None = None, repeats: int = 10,
-         hlo_path: pathlib.Path | None = None):
+         hlo_path: pathlib.Path | None = None, compiler_options: dict | None = None):
     model = VisionModel(cfg, dtype=dtype, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
     if params_f32 is not None:  # the float32 weights, rounded: the error measures the computation alone
@@ -58,7 +63,7 @@ def _run(cfg: VisionConfig, side: int, dtype: jnp.dtype, params_f32: nnx.State |
     grid = np.array([[1, side, side]])
     pixels = np.random.default_rng(0).standard_normal((side * side, cfg.patch_dim)).astype(np.float32)
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=compiler_options)
     def forward(params, pixels, inputs):
         merged, deepstack = nnx.merge(graphdef, params)(pixels, inputs)
         return merged.astype(jnp.float32)
@@ -77,8 +82,16 @@ def _run(cfg: VisionConfig, side: int, dtype: jnp.dtype, params_f32: nnx.State |
         start = time.perf_counter()
         prepare_vision_inputs(cfg, grid)
         prepare.append(time.perf_counter() - start)
+    # The same call on inputs already on the device: the difference is the host's share (upload, tables).
+    resident = jax.device_put((pixels, inputs))
+    resident_times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(forward(params, *resident))
+        resident_times.append(time.perf_counter() - start)
     timing = dict(compile_s=round(compile_s, 2), forward_ms=round(float(np.median(times)) * 1e3, 3),
-                  prepare_ms=round(float(np.median(prepare)) * 1e3, 3))
+                  prepare_ms=round(float(np.median(prepare)) * 1e3, 3),
+                  resident_ms=round(float(np.median(resident_times)) * 1e3, 3))
     if hlo_path is not None:
         hlo_path.write_text(forward.lower(params, pixels, inputs).compile().as_text())
         kernels = profiled_kernel_seconds(lambda: jax.block_until_ready(forward(params, pixels, inputs)))
@@ -94,6 +107,9 @@ def main() -> None:
     parser.add_argument("--sides", type=int, nargs="+", help="image side in patches (default 32 64 128; tiny 8 16)")
     parser.add_argument("--tiny", action="store_true", help="tiny vision configs on the CPU (checks the script)")
     parser.add_argument("--profile", action="store_true", help="GPU kernel time by name, and the HLO beside the JSON")
+    parser.add_argument("--compare-options", type=json.loads, metavar="JSON",
+                        help='XLA options to time each bf16 row with as well, e.g. \'{"xla_gpu_enable_triton_gemm": '
+                             'false}\' (the row gains options_* figures)')
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"), help="directory")
     args = parser.parse_args()
     sides = args.sides or ([8, 16] if args.tiny else [32, 64, 128])
@@ -114,6 +130,12 @@ def main() -> None:
             err = None if ref is None else float(np.abs(got - ref).max() / np.abs(ref).max())
             row = dict(model=f"tiny {cfg.family}" if args.tiny else name, patches=side * side, dtype="bfloat16",
                        **timing, rel_err_vs_f32=err)
+            if args.compare_options:
+                hlo_path = out / f"vision-hlo-{name}-{side}-options.txt" if args.profile else None
+                _, got_o, timing_o = _run(cfg, side, jnp.bfloat16, params32, repeats=2 if args.tiny else 10,
+                                          hlo_path=hlo_path, compiler_options=args.compare_options)
+                row.update(options=args.compare_options, **{f"options_{k}": v for k, v in timing_o.items()},
+                           options_max_diff=float(np.abs(got_o - got).max() / np.abs(got).max()))
             print(json.dumps(row), flush=True)
             rows.append(row)
     write_result(out, "vision_tower", dict(**run_info(), tiny=args.tiny, rows=rows), tiny=args.tiny)
