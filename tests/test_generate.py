@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
+import time
 
 import jax
 import numpy as np
@@ -235,6 +237,29 @@ def test_streaming_sizes_decode_calls_by_the_interval_with_the_same_program_and_
     kinds = [kind for kind, _ in recorder.events]
     assert kinds[:2] == ["read", "read"] and kinds[2] == "dispatch"
     assert all(a != b for a, b in zip(kinds[2:], kinds[3:])), kinds
+
+
+def test_a_late_read_does_not_shrink_the_streamed_calls_after_it(qwen3_5, monkeypatch):
+    """Every other read returns 0.3 s late (as when a server's event loop holds the GIL as the tokens arrive): the
+    calls after one are still sized from the device's step time, the least of the recent calls' (a one-step call
+    first, 4-step calls once a read on time has measured the step), not cut to one step after each late read."""
+    _, ours = qwen3_5
+    engine = _engine(ours, max_batch=2, decode_steps=4, stream_interval_ms=100.0)
+    prompt = np.random.default_rng(10).integers(0, 400, 12)
+    plain = _run(engine, [_text_request(prompt, max_new=40)])[0]
+    device_get, reads = jax.device_get, itertools.count()
+
+    def late(x):
+        if next(reads) % 2:
+            time.sleep(0.3)
+        return device_get(x)
+
+    monkeypatch.setattr(jax, "device_get", late)
+    events = list(engine.run([_text_request(prompt, max_new=40)], stream=True))
+    assert [t for ev in events for t in ev.tokens] == plain
+    sizes = [len(ev.tokens) for ev in events]
+    # The first token, a one-step call read late, a one-step call read on time, then 4-step calls to the end.
+    assert sizes[:3] == [1, 1, 1] and set(sizes[3:-1]) == {4} and len(sizes) == 13, sizes  # 1 + 1 + 1 + 9 x 4 + 1
 
 
 def test_requests_ending_at_their_first_token_run_no_decode_call(qwen3_5):
