@@ -774,8 +774,9 @@ class Scheduler:
         if self.stream and call.kind == "decode":
             # No call is queued while streaming, so dispatch to read is this call's time on the device, plus any
             # wait of this thread for the GIL once the tokens are there. That wait only adds, so the least of the
-            # recent calls is the step time: a server's event loop holding the GIL tipped Qwen3.5-9B's 64-row
-            # step (~12.4 ms, 3 to a 40 ms call) past 13.3 ms, to 2-step calls and their per-call costs.
+            # recent calls is the step time. Sized from the last call alone, Qwen3.5-9B's 64-row calls carried 2-2.6
+            # steps behind the server (whose event loop holds the GIL) where in-process they carried 3 (~12.4 ms a
+            # step, 3 to a 40 ms call; 13.3 ms tips it to 2), and paid the per-call costs 1.2-1.5x as often.
             if len(call.slots) != self._step_rows:
                 self._step_ms.clear()
                 self._step_rows = len(call.slots)
