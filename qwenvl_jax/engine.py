@@ -622,7 +622,6 @@ class _Call:
     # The request each row's slot held at dispatch: a slot freed by a cancel and taken by a new request before
     # this call is read must not hand the old request's tokens to the new one.
     owners: list[int | None]
-    steps: int = 0
     dispatched: float = 0.0
     cached: list[int] | None = None  # "first": prompt tokens each row took from the prefix cache
 
@@ -754,7 +753,7 @@ class Scheduler:
                                                np.int32(self._num_steps), steps=cfg.decode_steps, rows=rows)
             slots = list(range(rows))
             self._inflight.append(_Call("decode", out, slots, [self._slot_req.get(s) for s in slots],
-                                        self._num_steps, dispatched))
+                                        dispatched=dispatched))
         # Otherwise keep one decode call queued on the device while the host reads the one before it.
         while self._inflight and (len(self._inflight) > queued or not decoding):
             yield from self._read(self._inflight.popleft())
@@ -777,12 +776,15 @@ class Scheduler:
             # recent calls is the step time. Sized from the last call alone, Qwen3.5-9B's 64-row calls carried 2-2.6
             # steps behind the server (whose event loop holds the GIL) where in-process they carried 3 (~12.4 ms a
             # step, 3 to a 40 ms call; 13.3 ms tips it to 2), and paid the per-call costs 1.2-1.5x as often.
+            # A call ends early once no slot is active: its time is that of the steps it ran, those with a token.
+            ran = int((tokens[..., 0] >= 0).any(axis=1).sum())
             if len(call.slots) != self._step_rows:
                 self._step_ms.clear()
                 self._step_rows = len(call.slots)
-            self._step_ms.append(1e3 * (time.perf_counter() - call.dispatched) / call.steps)
-            self._num_steps = int(np.clip(self.engine.config.stream_interval_ms // min(self._step_ms), 1,
-                                          self.engine.config.decode_steps))
+            if ran:
+                self._step_ms.append(1e3 * (time.perf_counter() - call.dispatched) / ran)
+                self._num_steps = int(np.clip(self.engine.config.stream_interval_ms // min(self._step_ms), 1,
+                                              self.engine.config.decode_steps))
         steps_rows_t = tokens.reshape(1, -1, 1) if call.kind == "first" else tokens  # [steps, rows, tokens a step]
         eos_ids = self.engine.eos_ids
         for col, (slot, i) in enumerate(zip(call.slots, call.owners)):

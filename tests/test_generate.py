@@ -6,13 +6,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-import time
+import types
 
 import jax
 import numpy as np
 import pytest
 
 import qwenvl_jax as qj
+import qwenvl_jax.engine as engine_module
 from qwenvl_jax.engine import Engine, EngineConfig, Request
 from qwenvl_jax.generate import build_requests
 from qwenvl_jax.sampling import SamplingParams
@@ -239,27 +240,61 @@ def test_streaming_sizes_decode_calls_by_the_interval_with_the_same_program_and_
     assert all(a != b for a, b in zip(kinds[2:], kinds[3:])), kinds
 
 
+class _DeviceClock:
+    """The Scheduler's clock, made of its reads: a decode call read takes ``step_ms`` for each step it ran (a step
+    with a token), plus ``late_ms`` on the reads ``late(read index)`` picks; nothing else takes time."""
+
+    def __init__(self, monkeypatch, step_ms: float, late_ms: float = 0.0, late=lambda read: False):
+        self.now, self.reads = 0.0, itertools.count()
+        device_get = jax.device_get
+
+        def read(x):
+            got = device_get(x)
+            if np.ndim(got) == 3:  # a decode call's tokens [steps, rows, tokens a step]
+                ran = int((got[..., 0] >= 0).any(axis=1).sum())
+                self.now += (step_ms * ran + (late_ms if late(next(self.reads)) else 0.0)) / 1e3
+            return got
+
+        monkeypatch.setattr(jax, "device_get", read)
+        monkeypatch.setattr(engine_module, "time", types.SimpleNamespace(perf_counter=lambda: self.now))
+
+
+def _streamed_sizes(engine: Engine, requests) -> tuple[list[list[int]], list[list[int]]]:
+    """Each request's tokens and the token count of each of its events, streamed."""
+    tokens, sizes = [[] for _ in requests], [[] for _ in requests]
+    for ev in engine.run(requests, stream=True):
+        tokens[ev.request_index] += ev.tokens
+        sizes[ev.request_index].append(len(ev.tokens))
+    return tokens, sizes
+
+
 def test_a_late_read_does_not_shrink_the_streamed_calls_after_it(qwen3_5, monkeypatch):
-    """Every other read returns 0.3 s late (as when a server's event loop holds the GIL as the tokens arrive): the
-    calls after one are still sized from the device's step time, the least of the recent calls' (a one-step call
-    first, 4-step calls once a read on time has measured the step), not cut to one step after each late read."""
+    """Every other read returns 300 ms late (as when a server's event loop holds the GIL as the tokens arrive):
+    the calls after one are still sized from the device's step time, the least of the recent calls' (a one-step
+    call, 4-step ones once a read on time has measured 10 ms a step), not cut to one step after each late read."""
     _, ours = qwen3_5
     engine = _engine(ours, max_batch=2, decode_steps=4, stream_interval_ms=100.0)
     prompt = np.random.default_rng(10).integers(0, 400, 12)
-    plain = _run(engine, [_text_request(prompt, max_new=40)])[0]
-    device_get, reads = jax.device_get, itertools.count()
-
-    def late(x):
-        if next(reads) % 2:
-            time.sleep(0.3)
-        return device_get(x)
-
-    monkeypatch.setattr(jax, "device_get", late)
-    events = list(engine.run([_text_request(prompt, max_new=40)], stream=True))
-    assert [t for ev in events for t in ev.tokens] == plain
-    sizes = [len(ev.tokens) for ev in events]
+    plain = _run(engine, [_text_request(prompt, max_new=40)])
+    _DeviceClock(monkeypatch, step_ms=10.0, late_ms=300.0, late=lambda read: read % 2 == 0)
+    tokens, (sizes,) = _streamed_sizes(engine, [_text_request(prompt, max_new=40)])
+    assert tokens == plain
     # The first token, a one-step call read late, a one-step call read on time, then 4-step calls to the end.
-    assert sizes[:3] == [1, 1, 1] and set(sizes[3:-1]) == {4} and len(sizes) == 13, sizes  # 1 + 1 + 1 + 9 x 4 + 1
+    assert sizes == [1, 1, 1] + [4] * 9 + [1], sizes
+
+
+def test_a_call_that_ends_early_is_timed_by_the_steps_it_ran(qwen3_5, monkeypatch):
+    """One slot, two requests: the first ends one step into a two-step call. That call took one step's time, not
+    half a step's a step, so the second request's calls stay at two steps (20 ms of a 25 ms interval)."""
+    _, ours = qwen3_5
+    engine = _engine(ours, max_batch=1, decode_steps=8, stream_interval_ms=25.0)
+    prompts = [np.random.default_rng(11).integers(0, 400, n) for n in (9, 14)]
+    plain = _run(engine, [_text_request(p, max_new=n) for p, n in zip(prompts, (5, 12))])
+    _DeviceClock(monkeypatch, step_ms=10.0)
+    tokens, sizes = _streamed_sizes(engine, [_text_request(p, max_new=n) for p, n in zip(prompts, (5, 12))])
+    assert tokens == plain
+    # The first token, a one-step call (which measures the step), two-step calls, the last cut to one by the end.
+    assert sizes == [[1, 1, 2, 1], [1, 2, 2, 2, 2, 2, 1]], sizes
 
 
 def test_requests_ending_at_their_first_token_run_no_decode_call(qwen3_5):
