@@ -297,6 +297,21 @@ def test_a_call_that_ends_early_is_timed_by_the_steps_it_ran(qwen3_5, monkeypatc
     assert sizes == [[1, 1, 2, 1], [1, 2, 2, 2, 2, 2, 1]], sizes
 
 
+def test_a_slot_freed_and_not_refilled_makes_the_next_streamed_call_short(qwen3_5, monkeypatch):
+    """Two slots: when the first request ends and no request takes its slot, the next call is a quarter of the
+    interval (2 steps of 10 ms, of 100), so a request sent on that end would join within it; then whole calls."""
+    _, ours = qwen3_5
+    engine = _engine(ours, max_batch=2, decode_steps=8, stream_interval_ms=100.0)
+    prompts = [np.random.default_rng(12).integers(0, 400, n) for n in (10, 17)]
+    requests = [_text_request(p, max_new=n) for p, n in zip(prompts, (10, 30))]
+    plain = _run(engine, requests)
+    _DeviceClock(monkeypatch, step_ms=10.0)
+    tokens, sizes = _streamed_sizes(engine, requests)
+    assert tokens == plain
+    # First tokens, a one-step call, an 8-step call that ends the first request, the short call, whole calls.
+    assert sizes == [[1, 1, 8], [1, 1, 8, 2, 8, 8, 2]], sizes
+
+
 def test_requests_ending_at_their_first_token_run_no_decode_call(qwen3_5):
     _, ours = qwen3_5
     rng = np.random.default_rng(8)
