@@ -17,7 +17,9 @@ chunks carry text, so their token counts are estimated from their share of the r
 tokens received (the server's usage counts) and output tok/s (tokens / first send to last token). In-process is
 the same workload through the engine's own loop (``Scheduler``, what ``generate()`` / ``Engine.run`` drive),
 streaming as the online engine does, submitting the next request when one ends, without HTTP. Server overhead =
-1 - server tok/s / in-process tok/s; TTFT overhead = server TTFT p50 - in-process TTFT p50. Issue 31's targets:
+1 - server tok/s / in-process tok/s; TTFT overhead = server TTFT p50 - in-process TTFT p50. "gap ms": the host's
+time per decode call between reading it and dispatching the next, in loop iterations that admit no request (the
+engine's counters; the server's from /metrics), when the device idles. Issue 31's targets:
 <= 5% at concurrency 64, <= 3 ms at concurrency 1.
 
 Prints a table and writes bench/results/serve-<device>.json (device, jax version, commit, date, every figure).
@@ -198,6 +200,23 @@ def load(url: str, prompts: list[list[int]], new: int, concurrency: int, max_sec
 # ------------------------------------------------------------------------------------------- figures
 
 
+def engine_counters(url: str) -> tuple[float, float]:
+    """The server's decode calls and host-gap seconds so far, from its /metrics."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}/metrics") as response:
+        values = dict(line.rsplit(" ", 1) for line in response.read().decode().splitlines()
+                      if line and not line.startswith("#"))
+    return float(values["qwenvl_decode_calls_total"]), float(values["qwenvl_decode_host_gap_seconds_total"])
+
+
+def host_gaps(before: tuple[float, float], after: tuple[float, float]) -> dict:
+    """Decode calls of a run and the device's idle time between them for the host, per call (Scheduler's
+    counters: reading a call to dispatching the next, in iterations that admit no request)."""
+    calls = after[0] - before[0]
+    return dict(decode_calls=int(calls), host_gap_ms_per_call=1e3 * (after[1] - before[1]) / max(calls, 1))
+
+
 def summarise(traces: list[Trace], expected_tokens: int) -> dict:
     """TTFT and per-token inter-token latency percentiles (ms), tokens received, output tok/s."""
     ttft = np.array([t["chunks"][0][0] - t["sent"] for t in traces])
@@ -259,8 +278,11 @@ def main() -> None:
         # for every run, as the online engine keeps one (its streamed call sizes carry over).
         scheduler = Scheduler(model.engine(), stream=True)
         run_in_process(scheduler, warmup, len(warmup), args.max_seconds)  # first runs: module loads
-        in_process = [summarise(run_in_process(scheduler, w, c, args.max_seconds), len(w) * args.new)
-                      for c, w in zip(concurrencies, workloads)]
+        in_process = []
+        for c, w in zip(concurrencies, workloads):
+            before = scheduler.decode_calls, scheduler.host_gap_s
+            in_process.append(summarise(run_in_process(scheduler, w, c, args.max_seconds), len(w) * args.new))
+            in_process[-1].update(host_gaps(before, (scheduler.decode_calls, scheduler.host_gap_s)))
         for c, s in zip(concurrencies, in_process):
             print(json.dumps(dict(concurrency=c, in_process=s)), flush=True)
 
@@ -273,7 +295,9 @@ def main() -> None:
 
             remote(warmup, len(warmup), WARMUP_NEW)  # the client's imports, the server's first requests
             for c, w in zip(concurrencies, workloads):
+                before = engine_counters(url)
                 served.append(summarise(remote(w, c, args.new), len(w) * args.new))
+                served[-1].update(host_gaps(before, engine_counters(url)))
                 print(json.dumps(dict(concurrency=c, server=served[-1])), flush=True)
         # A compilation while timing would be in the figures: the warm-up must have compiled every program.
         recompiled = model.engine().compiled_programs() - programs
@@ -282,14 +306,14 @@ def main() -> None:
                  ttft_overhead_ms=s["ttft_ms_p50"] - p["ttft_ms_p50"])
             for c, s, p in zip(concurrencies, served, in_process)]
     print(f"\n{'C':>3} {'mode':>10} {'req':>4} {'tokens':>7} {'tok/s':>9} {'TTFT p50':>9} {'p99':>8} {'ITL p50':>8} "
-          f"{'p99':>8} {'tok/chunk':>9} {'overhead':>9} {'TTFT +ms':>8}")
+          f"{'p99':>8} {'tok/chunk':>9} {'gap ms':>7} {'overhead':>9} {'TTFT +ms':>8}")
     for r in rows:
         for mode in ("in_process", "server"):
             m = r[mode]
             extra = f" {r['overhead_pct']:>8.1f}% {r['ttft_overhead_ms']:>8.2f}" if mode == "server" else ""
             print(f"{r['concurrency']:>3} {mode:>10} {m['requests']:>4} {m['tokens']:>7} {m['tok_s']:>9.1f} "
                   f"{m['ttft_ms_p50']:>9.2f} {m['ttft_ms_p99']:>8.2f} {m['itl_ms_p50']:>8.2f} {m['itl_ms_p99']:>8.2f} "
-                  f"{m['tokens_per_chunk']:>9.2f}{extra}")
+                  f"{m['tokens_per_chunk']:>9.2f} {m['host_gap_ms_per_call']:>7.2f}{extra}")
     result = dict(**run_info(), tiny=args.tiny, model=args.model, config=raw, prompt=[lo, hi], new=args.new,
                   max_seconds=args.max_seconds, engine=dataclasses.asdict(model.engine().config),
                   compile_s=compile_s, compiled_while_timing=recompiled, rows=rows)

@@ -635,7 +635,9 @@ class Scheduler:
     them, reads their first tokens, dispatches one decode call for every running slot and reads the calls the
     device has finished. Steady state performs no compilation and no device->host transfer but the token ids.
     ``stream``: decode calls sized to end every ``stream_interval_ms``, so each token reaches the caller that
-    soon, and none queued behind the one running, so a new request waits for one call at most."""
+    soon, and none queued behind the one running, so a new request waits for one call at most. Where a stream's
+    device time goes: ``decode_calls`` counts the decode calls dispatched, ``host_gap_s`` the host's seconds from
+    reading a decode call to dispatching the next in iterations that admit no request (the device idles then)."""
 
     def __init__(self, engine: Engine, requests: Sequence[Request] = (), stream: bool = False):
         if engine.online is not None:
@@ -649,6 +651,9 @@ class Scheduler:
         self._step_ms: collections.deque[float] = collections.deque(maxlen=STEP_TIME_WINDOW)
         self._step_rows = 0  # the row bucket those step times were measured at
         self._running_at_call = 0  # requests holding a slot when the last decode call went out
+        self.decode_calls = 0
+        self.host_gap_s = 0.0
+        self._decode_read_at: float | None = None
         self._pending: collections.deque[int] = collections.deque()
         self._requests: dict[int, Request] = {}  # submitted and not yet ended
         self._slot_req: dict[int, int] = {}  # slot -> request id
@@ -757,6 +762,10 @@ class Scheduler:
                 steps = int(np.clip(cfg.stream_interval_ms / 4 // min(self._step_ms), 1, steps))
             self._running_at_call = len(self._slot_req)
             dispatched = time.perf_counter()
+            if self._decode_read_at is not None and not admitted:
+                self.host_gap_s += dispatched - self._decode_read_at
+            self._decode_read_at = None
+            self.decode_calls += 1
             engine.state, out = engine._decode(engine._weights, engine.state, self._host_active.copy(), engine._eos,
                                                np.int32(steps), steps=cfg.decode_steps, rows=rows)
             slots = list(range(rows))
@@ -778,6 +787,7 @@ class Scheduler:
     def _read(self, call: _Call) -> Iterator[TokenEvent]:
         with jax.transfer_guard_device_to_host("allow"):  # the one transfer steady state makes
             tokens = jax.device_get(call.tokens)
+        read_at = time.perf_counter()
         if self.stream and call.kind == "decode":
             # No call is queued while streaming, so dispatch to read is this call's time on the device, plus any
             # wait of this thread for the GIL once the tokens are there. That wait only adds, so the least of the
@@ -789,8 +799,9 @@ class Scheduler:
             if len(call.slots) != self._step_rows:
                 self._step_ms.clear()
                 self._step_rows = len(call.slots)
+            self._decode_read_at = None if self._inflight else read_at  # the device idles from here, unless queued
             if ran:
-                self._step_ms.append(1e3 * (time.perf_counter() - call.dispatched) / ran)
+                self._step_ms.append(1e3 * (read_at - call.dispatched) / ran)
                 self._num_steps = int(np.clip(self.engine.config.stream_interval_ms // min(self._step_ms), 1,
                                               self.engine.config.decode_steps))
         steps_rows_t = tokens.reshape(1, -1, 1) if call.kind == "first" else tokens  # [steps, rows, tokens a step]

@@ -93,6 +93,16 @@ class OnlineEngine:
             return max(0, len(self._deliver) - self._scheduler.running)
 
     @property
+    def decode_calls(self) -> int:
+        """Decode calls dispatched (``Scheduler.decode_calls``)."""
+        return self._scheduler.decode_calls
+
+    @property
+    def host_gap_s(self) -> float:
+        """Seconds the device idled between decode calls for the host (``Scheduler.host_gap_s``)."""
+        return self._scheduler.host_gap_s
+
+    @property
     def alive(self) -> bool:
         return self._thread.is_alive() and self.error is None
 

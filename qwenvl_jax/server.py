@@ -146,7 +146,8 @@ class _Server:
         self.model, self.online, self.name = model, online, name
         self.detokenizer = load_tokenizer(model.path)  # the event loop's own (see the module docstring)
         self.defaults = generation_defaults(model.path)
-        self.metrics = ServerMetrics(lambda: online.waiting, lambda: online.running)
+        self.metrics = ServerMetrics(lambda: online.waiting, lambda: online.running, lambda: online.decode_calls,
+                                     lambda: online.host_gap_s)
         # One thread: the processor's tokenizer is not shared between threads either.
         self.preprocessing = ThreadPoolExecutor(1, thread_name_prefix="qwenvl-preprocess")
         self.created = int(time.time())

@@ -35,12 +35,19 @@ class Histogram:
 
 
 class ServerMetrics:
-    """What /metrics reports: queue depth and running requests (read from the engine when scraped), requests by
-    finish reason, prompt and generated tokens, and histograms of time to first token and decode speed."""
+    """What /metrics reports: queue depth, running requests, decode calls and the device's idle time between them
+    (read from the engine when scraped), requests by finish reason, prompt and generated tokens, and histograms of
+    time to first token and decode speed."""
 
-    def __init__(self, queue_depth: Callable[[], int], running: Callable[[], int]):
-        self._gauges = {"queue_depth": ("requests waiting for a decode slot", queue_depth),
-                        "running_requests": ("requests holding a decode slot", running)}
+    def __init__(self, queue_depth: Callable[[], int], running: Callable[[], int], decode_calls: Callable[[], int],
+                 host_gap_s: Callable[[], float]):
+        self._from_engine = {  # name: (help, type, read when scraped)
+            "queue_depth": ("requests waiting for a decode slot", "gauge", queue_depth),
+            "running_requests": ("requests holding a decode slot", "gauge", running),
+            "decode_calls_total": ("decode calls dispatched", "counter", decode_calls),
+            "decode_host_gap_seconds_total": ("host seconds from reading a decode call to dispatching the next, in "
+                                              "loop iterations that admit no request (the device idles)", "counter",
+                                              host_gap_s)}
         self._lock = threading.Lock()
         self._finished: collections.Counter[str] = collections.Counter()
         self._tokens = {"prompt": 0, "generation": 0}
@@ -66,8 +73,8 @@ class ServerMetrics:
 
     def render(self) -> str:
         lines = []
-        for name, (help_text, read) in self._gauges.items():
-            lines += [f"# HELP {PREFIX}{name} {help_text}", f"# TYPE {PREFIX}{name} gauge", f"{PREFIX}{name} {read()}"]
+        for name, (help_text, kind, read) in self._from_engine.items():
+            lines += [f"# HELP {PREFIX}{name} {help_text}", f"# TYPE {PREFIX}{name} {kind}", f"{PREFIX}{name} {read()}"]
         with self._lock:
             name = f"{PREFIX}requests_total"
             lines += [f"# HELP {name} requests (choices) ended, by finish reason", f"# TYPE {name} counter"]

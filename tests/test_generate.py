@@ -14,7 +14,7 @@ import pytest
 
 import qwenvl_jax as qj
 import qwenvl_jax.engine as engine_module
-from qwenvl_jax.engine import Engine, EngineConfig, Request
+from qwenvl_jax.engine import Engine, EngineConfig, Request, Scheduler
 from qwenvl_jax.generate import build_requests
 from qwenvl_jax.sampling import SamplingParams
 from tests.compilations import compilations
@@ -310,6 +310,22 @@ def test_a_slot_freed_and_not_refilled_makes_the_next_streamed_call_short(qwen3_
     assert tokens == plain
     # First tokens, a one-step call, an 8-step call that ends the first request, the short call, whole calls.
     assert sizes == [[1, 1, 8], [1, 1, 8, 2, 8, 8, 2]], sizes
+
+
+def test_a_stream_counts_its_decode_calls_and_the_host_time_between_them(qwen3_5, monkeypatch):
+    """The caller takes 5 ms over each event: every decode call after the first (dispatched with the prefill's
+    admission) follows 5 ms of host time with the device idle, and the scheduler counts it."""
+    _, ours = qwen3_5
+    engine = _engine(ours, max_batch=2, decode_steps=4, stream_interval_ms=100.0)
+    clock = _DeviceClock(monkeypatch, step_ms=10.0)
+    scheduler = Scheduler(engine, [_text_request(np.random.default_rng(13).integers(0, 400, 15), max_new=20)],
+                          stream=True)
+    events = 0
+    for _ in scheduler.events():
+        events += 1
+        clock.now += 0.005
+    assert scheduler.decode_calls == events - 1  # one event for the first token, one a decode call
+    assert scheduler.host_gap_s == pytest.approx(0.005 * (scheduler.decode_calls - 1))
 
 
 def test_requests_ending_at_their_first_token_run_no_decode_call(qwen3_5):

@@ -247,6 +247,8 @@ def test_completions_models_and_metrics(server):
     assert metrics['qwenvl_time_to_first_token_seconds_bucket{le="+Inf"}'] == \
         metrics["qwenvl_time_to_first_token_seconds_count"]
     assert metrics["qwenvl_generation_tokens_total"] > 0 and metrics["qwenvl_prompt_tokens_total"] > 0
+    # Each 8-token greedy request above took decode calls; between them the device idled for some host time.
+    assert metrics["qwenvl_decode_calls_total"] >= 4 and metrics["qwenvl_decode_host_gap_seconds_total"] > 0
 
 
 def test_sigterm_finishes_the_streams_in_flight_and_exits(server):
