@@ -646,8 +646,6 @@ class Scheduler:
         self.engine = engine
         self.stream = stream
         cfg = engine.config
-        # Streaming starts with one-token calls, which measure the step time the later calls are sized by.
-        self._num_steps = 1 if stream else cfg.decode_steps
         self._step_ms: collections.deque[float] = collections.deque(maxlen=STEP_TIME_WINDOW)
         self._step_rows = 0  # the row bucket those step times were measured at
         self._running_at_call = 0  # requests holding a slot when the last decode call went out
@@ -754,12 +752,11 @@ class Scheduler:
         decoding = any(self._produced[i] > 0 or not self._at_length(i, 1) for i in self._slot_req.values())
         if decoding:
             rows = min(b for b in cfg.decode_buckets if b > max(self._slot_req))
-            steps = self._num_steps
             # Streaming, a slot freed since the last call and not refilled may be about to be (a client that sends
             # its next request when one ends): a call of a quarter of the interval admits that request that much
             # sooner, where a whole call would hold the slot empty for up to stream_interval_ms.
-            if self.stream and len(self._slot_req) < self._running_at_call and self._step_ms:
-                steps = int(np.clip(cfg.stream_interval_ms / 4 // min(self._step_ms), 1, steps))
+            freed = len(self._slot_req) < self._running_at_call
+            steps = self._steps_within(cfg.stream_interval_ms / (4 if freed else 1))
             self._running_at_call = len(self._slot_req)
             dispatched = time.perf_counter()
             if self._decode_read_at is not None and not admitted:
@@ -774,6 +771,16 @@ class Scheduler:
         # Otherwise keep one decode call queued on the device while the host reads the one before it.
         while self._inflight and (len(self._inflight) > queued or not decoding):
             yield from self._read(self._inflight.popleft())
+
+    def _steps_within(self, ms: float) -> int:
+        """Steps of the next decode call: streaming, as many as end within ``ms`` at the step time (one until a
+        call has measured it: streams start with one-token calls); otherwise ``decode_steps``."""
+        cfg = self.engine.config
+        if not self.stream:
+            return cfg.decode_steps
+        if not self._step_ms:
+            return 1
+        return int(np.clip(ms // min(self._step_ms), 1, cfg.decode_steps))
 
     def _cache_finished(self, request_id: int, slot: int) -> None:
         """Caches a request that ended by itself: its slot holds the state after the prompt and every output
@@ -796,14 +803,12 @@ class Scheduler:
             # step, 3 to a 40 ms call; 13.3 ms tips it to 2), and paid the per-call costs 1.2-1.5x as often.
             # A call ends early once no slot is active: its time is that of the steps it ran, those with a token.
             ran = int((tokens[..., 0] >= 0).any(axis=1).sum())
-            if len(call.slots) != self._step_rows:
-                self._step_ms.clear()
-                self._step_rows = len(call.slots)
             self._decode_read_at = None if self._inflight else read_at  # the device idles from here, unless queued
             if ran:
+                if len(call.slots) != self._step_rows:
+                    self._step_ms.clear()
+                    self._step_rows = len(call.slots)
                 self._step_ms.append(1e3 * (read_at - call.dispatched) / ran)
-                self._num_steps = int(np.clip(self.engine.config.stream_interval_ms // min(self._step_ms), 1,
-                                              self.engine.config.decode_steps))
         steps_rows_t = tokens.reshape(1, -1, 1) if call.kind == "first" else tokens  # [steps, rows, tokens a step]
         eos_ids = self.engine.eos_ids
         for col, (slot, i) in enumerate(zip(call.slots, call.owners)):
