@@ -72,26 +72,21 @@ def _run(cfg: VisionConfig, side: int, dtype: jnp.dtype, params_f32: nnx.State |
     inputs = prepare_vision_inputs(cfg, grid)
     out = jax.block_until_ready(forward(params, pixels, inputs))
     compile_s = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(forward(params, pixels, prepare_vision_inputs(cfg, grid)))
-        times.append(time.perf_counter() - start)
-    prepare = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        prepare_vision_inputs(cfg, grid)
-        prepare.append(time.perf_counter() - start)
-    # The same call on inputs already on the device: the difference is the host's share (upload, tables).
+    def median_ms(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return round(float(np.median(times)) * 1e3, 3)
+
+    # The same call on inputs already on the device (resident): the difference is the host's share (upload, tables).
     resident = jax.device_put((pixels, inputs))
-    resident_times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(forward(params, *resident))
-        resident_times.append(time.perf_counter() - start)
-    timing = dict(compile_s=round(compile_s, 2), forward_ms=round(float(np.median(times)) * 1e3, 3),
-                  prepare_ms=round(float(np.median(prepare)) * 1e3, 3),
-                  resident_ms=round(float(np.median(resident_times)) * 1e3, 3))
+    timing = dict(compile_s=round(compile_s, 2),
+                  forward_ms=median_ms(lambda: jax.block_until_ready(
+                      forward(params, pixels, prepare_vision_inputs(cfg, grid)))),
+                  prepare_ms=median_ms(lambda: prepare_vision_inputs(cfg, grid)),
+                  resident_ms=median_ms(lambda: jax.block_until_ready(forward(params, *resident))))
     if hlo_path is not None:
         hlo_path.write_text(forward.lower(params, pixels, inputs).compile().as_text())
         kernels = profiled_kernel_seconds(lambda: jax.block_until_ready(forward(params, pixels, inputs)))
