@@ -48,6 +48,11 @@ SPECULATIVE_MAX_BATCH = 8
 # Streamed decode calls: how many recent calls' step times the next call's size takes the least of (~0.3 s of
 # 40 ms calls: a context that grows moves the least up within that).
 STEP_TIME_WINDOW = 8
+# The vision tower compiled with XLA's Triton GEMM fusions off: its autotuner fused the RMSNorm into Qwen2.5-VL's
+# 3420-wide MLP GEMMs as Triton kernels at 30-41% of the matmul rate, where cuBLAS runs them unfused. Measured
+# (H100, bench/vision_tower.py --compare-options, 0f86643): Qwen2.5-VL-7B 4K / 16K patches 23.6 -> 19.3 /
+# 96.8 -> 78.4 ms, Qwen3-VL-8B 21.9 -> 20.4 / 152.1 -> 148.2 ms. Other backends ignore the option.
+VISION_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -384,7 +389,7 @@ class Engine:
                                 **keep)
         self._decode = jax.jit(over_weights(decode_program), static_argnames=("steps", "rows"), donate_argnums=1,
                                **keep)
-        self._vision = jax.jit(over_weights(vision_program))
+        self._vision = jax.jit(over_weights(vision_program), compiler_options=VISION_COMPILER_OPTIONS)
         # The OnlineEngine serving this engine, if any: then it alone drives the slots (see Scheduler).
         self.online: object | None = None
         self.vision_cfg = model.cfg.vision
