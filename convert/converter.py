@@ -33,6 +33,7 @@ from convert.safetensors_io import (
     CheckpointError, TensorInfo, absolute_path, checkpoint_dir, read_header, read_tensors, shard_files,
 )
 from qwenvl_jax.config import Fp8Config, ModelConfig, load_config
+from qwenvl_jax.device_memory import explain_out_of_memory
 from qwenvl_jax.models.fp8 import FP8_DTYPE, KEEP_UNQUANTIZED, quantizable, quantize_rows
 from qwenvl_jax.models.layers import Linear
 from qwenvl_jax.models.moe import Experts
@@ -308,6 +309,14 @@ def _fill_state(abstract_state: nnx.State, flat: dict[LeafPath, jax.Array]) -> n
     return nnx.from_flat_state(flat_state)
 
 
+_WEIGHTS_REMEDY = ("Split them over devices (load(..., tensor_parallel=N, expert_parallel=M)), or load a lower "
+                   "precision (convert --dtype fp8).")
+
+
+def _bytes(arrays: dict) -> int:
+    return sum(a.size * a.dtype.itemsize for a in arrays.values())
+
+
 def load_params(path: str | Path, dtype: str | jnp.dtype | None = None, mesh: Mesh | None = None
                 ) -> tuple[ModelConfig, QwenVLModel]:
     """A converted directory or an HF directory (converted in memory) -> (config, model on the default device, or
@@ -341,7 +350,9 @@ def load_params(path: str | Path, dtype: str | jnp.dtype | None = None, mesh: Me
                        for p, a in flat_abstract.items()})
         largest = max(a.size * a.dtype.itemsize for a in flat_abstract.values())
         handler = ocp.StandardCheckpointHandler(restore_concurrent_gb=2 * largest / 1e9)
-        restored = ocp.Checkpointer(handler).restore(path / PARAMS_DIR, args=ocp.args.StandardRestore(target))
+        with explain_out_of_memory(f"The weights of {path}", _bytes(flat_abstract), _WEIGHTS_REMEDY):
+            restored = ocp.Checkpointer(handler).restore(path / PARAMS_DIR, args=ocp.args.StandardRestore(target))
+            jax.block_until_ready(restored)
         flat = {}
         for p in flat_abstract:
             node = restored
@@ -353,7 +364,9 @@ def load_params(path: str | Path, dtype: str | jnp.dtype | None = None, mesh: Me
         cfg = laid_out_for(plan.cfg, mesh)
         graphdef, abstract = nnx.split(abstract_model(cfg, plan.dtype))
         leaves = fill_params(plan, lambda key, shape, dt: np.empty(shape, dt), progress=False)
-        flat = {p: jnp.asarray(a) if mesh is None else jax.device_put(a, param_sharding(p, a.shape, cfg, mesh))
-                for p, a in leaves.items()}
+        with explain_out_of_memory(f"The weights of {path}", _bytes(leaves), _WEIGHTS_REMEDY):
+            flat = {p: jnp.asarray(a) if mesh is None else jax.device_put(a, param_sharding(p, a.shape, cfg, mesh))
+                    for p, a in leaves.items()}
+            jax.block_until_ready(flat)
     flat = {p: to_head_blocks(p, x, cfg) for p, x in flat.items()}  # a no-op in HF's layout
     return cfg, nnx.merge(graphdef, _fill_state(abstract, flat))

@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from qwenvl_jax.cache import DecodeState, SpecState, tree_bytes
+from qwenvl_jax.device_memory import explain_out_of_memory
 from qwenvl_jax.models.attention import AttnCache
 from qwenvl_jax.models.context import ForwardContext
 from qwenvl_jax.models.decoder import init_layer_caches
@@ -333,43 +334,53 @@ class Engine:
         self.scratch_slot = config.max_batch  # warm-up writes here, never into a request's slot
         slots = config.max_batch + 1
         dtype = text.embed_tokens.weight.get_value().dtype
-        spec = None
         k = config.speculative_tokens
         if k is None:
             k = DEFAULT_SPECULATIVE_TOKENS if model.mtp is not None and config.max_batch <= SPECULATIVE_MAX_BATCH \
                 else 0
         self.speculative_tokens = k  # the k in effect
-        if k:
-            if model.mtp is None:
-                raise ValueError(
-                    f"speculative_tokens={k} needs the MTP head of a Qwen3.5 checkpoint (its mtp.* weights), and "
-                    f"this {model.cfg.model_type} model has none (a checkpoint converted before qwenvl-jax read "
-                    "the MTP head must be converted again)")
-            spec = SpecState(init_mtp_caches(text.cfg, slots, config.max_len, dtype),
-                             jnp.zeros((slots, k), jnp.int32),
-                             jnp.zeros((slots, text.cfg.hidden_size), dtype),
-                             jnp.full((slots, config.max_len), -1, jnp.int32))
-        self.state = DecodeState(
-            layers=init_layer_caches(text.cfg, slots, config.max_len, dtype),
-            lengths=jnp.zeros(slots, jnp.int32), rope_delta=jnp.zeros(slots, jnp.int32),
-            next_token=jnp.zeros(slots, jnp.int32), active=jnp.zeros(slots, bool),
-            remaining=jnp.zeros(slots, jnp.int32), keys=request_keys([0] * slots),
-            seen=jnp.zeros((slots, self.vocab_size), bool),
-            sampling=jax.tree_util.tree_map(jnp.asarray, sampling_arrays([], slots)),
-            spec=spec,
-        )
+        if k and model.mtp is None:
+            raise ValueError(
+                f"speculative_tokens={k} needs the MTP head of a Qwen3.5 checkpoint (its mtp.* weights), and "
+                f"this {model.cfg.model_type} model has none (a checkpoint converted before qwenvl-jax read "
+                "the MTP head must be converted again)")
+
+        def make_state() -> DecodeState:
+            spec = None
+            if k:
+                spec = SpecState(init_mtp_caches(text.cfg, slots, config.max_len, dtype),
+                                 jnp.zeros((slots, k), jnp.int32),
+                                 jnp.zeros((slots, text.cfg.hidden_size), dtype),
+                                 jnp.full((slots, config.max_len), -1, jnp.int32))
+            return DecodeState(
+                layers=init_layer_caches(text.cfg, slots, config.max_len, dtype),
+                lengths=jnp.zeros(slots, jnp.int32), rope_delta=jnp.zeros(slots, jnp.int32),
+                next_token=jnp.zeros(slots, jnp.int32), active=jnp.zeros(slots, bool),
+                remaining=jnp.zeros(slots, jnp.int32), keys=request_keys([0] * slots),
+                seen=jnp.zeros((slots, self.vocab_size), bool),
+                sampling=jax.tree_util.tree_map(jnp.asarray, sampling_arrays([], slots)),
+                spec=spec,
+            )
+
         mesh = mesh_of(params)
-        if mesh is not None:  # tensor / expert parallel: the state joins the mesh
-            self.state = shard_state(self.state, model.cfg, mesh)
-        else:
-            # Committed to the device, as every call's outputs are: a program first called with uncommitted
-            # arrays is compiled again for the committed ones (the first request after warm-up recompiled the
-            # program warm-up had compiled first). The device, not a weight's sharding: parameters placed on a
-            # one-device mesh carry specs (P('tensor', None)) that a state leaf's rank may not take. Abstract
-            # parameters (shapes only, for lowering) have no sharding: the state stays on the default device.
-            sharding = getattr(jax.tree_util.tree_leaves(params)[0], "sharding", None)
-            self.state = jax.device_put(self.state, None if sharding is None else
-                                        jax.sharding.SingleDeviceSharding(next(iter(sharding.device_set))))
+        with explain_out_of_memory(
+                f"The decode state of max_batch={config.max_batch} slots (and one for warm-up) x max_len="
+                f"{config.max_len} tokens", tree_bytes(jax.eval_shape(make_state)),
+                "Lower max_batch or max_len (QwenVL.configure / EngineConfig), or split the model over devices "
+                "(load(..., tensor_parallel=N))."):
+            self.state = make_state()
+            if mesh is not None:  # tensor / expert parallel: the state joins the mesh
+                self.state = shard_state(self.state, model.cfg, mesh)
+            else:
+                # Committed to the device, as every call's outputs are: a program first called with uncommitted
+                # arrays is compiled again for the committed ones (the first request after warm-up recompiled the
+                # program warm-up had compiled first). The device, not a weight's sharding: parameters placed on a
+                # one-device mesh carry specs (P('tensor', None)) that a state leaf's rank may not take. Abstract
+                # parameters (shapes only, for lowering) have no sharding: the state stays on the default device.
+                sharding = getattr(jax.tree_util.tree_leaves(params)[0], "sharding", None)
+                self.state = jax.device_put(self.state, None if sharding is None else
+                                            jax.sharding.SingleDeviceSharding(next(iter(sharding.device_set))))
+            jax.block_until_ready(self.state)
         # The programs take the weights as a flat list: a call then neither hashes the graph definition as a static
         # argument nor flattens the nnx.State (measured on a 2-core CPU: 3 and 0.7 ms of host time per call, for
         # the ~430 leaves of Qwen3.5-9B's structure).

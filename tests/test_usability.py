@@ -146,6 +146,14 @@ def test_empty_input_ids_are_named(model_only):
         model.generate(input_ids=[[1, 2], []])
 
 
+def test_a_decode_state_past_device_memory_names_its_size_and_the_remedy(converted):
+    model = qj.load(converted)
+    model.configure(max_len=2**30)  # each attention layer's keys: 2 slots x 2^30 tokens x 256 B
+    with pytest.raises(MemoryError, match=r"decode state of max_batch=1 slots .* max_len=1073741824 tokens "
+                                          r"\(\d+\.\d\d GiB\) does not fit.*Lower max_batch or max_len"):
+        model.engine()
+
+
 def test_token_ids_end_at_the_stop_string(converted):
     model = qj.load(converted)
     model.configure(max_len=64, vision_buckets=(64,))
