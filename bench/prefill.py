@@ -13,7 +13,9 @@ work over the bf16 matmul rate measured in the same run.
 - vision: the vision tower alone on one image of 1K, 4K and 16K patches against its FLOP floor.
 - batch: 64 prompts of 200-2000 random tokens submitted at once (max_batch 64, prompt buckets 256 / 512 / 1024 /
   2048): prefill tokens/s (time until every first token), beside the same prompts one at a time, and the
-  single-prompt tokens/s of the text section's longest prompt; ``--hf``: HF prefilling them in batches of 8.
+  single-prompt tokens/s of the text section's longest prompt; ``--hf``: HF prefilling them in batches of 8
+  (over the batches that start within ``--hf-batch-seconds``; its GDN layers in flash-linear-attention's kernels
+  where that is installed, which the JSON records).
 
 ``--tiny`` runs tiny configs of the same families on the CPU to check the script. Prints tables and writes
 bench/results/prefill-<device>.json (device, jax version, commit, date, every figure).
@@ -267,33 +269,43 @@ def batch_section(args, rate: float, dtype, work: pathlib.Path, text_rows: list[
     out["floor_tok_s"] = total / (sum(prefill_flops(model.config, model.params, int(n)) for n in lengths) / rate)
     del model
     if args.hf:
-        hf_figure(out, "hf_tok_s", lambda: total / hf_batch_seconds(model_config(BATCH_MODEL, args.tiny), prompts))
+        hf_figure(out, "hf_tok_s", lambda: hf_batch_tok_s(out, model_config(BATCH_MODEL, args.tiny), prompts,
+                                                          args.hf_batch_seconds))
     print(json.dumps(out), flush=True)
     return [out]
 
 
-def hf_batch_seconds(raw: dict, prompts: list[np.ndarray], batch: int = 8) -> float:
-    """HF generate(max_new_tokens=1) over the prompts in left-padded batches of ``batch``, after a warm-up."""
+def hf_batch_tok_s(out: dict, raw: dict, prompts: list[np.ndarray], budget_s: float, batch: int = 8) -> float:
+    """HF's tokens/s for generate(max_new_tokens=1) over the prompts in left-padded batches of ``batch``, after
+    one warm-up batch, over the batches that start within ``budget_s`` (HF's Qwen3.5 runs its GDN layers in
+    flash-linear-attention's kernels when installed, else in a torch reference whose 64 prompts did not finish
+    in 400 s); ``out`` gains how many prompts were timed and which GDN path ran."""
+    import importlib.util
+
     import torch
 
     model = hf_model(raw)
+    out["hf_gdn"] = "flash-linear-attention" if importlib.util.find_spec("fla") else "torch reference"
 
-    def run():
-        for i in range(0, len(prompts), batch):
-            part = prompts[i:i + batch]
-            width = max(len(p) for p in part)
-            ids = torch.zeros((len(part), width), dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, p in enumerate(part):
-                ids[row, width - len(p):] = torch.tensor(p)
-                mask[row, width - len(p):] = 1
-            with torch.no_grad():
-                model.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=1, do_sample=False,
-                               pad_token_id=0)
+    def run(part: list[np.ndarray]) -> None:
+        width = max(len(p) for p in part)
+        ids = torch.zeros((len(part), width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, p in enumerate(part):
+            ids[row, width - len(p):] = torch.tensor(p)
+            mask[row, width - len(p):] = 1
+        with torch.no_grad():
+            model.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=1, do_sample=False, pad_token_id=0)
         torch.cuda.synchronize()
 
     try:
-        return seconds(run, 1)
+        run(prompts[:batch])
+        done, start = 0, time.perf_counter()
+        while done < len(prompts) and time.perf_counter() - start < budget_s:
+            run(prompts[done:done + batch])
+            done += len(prompts[done:done + batch])
+        out["hf_prompts_timed"] = done
+        return sum(len(p) for p in prompts[:done]) / (time.perf_counter() - start)
     finally:
         del model
         torch.cuda.empty_cache()
@@ -311,6 +323,8 @@ def main() -> None:
     ap.add_argument("--prefill-tokens", type=int, default=8192, help="EngineConfig.prefill_tokens of the batch")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--hf", action="store_true", help="also time HF transformers (needs torch with CUDA)")
+    ap.add_argument("--hf-batch-seconds", type=float, default=120.0,
+                    help="HF's batched prefill is timed over the batches of 8 prompts that start within this")
     ap.add_argument("--fp8", action="store_true", help="the text section with FP8 linear layers (convert --dtype fp8)")
     ap.add_argument("--tiny", action="store_true", help="tiny configs on the CPU (checks the script)")
     ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
@@ -349,7 +363,8 @@ def main() -> None:
         print(f"batch {r['model']:>14} {r['requests']} prompts, {r['tokens']} tokens: together "
               f"{r['together_tok_s']:.0f} tok/s, one at a time {r['one_at_a_time_tok_s']:.0f}, single prompt "
               f"{r.get('single_tok_s', float('nan')):.0f} (ratio {r.get('together_over_single', float('nan')):.2f}), "
-              f"floor {r['floor_tok_s']:.0f}, HF {r.get('hf_tok_s', float('nan')):.0f}")
+              f"floor {r['floor_tok_s']:.0f}, HF {r.get('hf_tok_s', float('nan')):.0f} "
+              f"({r.get('hf_prompts_timed', 0)} prompts, GDN: {r.get('hf_gdn', '-')})")
     write_result(args.out, "prefill", result, fp8=args.fp8, tiny=args.tiny)
 
 
