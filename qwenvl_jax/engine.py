@@ -56,6 +56,18 @@ STEP_TIME_WINDOW = 8
 VISION_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 
 
+def vision_bucket(patches: int, buckets: Sequence[int]) -> int:
+    """The patches a request's vision call is padded to: the least configured bucket that holds them, else the
+    least 2^k or 3 * 2^(k - 2) that does. Padding patches cost the tower's GEMMs as real ones do: a
+    1024 x 1024 image is 5476 Qwen2.5-VL patches, which the next power of two pads by half (8192), 3 * 2^11 by
+    an eighth (6144); the compiled programs stay one per bucket, two a doubling."""
+    fits = [b for b in buckets if b >= patches]
+    if fits:
+        return min(fits)
+    power = 1 << (patches - 1).bit_length()
+    return 3 * power // 4 if power >= 16 and 3 * power // 4 >= patches else power
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     max_batch: int = 1  # concurrent requests (decode slots)
@@ -69,7 +81,8 @@ class EngineConfig:
     # any count: the count is data.
     stream_interval_ms: float = 40.0
     batch_buckets: tuple[int, ...] = ()  # decode batch sizes; default: powers of two up to max_batch
-    vision_buckets: tuple[int, ...] = (256, 1024, 4096)  # vision patches per request (powers of two beyond)
+    # Vision patches per request (multiples of 4, the 2 x 2 merge); beyond the largest, see vision_bucket.
+    vision_buckets: tuple[int, ...] = (256, 1024, 4096)
     vision_table_rows: int = 128  # 2D rotary table rows: grids up to this many patches a side share one program
     chunked_prefill: bool = True  # prompts longer than the largest bucket: prefill in chunks (else an error)
     # Text prompts admitted together that fit one bucket share prefill calls of PREFILL_ROWS rows, up to this many
@@ -112,8 +125,9 @@ class EngineConfig:
                              f"{self.prefix_snapshot_interval}")
         if self.prefix_page_tokens < 1:
             raise ValueError(f"prefix_page_tokens must be >= 1, got {self.prefix_page_tokens}")
-        if any(b < 4 or b & (b - 1) for b in self.vision_buckets):
-            raise ValueError(f"vision_buckets must be powers of two >= 4, got {self.vision_buckets}")
+        if any(b < 4 or b % 4 for b in self.vision_buckets):
+            raise ValueError(f"vision_buckets must be positive multiples of 4 (the 2 x 2 patch merge), got "
+                             f"{self.vision_buckets}")
 
     def prefill_rows(self, bucket: int) -> tuple[int, ...]:
         """Row counts of the batched prefill programs of a prompt bucket (1 always)."""
@@ -443,12 +457,15 @@ class Engine:
         if self.vision_cfg is not None and vision:
             merge = self.vision_cfg.spatial_merge_size
             for n in cfg.vision_buckets:
-                # One frame of every power-of-two width up to the bucket: the attention layouts of single
-                # images. Other layouts (several images, video frames, windows) compile once on first sight.
+                # One frame of every power-of-two width below the bucket and one filling it: the attention
+                # layouts of single images (a frame's layout is its width rounded up to a power of two). Other
+                # layouts (several images, video frames, windows) compile once on first sight.
+                widths = sorted({1 << i for i in range(merge.bit_length() * 2 - 1, n.bit_length()) if 1 << i < n}
+                                | {n})
                 payloads = [VisionPayload(np.zeros((n, self.vision_cfg.patch_dim), np.float32),
                                           np.array([[1, merge, width // merge]]),
                                           np.arange(width // merge**2, dtype=np.int32))
-                            for width in (1 << i for i in range(merge.bit_length() * 2 - 1, n.bit_length()))]
+                            for width in widths]
                 with_vision = dataclasses.replace(scratch, vision=payloads[-1])
                 # A prompt holds all its vision tokens, so only buckets that fit them (or chunking) can occur.
                 requests += [(with_vision, v) for v in variants if v[0] >= n // merge**2 or v[0] == big]
@@ -483,7 +500,7 @@ class Engine:
         among themselves and their merged tokens are dropped at the scatter)."""
         v = self.vision_cfg
         n = len(payload.pixel_patches)
-        bucket = next((b for b in sorted(self.config.vision_buckets) if b >= n), 1 << (n - 1).bit_length())
+        bucket = vision_bucket(n, self.config.vision_buckets)
         grids = np.asarray(payload.grids_thw)
         rows = max(self.config.vision_table_rows, 1 << (int(grids[:, 1:].max()) - 1).bit_length())
         vision_inputs = prepare_vision_inputs(v, grids, pad_to=bucket, table_rows=rows)

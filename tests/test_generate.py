@@ -14,7 +14,7 @@ import pytest
 
 import qwenvl_jax as qj
 import qwenvl_jax.engine as engine_module
-from qwenvl_jax.engine import Engine, EngineConfig, Request, Scheduler
+from qwenvl_jax.engine import Engine, EngineConfig, Request, Scheduler, vision_bucket
 from qwenvl_jax.generate import build_requests
 from qwenvl_jax.sampling import SamplingParams
 from tests.compilations import compilations
@@ -24,7 +24,8 @@ torch = pytest.importorskip("torch")
 
 FAMILIES = ["qwen2_5_vl-a", "qwen3_vl-b", "qwen3_vl_moe-a", "qwen3_5-a", "qwen3_5_moe-b"]
 NEW_TOKENS = 24
-ENGINE = dict(max_batch=2, max_len=160, prompt_buckets=(96,), decode_steps=8, vision_buckets=(64,),
+# A patch bucket that is not a power of two (48): the images below pad to it, and their tokens still equal HF's.
+ENGINE = dict(max_batch=2, max_len=160, prompt_buckets=(96,), decode_steps=8, vision_buckets=(48,),
               chunked_prefill=False)
 IMAGE = np.random.default_rng(1).integers(0, 256, (50, 90, 3), dtype=np.uint8)
 
@@ -342,6 +343,16 @@ def test_requests_ending_at_their_first_token_run_no_decode_call(qwen3_5):
     # Mixed: the one-token request still ends after its first token; the other decodes as it would alone.
     mixed = _run(engine, [_text_request(prompts[0], max_new=1), _text_request(prompts[1], max_new=3)])
     assert mixed == [longer[0][:1], longer[1]]
+
+
+def test_vision_buckets_pad_by_at_most_a_third_past_the_configured_ones():
+    buckets = (256, 1024, 4096)
+    assert [vision_bucket(n, buckets) for n in (4, 256, 260, 4096)] == [256, 256, 1024, 4096]
+    # Beyond: the least 2^k or 3 * 2^(k - 2); a 1024 x 1024 image (5476 Qwen2.5-VL patches) pads to 6144, not 8192.
+    assert [vision_bucket(n, buckets) for n in (4100, 5476, 6144, 6148, 21904)] == [6144, 6144, 6144, 8192, 24576]
+    assert [vision_bucket(n, (4,)) for n in (8, 12, 16, 20)] == [8, 12, 16, 24]
+    with pytest.raises(ValueError, match="multiples of 4"):
+        EngineConfig(vision_buckets=(50,))
 
 
 def test_warmup_leaves_real_slots_untouched(qwen3_5):
