@@ -236,7 +236,10 @@ def generate(model: GenerationModel, prompts: Any = None, *, images: Sequence | 
     requests, batched = build_requests(model, prompts, images=images, videos=videos, input_ids=input_ids,
                                        vision_arrays=arrays, sampling=sampling, max_new_tokens=max_new_tokens)
     events = _run(model, requests, stop, stream)
-    if stream:
+    if stream:  # prefilled when first iterated: the requests keep copies, not the pixel arrays the caller may reuse
+        for request in requests:
+            if request.vision is not None:
+                request.vision = dataclasses.replace(request.vision, pixel_patches=request.vision.pixel_patches.copy())
         return _stream(events, batched)
     *_, results = events
     return results if batched else results[0]

@@ -171,6 +171,26 @@ def test_token_ids_end_at_the_stop_string(converted):
     assert stopped.stats.new_tokens == len(stopped.token_ids)
 
 
+def test_a_stream_sees_the_pixels_of_its_call_after_the_caller_reuses_the_array(converted):
+    """A stream prefills when first iterated; the pixel array is not copied on the way to the engine, except
+    for a stream, whose caller may write over the array before then."""
+    model = qj.load(converted)
+    model.configure(max_len=64, vision_buckets=(64,))
+    inputs = model.processor(MESSAGES)
+    pixels = np.array(inputs.pixel_values)
+    call = dict(input_ids=inputs.input_ids[0].tolist(), image_grid_thw=inputs.image_grid_thw, max_new_tokens=6)
+    want = model.generate(pixel_values=pixels, **call)
+    stream = model.generate(pixel_values=pixels, stream=True, **call)
+    pixels[:] = 0
+    while True:
+        try:
+            next(stream)
+        except StopIteration as done:
+            assert done.value.token_ids == want.token_ids
+            break
+    assert model.generate(pixel_values=pixels, **call).token_ids != want.token_ids  # the pixels do matter
+
+
 def test_corrupt_shard_reports_real_sizes(tmp_path, tiny_hf):
     hf_dir = tmp_path / "hf"
     shutil.copytree(tiny_hf, hf_dir)

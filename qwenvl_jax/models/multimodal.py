@@ -82,7 +82,9 @@ def prepare_multimodal(
     if not patches:
         return None
     return MultimodalInputs(
-        pixel_patches_np=np.concatenate(patches),
+        # One array is passed on as given, not copied: the engine's padded upload buffer is the one copy (a
+        # 1024 x 1024 image's float32 patches are 25 MB; four of them, a copy of ~10 ms on the host).
+        pixel_patches_np=patches[0] if len(patches) == 1 else np.concatenate(patches),
         vision=prepare_vision_inputs(vision, np.concatenate(grids)),
         dest_m=np.concatenate(dests).astype(np.int32),
     )
