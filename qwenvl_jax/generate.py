@@ -18,7 +18,7 @@ import numpy as np
 
 from qwenvl_jax.detokenize import StreamingDetokenizer
 from qwenvl_jax.engine import Engine, Request, Scheduler, TokenEvent, VisionPayload
-from qwenvl_jax.models.multimodal import prepare_multimodal
+from qwenvl_jax.models.multimodal import pack_vision
 from qwenvl_jax.models.rope_index import get_rope_index
 from qwenvl_jax.sampling import SamplingParams
 
@@ -140,18 +140,18 @@ def _request(model: GenerationModel, ids: np.ndarray, arrays: Mapping[str, Any],
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     ids_bt = ids[None].astype(np.int32)
     real_bt = np.ones_like(ids_bt, bool)
-    mm = prepare_multimodal(cfg, ids_bt, real_bt, pixel_values=arrays.get("pixel_values"),
-                            image_grid_thw=arrays.get("image_grid_thw"),
-                            pixel_values_videos=arrays.get("pixel_values_videos"),
-                            video_grid_thw=arrays.get("video_grid_thw"), max_patches=model.max_vision_patches)
-    if mm is None:
+    # Packed without the tower's tables: the engine makes them per patch bucket (made here as well, they cost
+    # host time each request and compiled their eager ops at the first image after warm-up).
+    packed = pack_vision(cfg, ids_bt, real_bt, pixel_values=arrays.get("pixel_values"),
+                         image_grid_thw=arrays.get("image_grid_thw"),
+                         pixel_values_videos=arrays.get("pixel_values_videos"),
+                         video_grid_thw=arrays.get("video_grid_thw"), max_patches=model.max_vision_patches)
+    if packed is None:
         positions = np.broadcast_to(np.arange(len(ids), dtype=np.int32), (3, len(ids))).copy()
         return Request(ids.astype(np.int32), positions, 0, sampling, max_new_tokens)
     positions, delta = get_rope_index(cfg, ids_bt, arrays.get("image_grid_thw"), arrays.get("video_grid_thw"),
                                       arrays.get("second_per_grid_ts"))
-    grids = np.concatenate([np.asarray(arrays[k]).reshape(-1, 3) for k in ("image_grid_thw", "video_grid_thw")
-                            if arrays.get(k) is not None])
-    payload = VisionPayload(np.asarray(mm.pixel_patches_np, np.float32), grids, mm.dest_m)
+    payload = VisionPayload(np.asarray(packed.pixel_patches_np, np.float32), packed.grids_thw, packed.dest_m)
     return Request(ids.astype(np.int32), positions[:, 0].astype(np.int32), int(delta[0]), sampling,
                    max_new_tokens, payload)
 

@@ -22,6 +22,7 @@ from convert.safetensors_io import CheckpointError, shard_files
 from qwenvl_jax.cli import main
 from qwenvl_jax.processing import MissingFilesError, Processor, load_image
 from qwenvl_jax.tiny_model import TINY_CONFIGS, write_tiny_checkpoint
+from tests.compilations import compilations
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_TYPE = "qwen3_vl"
@@ -189,6 +190,23 @@ def test_a_stream_sees_the_pixels_of_its_call_after_the_caller_reuses_the_array(
             assert done.value.token_ids == want.token_ids
             break
     assert model.generate(pixel_values=pixels, **call).token_ids != want.token_ids  # the pixels do matter
+
+
+def test_the_first_image_after_warmup_compiles_nothing(converted):
+    """Warm-up compiles every program an image of a warmed bucket needs, eager ops included: the request path
+    made the tower's rotary tables as well (unused there), whose eager ops compiled at the first image."""
+    import jax
+
+    from qwenvl_jax.models import vision
+
+    jax.clear_caches()
+    vision._rotary_tables.cache_clear()  # as in a fresh process
+    model = qj.load(converted)
+    model.configure(max_len=64, vision_buckets=(64,))
+    model.engine().warmup(progress=False)
+    with compilations() as compiles:
+        model.generate(MESSAGES, max_new_tokens=2)
+    assert compiles.count == 0
 
 
 def test_corrupt_shard_reports_real_sizes(tmp_path, tiny_hf):

@@ -39,7 +39,16 @@ def _patches(pixels, grids: np.ndarray, patch_dim: int, pixels_name: str, grid_n
     return pixels_np
 
 
-def prepare_multimodal(
+class PackedVision(NamedTuple):
+    """A request's images and videos, checked against its prompt: the engine's input (its tables are made per
+    patch bucket, with the vision call)."""
+
+    pixel_patches_np: np.ndarray  # [N, patch_dim] images' patches then videos'
+    grids_thw: np.ndarray  # int64 [n, 3], images then videos
+    dest_m: np.ndarray  # int32 [M]: flat batch position of each merged vision token
+
+
+def pack_vision(
     cfg: ModelConfig,
     input_ids_bt: np.ndarray,
     real_bt: np.ndarray,
@@ -49,7 +58,7 @@ def prepare_multimodal(
     pixel_values_videos: np.ndarray | None = None,
     video_grid_thw: np.ndarray | None = None,
     max_patches: int | None = None,
-) -> MultimodalInputs | None:
+) -> PackedVision | None:
     """Validates HF-named processor outputs against a right-aligned batch (``real_bt`` marks real tokens) and
     packs them for one vision call; None for a text-only request. Raises ValueError naming the first problem."""
     given = [a is not None for a in (pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)]
@@ -81,13 +90,23 @@ def prepare_multimodal(
         dests.append(placeholders)
     if not patches:
         return None
-    return MultimodalInputs(
+    return PackedVision(
         # One array is passed on as given, not copied: the engine's padded upload buffer is the one copy (a
         # 1024 x 1024 image's float32 patches are 25 MB; four of them, a copy of ~10 ms on the host).
         pixel_patches_np=patches[0] if len(patches) == 1 else np.concatenate(patches),
-        vision=prepare_vision_inputs(vision, np.concatenate(grids)),
+        grids_thw=np.concatenate(grids),
         dest_m=np.concatenate(dests).astype(np.int32),
     )
+
+
+def prepare_multimodal(cfg: ModelConfig, input_ids_bt: np.ndarray, real_bt: np.ndarray,
+                       **arrays: np.ndarray | int | None) -> MultimodalInputs | None:
+    """``pack_vision`` (same arguments) and the tower's tables: the inputs of one unbucketed forward."""
+    packed = pack_vision(cfg, input_ids_bt, real_bt, **arrays)
+    if packed is None:
+        return None
+    return MultimodalInputs(packed.pixel_patches_np, prepare_vision_inputs(cfg.vision, packed.grids_thw),
+                            packed.dest_m)
 
 
 def fuse_vision(embeds_btd: jax.Array, visual_md: jax.Array, deepstack_kmd: jax.Array | None,
