@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import time
 from collections.abc import Iterator, Sequence
 
@@ -66,6 +67,15 @@ def vision_bucket(patches: int, buckets: Sequence[int]) -> int:
         return min(fits)
     power = 1 << (patches - 1).bit_length()
     return 3 * power // 4 if power >= 16 and 3 * power // 4 >= patches else power
+
+
+def _squarest_frame(patches: int, merge: int) -> tuple[int, int]:
+    """(h, w): the most nearly square frame of this many patches with both sides multiples of ``merge``
+    (``patches`` a multiple of merge^2)."""
+    h = max(merge, math.isqrt(patches) // merge * merge)
+    while h > merge and (patches % h or patches // h % merge):
+        h -= merge
+    return h, patches // h
 
 
 @dataclasses.dataclass(frozen=True)
@@ -457,15 +467,17 @@ class Engine:
         if self.vision_cfg is not None and vision:
             merge = self.vision_cfg.spatial_merge_size
             for n in cfg.vision_buckets:
-                # One frame of every power-of-two width below the bucket and one filling it: the attention
-                # layouts of single images (a frame's layout is its width rounded up to a power of two). Other
-                # layouts (several images, video frames, windows) compile once on first sight.
-                widths = sorted({1 << i for i in range(merge.bit_length() * 2 - 1, n.bit_length()) if 1 << i < n}
+                # One frame of every power-of-two patch count below the bucket and one filling it: the attention
+                # layouts of single images (a frame's layout is its patch count rounded up to a power of two),
+                # each frame as square as it can be, as images are: their rotary table rows (from the longer
+                # side) and windows are then those of real images, which a 2 x 2048 frame's are not. Other
+                # layouts (several images, video frames, long thin images) compile once on first sight.
+                counts = sorted({1 << i for i in range(merge.bit_length() * 2 - 1, n.bit_length()) if 1 << i < n}
                                 | {n})
                 payloads = [VisionPayload(np.zeros((n, self.vision_cfg.patch_dim), np.float32),
-                                          np.array([[1, merge, width // merge]]),
-                                          np.arange(width // merge**2, dtype=np.int32))
-                            for width in widths]
+                                          np.array([[1, *_squarest_frame(count, merge)]]),
+                                          np.arange(count // merge**2, dtype=np.int32))
+                            for count in counts]
                 with_vision = dataclasses.replace(scratch, vision=payloads[-1])
                 # A prompt holds all its vision tokens, so only buckets that fit them (or chunking) can occur.
                 requests += [(with_vision, v) for v in variants if v[0] >= n // merge**2 or v[0] == big]

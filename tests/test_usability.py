@@ -192,9 +192,11 @@ def test_a_stream_sees_the_pixels_of_its_call_after_the_caller_reuses_the_array(
     assert model.generate(pixel_values=pixels, **call).token_ids != want.token_ids  # the pixels do matter
 
 
-def test_the_first_image_after_warmup_compiles_nothing(converted):
+def test_the_first_images_after_warmup_compile_nothing(converted):
     """Warm-up compiles every program an image of a warmed bucket needs, eager ops included: the request path
-    made the tower's rotary tables as well (unused there), whose eager ops compiled at the first image."""
+    made the tower's rotary tables as well (unused there), whose eager ops compiled at the first image; and
+    warm-up's frames were 2 patches high, so an image filling a bucket past 256 patches (wider tables) compiled
+    the tower again."""
     import jax
 
     from qwenvl_jax.models import vision
@@ -202,10 +204,16 @@ def test_the_first_image_after_warmup_compiles_nothing(converted):
     jax.clear_caches()
     vision._rotary_tables.cache_clear()  # as in a fresh process
     model = qj.load(converted)
-    model.configure(max_len=64, vision_buckets=(64,))
+    model.configure(max_len=192, prompt_buckets=(160,), vision_buckets=(64, 512))
     model.engine().warmup(progress=False)
+    cfg = model.config
+    text = list(range(3, 10))
+    ids = text + [cfg.vision_start_token_id] + [cfg.image_token_id] * (16 * 32 // 4) + [cfg.vision_end_token_id]
+    square = dict(input_ids=ids + text, image_grid_thw=np.array([[1, 16, 32]]),
+                  pixel_values=np.random.default_rng(0).standard_normal((512, cfg.vision.patch_dim), np.float32))
     with compilations() as compiles:
         model.generate(MESSAGES, max_new_tokens=2)
+        model.generate(max_new_tokens=2, **square)
     assert compiles.count == 0
 
 
