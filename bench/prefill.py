@@ -302,8 +302,9 @@ def hf_batch_tok_s(out: dict, raw: dict, prompts: list[np.ndarray], budget_s: fl
         run(prompts[:batch])
         done, start = 0, time.perf_counter()
         while done < len(prompts) and time.perf_counter() - start < budget_s:
-            run(prompts[done:done + batch])
-            done += len(prompts[done:done + batch])
+            part = prompts[done:done + batch]
+            run(part)
+            done += len(part)
         out["hf_prompts_timed"] = done
         return sum(len(p) for p in prompts[:done]) / (time.perf_counter() - start)
     finally:

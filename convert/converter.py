@@ -32,6 +32,7 @@ from convert.mapping import (
 from convert.safetensors_io import (
     CheckpointError, TensorInfo, absolute_path, checkpoint_dir, read_header, read_tensors, shard_files,
 )
+from qwenvl_jax.cache import tree_bytes
 from qwenvl_jax.config import Fp8Config, ModelConfig, load_config
 from qwenvl_jax.device_memory import explain_out_of_memory
 from qwenvl_jax.models.fp8 import FP8_DTYPE, KEEP_UNQUANTIZED, quantizable, quantize_rows
@@ -313,10 +314,6 @@ _WEIGHTS_REMEDY = ("Split them over devices (load(..., tensor_parallel=N, expert
                    "precision (convert --dtype fp8).")
 
 
-def _bytes(arrays: dict) -> int:
-    return sum(a.size * a.dtype.itemsize for a in arrays.values())
-
-
 def load_params(path: str | Path, dtype: str | jnp.dtype | None = None, mesh: Mesh | None = None
                 ) -> tuple[ModelConfig, QwenVLModel]:
     """A converted directory or an HF directory (converted in memory) -> (config, model on the default device, or
@@ -350,7 +347,8 @@ def load_params(path: str | Path, dtype: str | jnp.dtype | None = None, mesh: Me
                        for p, a in flat_abstract.items()})
         largest = max(a.size * a.dtype.itemsize for a in flat_abstract.values())
         handler = ocp.StandardCheckpointHandler(restore_concurrent_gb=2 * largest / 1e9)
-        with explain_out_of_memory(f"The weights of {path}", _bytes(flat_abstract), _WEIGHTS_REMEDY):
+        with explain_out_of_memory(f"The weights of {path}", lambda: tree_bytes(list(flat_abstract.values())),
+                                   _WEIGHTS_REMEDY):
             restored = ocp.Checkpointer(handler).restore(path / PARAMS_DIR, args=ocp.args.StandardRestore(target))
             jax.block_until_ready(restored)
         flat = {}
@@ -364,7 +362,8 @@ def load_params(path: str | Path, dtype: str | jnp.dtype | None = None, mesh: Me
         cfg = laid_out_for(plan.cfg, mesh)
         graphdef, abstract = nnx.split(abstract_model(cfg, plan.dtype))
         leaves = fill_params(plan, lambda key, shape, dt: np.empty(shape, dt), progress=False)
-        with explain_out_of_memory(f"The weights of {path}", _bytes(leaves), _WEIGHTS_REMEDY):
+        with explain_out_of_memory(f"The weights of {path}", lambda: tree_bytes(list(leaves.values())),
+                                   _WEIGHTS_REMEDY):
             flat = {p: jnp.asarray(a) if mesh is None else jax.device_put(a, param_sharding(p, a.shape, cfg, mesh))
                     for p, a in leaves.items()}
             jax.block_until_ready(flat)

@@ -9,7 +9,7 @@ XLA_PYTHON_CLIENT_MEM_FRACTION is raised before jax starts, with preallocation o
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import jax
 
@@ -25,18 +25,17 @@ def _device_line(device: jax.Device) -> str:
 
 
 @contextlib.contextmanager
-def explain_out_of_memory(what: str, needed_bytes: int, remedy: str,
-                          device: jax.Device | None = None) -> Iterator[None]:
-    """Re-raises XLA's RESOURCE_EXHAUSTED inside the block as a MemoryError naming ``what`` (``needed_bytes`` of
-    it), the device's allocator limit and use, and ``remedy``; other errors pass unchanged. The block must wait
-    for its arrays (jax.block_until_ready): allocation failures surface when a computation completes."""
+def explain_out_of_memory(what: str, needed_bytes: Callable[[], int], remedy: str) -> Iterator[None]:
+    """Re-raises XLA's RESOURCE_EXHAUSTED inside the block as a MemoryError naming ``what`` (``needed_bytes()``
+    of it, counted only then), the default device's allocator limit and use, and ``remedy``; other errors pass
+    unchanged. The block must wait for its arrays (jax.block_until_ready): allocation failures surface when a
+    computation completes."""
     try:
         yield
     except jax.errors.JaxRuntimeError as err:
         if "RESOURCE_EXHAUSTED" not in str(err):
             raise
-        device = device or jax.devices()[0]
         raise MemoryError(
-            f"{what} ({needed_bytes / GIB:.2f} GiB) does not fit in device memory ({_device_line(device)}). "
-            f"{remedy} On a GPU, JAX's allocator stops at 75% of the device unless XLA_PYTHON_CLIENT_MEM_FRACTION "
-            f"(e.g. 0.95) is set before jax is imported.") from err
+            f"{what} ({needed_bytes() / GIB:.2f} GiB) does not fit in device memory "
+            f"({_device_line(jax.devices()[0])}). {remedy} On a GPU, JAX's allocator stops at 75% of the device "
+            f"unless XLA_PYTHON_CLIENT_MEM_FRACTION (e.g. 0.95) is set before jax is imported.") from err

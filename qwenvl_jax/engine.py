@@ -389,7 +389,7 @@ class Engine:
         mesh = mesh_of(params)
         with explain_out_of_memory(
                 f"The decode state of max_batch={config.max_batch} slots (and one for warm-up) x max_len="
-                f"{config.max_len} tokens", tree_bytes(jax.eval_shape(make_state)),
+                f"{config.max_len} tokens", lambda: tree_bytes(jax.eval_shape(make_state)),
                 "Lower max_batch or max_len (QwenVL.configure / EngineConfig), or split the model over devices "
                 "(load(..., tensor_parallel=N))."):
             self.state = make_state()
