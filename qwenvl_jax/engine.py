@@ -416,10 +416,13 @@ class Engine:
                     return program(graphdef, jax.tree_util.tree_unflatten(weights_def, weights), *args, **kwargs)
             return run
 
-        # On a mesh the state keeps its shardings from call to call (else XLA may pick others for the outputs,
-        # and the next call, seeing new input shardings, compiles again).
-        keep = {} if mesh is None else dict(out_shardings=(
-            jax.tree_util.tree_map(lambda x: x.sharding, self.state), replicated(mesh)))
+        # The state keeps its shardings from call to call, else the outputs may take others and the next call,
+        # seeing new input types, compiles again: on a mesh XLA may pick other splits, and with weights on a
+        # one-device mesh (no mesh here) the outputs joined the weights' mesh (warm-up compiled for the state as
+        # made; the first request compiled every program it ran again: 10 s of a 27B model's first TTFT).
+        state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, self.state)
+        keep = dict(out_shardings=(state_shardings, replicated(mesh) if mesh is not None else
+                                   jax.tree_util.tree_leaves(state_shardings)[0]))
         self._prefill = jax.jit(over_weights(prefill_program), static_argnames=("fresh", "final"), donate_argnums=1,
                                 **keep)
         self._decode = jax.jit(over_weights(decode_program), static_argnames=("steps", "rows"), donate_argnums=1,

@@ -97,7 +97,9 @@ def test_decode_programs_hold_only_the_collectives_the_math_needs(checked):
 def test_an_engine_over_parameters_on_a_one_device_mesh_decodes(tmp_path):
     """Parameters laid out on a 1 x 1 mesh (the multi-GPU benchmark's baseline) carry specs such as
     P('tensor', None) that a state leaf's rank may not take: the engine commits its state to their device (it once
-    took a weight's sharding and failed) and decodes what the unplaced model does."""
+    took a weight's sharding and failed) and decodes what the unplaced model does; after warm-up the request
+    compiles nothing (the programs' outputs joined the weights' mesh, so every program compiled again: 10 s of a
+    27B model's first TTFT)."""
     import jax
     import numpy as np
     from flax import nnx
@@ -106,6 +108,7 @@ def test_an_engine_over_parameters_on_a_one_device_mesh_decodes(tmp_path):
     from qwenvl_jax.engine import Engine, EngineConfig, Request
     from qwenvl_jax.sampling import SamplingParams
     from qwenvl_jax.sharding import make_mesh, mesh_of, param_sharding
+    from tests.compilations import compilations
     from tests.hf_tiny import build_hf_checkpoint
 
     build_hf_checkpoint("qwen3_vl-a", tmp_path)
@@ -121,8 +124,11 @@ def test_an_engine_over_parameters_on_a_one_device_mesh_decodes(tmp_path):
     ids = np.array([5, 17, 99, 3, 250, 7, 61, 400, 12], np.int32)
     config = EngineConfig(max_batch=1, max_len=64, prompt_buckets=(16,), decode_steps=4, prefix_cache=False)
     engine = Engine(model.graphdef, params, config, eos_ids=())
+    engine.warmup(progress=False, vision=False)
     request = Request(ids, np.broadcast_to(np.arange(len(ids), dtype=np.int32), (3, len(ids))).copy(), 0,
                       SamplingParams(), 8)
-    tokens = [t for event in engine.run([request]) for t in event.tokens]
+    with compilations() as compiles:
+        tokens = [t for event in engine.run([request]) for t in event.tokens]
+    assert compiles.count == 0
     model.configure(**{k: getattr(config, k) for k in ("max_batch", "max_len", "prompt_buckets", "decode_steps")})
     assert tokens == model.generate(input_ids=ids.tolist(), max_new_tokens=8).token_ids
