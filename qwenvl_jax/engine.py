@@ -42,10 +42,14 @@ DEFAULT_PROMPT_BUCKETS = (64, 256, 1024)
 # per bucket) while a group of n prompts still needs at most 3 calls per power.
 PREFILL_ROWS = (1, 4, 16, 64)
 MAX_SPECULATIVE_TOKENS = 4
-# The default where a model has an MTP head. Measured on an H200 (Qwen3.5-9B, bench/NOTES.md): a k = 2 step costs
-# 1.19x a plain one at batch 1 and 1.38x at batch 8, so at a draft acceptance of 0.6 (1.96 tokens a step) it
-# decodes 1.65x / 1.41x faster; batches past 8 are not measured, so they do not speculate by default.
+# The default k where a model has an MTP head, dense / MoE. Measured (bench/NOTES.md), dense Qwen3.5-9B on an
+# H200: a k = 2 step costs 1.19x a plain one at batch 1 and 1.38x at batch 8, so at a draft acceptance of 0.6
+# (1.96 tokens a step) it decodes 1.65x / 1.41x faster. Qwen3.5-35B-A3B on an H100: each verified token routes
+# to its own experts, so a step's expert bytes grow with k + 1 and k = 2 at batch 8 (2.01x a plain step) was
+# 0.97x plain at 0.6; k = 1 (1.25x / 1.56x a step) was 1.28x / 1.02x. Batches past 8 are not measured, so they
+# do not speculate by default.
 DEFAULT_SPECULATIVE_TOKENS = 2
+DEFAULT_SPECULATIVE_TOKENS_MOE = 1
 SPECULATIVE_MAX_BATCH = 8
 # Streamed decode calls: how many recent calls' step times the next call's size takes the least of (~0.3 s of
 # 40 ms calls: a context that grows moves the least up within that).
@@ -100,8 +104,9 @@ class EngineConfig:
     prefill_tokens: int = 8192
     # Draft tokens per decode step from Qwen3.5's MTP head (0: no speculation). Each step verifies them in one
     # target pass and emits the accepted ones plus one: exact (greedy output is unchanged, sampling keeps the
-    # target distribution), faster when most drafts are accepted. None: DEFAULT_SPECULATIVE_TOKENS when the
-    # model carries an MTP head and max_batch is at most SPECULATIVE_MAX_BATCH, else 0.
+    # target distribution), faster when most drafts are accepted. None: DEFAULT_SPECULATIVE_TOKENS (MoE models:
+    # DEFAULT_SPECULATIVE_TOKENS_MOE) when the model carries an MTP head and max_batch is at most
+    # SPECULATIVE_MAX_BATCH, else 0.
     speculative_tokens: int | None = None
     # Prefix caching (``qwenvl_jax.prefix_cache``): a request reuses the state an earlier request left after their
     # longest shared prefix (text, and images by their pixels) and prefills only the rest. The pool holds
@@ -360,8 +365,9 @@ class Engine:
         dtype = text.embed_tokens.weight.get_value().dtype
         k = config.speculative_tokens
         if k is None:
-            k = DEFAULT_SPECULATIVE_TOKENS if model.mtp is not None and config.max_batch <= SPECULATIVE_MAX_BATCH \
-                else 0
+            k = 0
+            if model.mtp is not None and config.max_batch <= SPECULATIVE_MAX_BATCH:
+                k = DEFAULT_SPECULATIVE_TOKENS_MOE if model.cfg.is_moe else DEFAULT_SPECULATIVE_TOKENS
         self.speculative_tokens = k  # the k in effect
         if k and model.mtp is None:
             raise ValueError(

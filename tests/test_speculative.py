@@ -201,6 +201,7 @@ def test_speculative_steady_state_compiles_nothing_and_reads_only_tokens(tmp_pat
     from tests.test_generate import _TransferRecorder
 
     model = mtp_checkpoint("qwen3_5_moe-a", tmp_path)
+    assert _engine(model).speculative_tokens == 1, "an MoE model drafts one token a step by default"
     engine = _engine(model, speculative_tokens=2, prompt_buckets=(16, 64))
     engine.warmup(progress=False, vision=False)
     compiled = engine.compiled_programs()
