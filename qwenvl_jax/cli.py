@@ -181,8 +181,8 @@ def _engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-steps", type=int,
                    help="tokens per decode call (default: the library's, EngineConfig.decode_steps)")
     p.add_argument("--speculative-tokens", type=int,
-                   help="Qwen3.5: tokens drafted a step by the checkpoint's MTP head, 0 (off) to 4 (default: 2 "
-                        "with an MTP head)")
+                   help="Qwen3.5: tokens drafted a step by the checkpoint's MTP head, 0 (off) to 4 (default with "
+                        "an MTP head: 2, MoE models 1; none past 8 decode slots)")
     p.add_argument("--no-prefix-cache", action="store_true",
                    help="prefill every prompt from scratch (by default a prompt reuses the state of the longest "
                         "prefix an earlier request shared with it: a chat's earlier turns, a system prompt)")
