@@ -399,6 +399,7 @@ class Engine:
                 "Lower max_batch or max_len (QwenVL.configure / EngineConfig), or split the model over devices "
                 "(load(..., tensor_parallel=N))."):
             self.state = make_state()
+            placed = getattr(jax.tree_util.tree_leaves(params)[0], "sharding", None)  # None: abstract parameters
             if mesh is not None:  # tensor / expert parallel: the state joins the mesh
                 self.state = shard_state(self.state, model.cfg, mesh)
             else:
@@ -407,9 +408,8 @@ class Engine:
                 # program warm-up had compiled first). The device, not a weight's sharding: parameters placed on a
                 # one-device mesh carry specs (P('tensor', None)) that a state leaf's rank may not take. Abstract
                 # parameters (shapes only, for lowering) have no sharding: the state stays on the default device.
-                sharding = getattr(jax.tree_util.tree_leaves(params)[0], "sharding", None)
-                self.state = jax.device_put(self.state, None if sharding is None else
-                                            jax.sharding.SingleDeviceSharding(next(iter(sharding.device_set))))
+                self.state = jax.device_put(self.state, None if placed is None else
+                                            jax.sharding.SingleDeviceSharding(next(iter(placed.device_set))))
             jax.block_until_ready(self.state)
         # The programs take the weights as a flat list: a call then neither hashes the graph definition as a static
         # argument nor flattens the nnx.State (measured on a 2-core CPU: 3 and 0.7 ms of host time per call, for
@@ -426,9 +426,14 @@ class Engine:
         # seeing new input types, compiles again: on a mesh XLA may pick other splits, and with weights on a
         # one-device mesh (no mesh here) the outputs joined the weights' mesh (warm-up compiled for the state as
         # made; the first request compiled every program it ran again: 10 s of a 27B model's first TTFT).
+        # Abstract parameters pin nothing: their programs are lowered for devices the state is not on
+        # (bench/kernel_census.py compiles for a GPU that is not attached).
         state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, self.state)
-        keep = dict(out_shardings=(state_shardings, replicated(mesh) if mesh is not None else
-                                   jax.tree_util.tree_leaves(state_shardings)[0]))
+        keep = {}
+        if mesh is not None:
+            keep = dict(out_shardings=(state_shardings, replicated(mesh)))
+        elif placed is not None:
+            keep = dict(out_shardings=(state_shardings, jax.tree_util.tree_leaves(state_shardings)[0]))
         self._prefill = jax.jit(over_weights(prefill_program), static_argnames=("fresh", "final"), donate_argnums=1,
                                 **keep)
         self._decode = jax.jit(over_weights(decode_program), static_argnames=("steps", "rows"), donate_argnums=1,
