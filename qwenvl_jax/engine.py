@@ -393,13 +393,14 @@ class Engine:
             )
 
         mesh = mesh_of(params)
+        placed = getattr(jax.tree_util.tree_leaves(params)[0], "sharding", None)  # None: abstract parameters
+        device = None if placed is None else jax.sharding.SingleDeviceSharding(next(iter(placed.device_set)))
         with explain_out_of_memory(
                 f"The decode state of max_batch={config.max_batch} slots (and one for warm-up) x max_len="
                 f"{config.max_len} tokens", lambda: tree_bytes(jax.eval_shape(make_state)),
                 "Lower max_batch or max_len (QwenVL.configure / EngineConfig), or split the model over devices "
                 "(load(..., tensor_parallel=N))."):
             self.state = make_state()
-            placed = getattr(jax.tree_util.tree_leaves(params)[0], "sharding", None)  # None: abstract parameters
             if mesh is not None:  # tensor / expert parallel: the state joins the mesh
                 self.state = shard_state(self.state, model.cfg, mesh)
             else:
@@ -408,8 +409,7 @@ class Engine:
                 # program warm-up had compiled first). The device, not a weight's sharding: parameters placed on a
                 # one-device mesh carry specs (P('tensor', None)) that a state leaf's rank may not take. Abstract
                 # parameters (shapes only, for lowering) have no sharding: the state stays on the default device.
-                self.state = jax.device_put(self.state, None if placed is None else
-                                            jax.sharding.SingleDeviceSharding(next(iter(placed.device_set))))
+                self.state = jax.device_put(self.state, device)
             jax.block_until_ready(self.state)
         # The programs take the weights as a flat list: a call then neither hashes the graph definition as a static
         # argument nor flattens the nnx.State (measured on a 2-core CPU: 3 and 0.7 ms of host time per call, for
@@ -428,12 +428,9 @@ class Engine:
         # made; the first request compiled every program it ran again: 10 s of a 27B model's first TTFT).
         # Abstract parameters pin nothing: their programs are lowered for devices the state is not on
         # (bench/kernel_census.py compiles for a GPU that is not attached).
-        state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, self.state)
-        keep = {}
-        if mesh is not None:
-            keep = dict(out_shardings=(state_shardings, replicated(mesh)))
-        elif placed is not None:
-            keep = dict(out_shardings=(state_shardings, jax.tree_util.tree_leaves(state_shardings)[0]))
+        outputs = replicated(mesh) if mesh is not None else device
+        keep = {} if outputs is None else dict(
+            out_shardings=(jax.tree_util.tree_map(lambda x: x.sharding, self.state), outputs))
         self._prefill = jax.jit(over_weights(prefill_program), static_argnames=("fresh", "final"), donate_argnums=1,
                                 **keep)
         self._decode = jax.jit(over_weights(decode_program), static_argnames=("steps", "rows"), donate_argnums=1,
